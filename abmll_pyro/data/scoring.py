@@ -1,0 +1,169 @@
+"""Option scoring: each option's log-likelihood under a causal LM, the input of the likelihood.
+
+The contract the core relies on (keep it in this one place):
+
+* :class:`OptionBatch` holds the tokenized examples of one task (any number of options each); it
+  has ``len()`` (examples), ``gold`` (``[n]`` long), ``num_options`` (``[n]`` long) and
+  ``select(index)`` (a sub-batch of examples, for data-plate subsampling).
+* :func:`option_scores` returns ``[n, max_options]`` float32 scores, the summed (or mean) log-prob of
+  each option's tokens given its prompt, with padded option slots set to ``-inf``.
+* :class:`TokenBatch` / :func:`token_log_probs` do the same for token-level (generative) data.
+
+Rows here are one sequence per option (prompt + option, right-padded). Scoring therefore costs one
+LM pass per option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options"]
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class OptionBatch:
+    """Tokenized options of ``n`` examples, one row per (example, option).
+
+    Shapes: ``input_ids``, ``attention_mask``, ``target_mask``: ``[R, L]``; ``row_example``,
+    ``row_option``: ``[R]``; ``gold``, ``num_options``: ``[n]``. ``target_mask[r, t]`` marks the
+    tokens of the option in row ``r`` (their log-probs, predicted from position ``t - 1``, are scored).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+    row_example: Tensor
+    row_option: Tensor
+    gold: Tensor
+    num_options: Tensor
+
+    def __len__(self) -> int:
+        return int(self.gold.shape[0])
+
+    @property
+    def max_options(self) -> int:
+        return int(self.num_options.max())
+
+    def select(self, index: Tensor | Sequence[int]) -> "OptionBatch":
+        """The sub-batch of examples ``index`` (order kept as given)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        remap = torch.full((len(self),), -1, dtype=torch.long)
+        remap[index] = torch.arange(index.numel())
+        keep = remap[self.row_example] >= 0
+        rows = keep.nonzero().squeeze(-1)
+        new_example = remap[self.row_example[rows]]
+        order = torch.argsort(new_example * (self.max_options + 1) + self.row_option[rows], stable=True)
+        rows = rows[order]
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            target_mask=self.target_mask[rows],
+            row_example=remap[self.row_example[rows]],
+            row_option=self.row_option[rows],
+            gold=self.gold[index],
+            num_options=self.num_options[index],
+        )
+
+    def to(self, device: torch.device | str) -> "OptionBatch":
+        return OptionBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        options: Sequence[Sequence[Sequence[int]]],
+        gold: Sequence[int],
+        pad_id: int = 0,
+    ) -> "OptionBatch":
+        """Build from already-tokenized prompts and options (right padding with ``pad_id``)."""
+        if not (len(prompts) == len(options) == len(gold)):
+            raise ValueError("prompts, options and gold must have the same length")
+        rows: list[list[int]] = []
+        targets: list[list[bool]] = []
+        row_example, row_option, num_options = [], [], []
+        for i, (prompt, opts) in enumerate(zip(prompts, options)):
+            if len(opts) < 2:
+                raise ValueError(f"example {i} has {len(opts)} options; at least 2 are needed")
+            if not 0 <= gold[i] < len(opts):
+                raise ValueError(f"example {i}: gold index {gold[i]} is not among its {len(opts)} options")
+            if len(prompt) == 0:
+                raise ValueError(f"example {i}: empty prompt (the first option token needs a context)")
+            num_options.append(len(opts))
+            for j, opt in enumerate(opts):
+                if len(opt) == 0:
+                    raise ValueError(f"example {i}, option {j} has no tokens")
+                rows.append(list(prompt) + list(opt))
+                targets.append([False] * len(prompt) + [True] * len(opt))
+                row_example.append(i)
+                row_option.append(j)
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), length), dtype=torch.long)
+        tgt = torch.zeros((len(rows), length), dtype=torch.bool)
+        for r, (row, t) in enumerate(zip(rows, targets)):
+            ids[r, : len(row)] = torch.tensor(row)
+            att[r, : len(row)] = 1
+            tgt[r, : len(row)] = torch.tensor(t)
+        return cls(
+            ids, att, tgt,
+            torch.tensor(row_example), torch.tensor(row_option),
+            torch.as_tensor(list(gold), dtype=torch.long), torch.tensor(num_options),
+        )
+
+
+def _sequence_token_log_probs(lm: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[R, L]`` float32 log p(token_t | tokens_<t); column 0 is 0 (it has no context)."""
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits  # [R, L, V]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [R, L-1]
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def option_scores(lm: torch.nn.Module, batch: OptionBatch, reduction: str = "sum") -> Tensor:
+    """``[n, max_options]`` float32: each option's summed (``"sum"``) or mean (``"mean"``) token log-prob."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    token_lp = _sequence_token_log_probs(lm, batch.input_ids, batch.attention_mask)
+    mask = batch.target_mask.to(token_lp.dtype)
+    per_row = (token_lp * mask).sum(-1)
+    if reduction == "mean":
+        per_row = per_row / mask.sum(-1).clamp_min(1.0)
+    scores = torch.full((len(batch), batch.max_options), NEG_INF, dtype=per_row.dtype, device=per_row.device)
+    scores = scores.index_put((batch.row_example, batch.row_option), per_row)
+    return scores
+
+
+def masked_fill_options(scores: Tensor, num_options: Tensor) -> Tensor:
+    """Set option slots ``>= num_options`` to ``-inf`` (for scores produced elsewhere)."""
+    slots = torch.arange(scores.shape[-1], device=scores.device)
+    return scores.masked_fill(slots >= num_options.unsqueeze(-1), NEG_INF)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token-level (generative) data: ``target_mask`` marks the tokens whose likelihood counts."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    target_mask: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, index: Tensor | Sequence[int]) -> "TokenBatch":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return TokenBatch(self.input_ids[index], self.attention_mask[index], self.target_mask[index])
+
+
+def token_log_probs(lm: torch.nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits [n, L-1, V] float32, targets [n, L-1], mask [n, L-1])`` for next-token prediction,
+    so a likelihood can observe one Categorical per target token."""
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, :-1].float(), batch.input_ids[:, 1:], batch.target_mask[:, 1:]
