@@ -1,0 +1,120 @@
+"""Validated settings. One name, one meaning: ``kl_beta`` (never a bare ``beta``), ``num_inner_steps``,
+``inner_lr``, ``outer_lr``, ``rank``, ``lora_alpha``.
+
+Every check names the offending value. The CLI and config files build these dataclasses; library code
+takes them (or plain objects) as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+__all__ = ["AdapterConfig", "InnerLoopConfig", "MetaConfig", "PAPER_STD_FLOOR"]
+
+PAPER_STD_FLOOR = math.exp(-20.0)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which modules get a Bayesian LoRA adapter and how it is factorized.
+
+    ΔW ~ N(μ, σ²) elementwise with μ = (lora_alpha / rank)·B_μ A_μ and σ = std_map(B_σ A_σ).
+    ``target_modules=None`` picks a per-architecture default (``q_proj``, ``v_proj``; GPT-2: ``c_attn``).
+    ``std_map`` is ``"softplus"`` (default: σ = floor + softplus(B_σ A_σ + ρ), σ = ``init_std`` at B = 0)
+    or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise).
+    """
+
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+    std_map: str = "softplus"
+    init_std: float = 1e-3
+    std_floor: float = PAPER_STD_FLOOR
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(self.std_map in ("softplus", "paper"), f"std_map must be 'softplus' or 'paper', got {self.std_map!r}")
+        _check(self.std_floor > 0, f"std_floor must be > 0, got {self.std_floor!r}")
+        _check(self.init_std > self.std_floor, f"init_std must exceed std_floor={self.std_floor:g}, got {self.init_std!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                object.__setattr__(self, "target_modules", (self.target_modules,))
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            _check(len(self.target_modules) > 0, "target_modules must name at least one module (or be None)")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """The inner loop: ``num_inner_steps`` steps of ``optimizer`` on a task's β-ELBO, θ fixed.
+
+    ``order``: ``"first"`` (default; no second-order terms, nothing kept after a task) or ``"second"``
+    (differentiate through the inner loop; small models only). ``pass_through``: in first order, let the
+    task factors' gradient reach θ (FOMAML style); off, θ learns only through the KL and hyperprior.
+    ``subsample_size``: support examples per inner step (None: all).
+    """
+
+    num_inner_steps: int = 5
+    inner_lr: float = 1e-3
+    optimizer: str = "adam"
+    order: str = "first"
+    pass_through: bool = True
+    subsample_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.num_inner_steps, int) and self.num_inner_steps >= 0,
+               f"num_inner_steps must be an integer >= 0, got {self.num_inner_steps!r}")
+        _check(self.inner_lr >= 0 and math.isfinite(self.inner_lr), f"inner_lr must be finite and >= 0, got {self.inner_lr!r}")
+        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        _check(self.order in ("first", "second"), f"order must be 'first' or 'second', got {self.order!r}")
+        _check(self.subsample_size is None or self.subsample_size >= 1,
+               f"subsample_size must be >= 1 or None, got {self.subsample_size!r}")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The outer (meta) loop and the tempered objective.
+
+    Per task: E_q[log p(D_i | φ_i)] − kl_beta·KL(q(φ_i) || p(φ_i | θ)); globally: + kl_gamma·log p(θ).
+    ``kl_gamma=None`` means kl_gamma = kl_beta (PAPER.md §3). ``query_subsample_size``: query examples
+    per outer step and task (None: all). ``grad_clip``: max global grad norm (None: off).
+    """
+
+    kl_beta: float = 1e-8
+    kl_gamma: float | None = None
+    outer_lr: float = 1e-3
+    tasks_per_step: int = 2
+    grad_clip: float | None = 1.0
+    query_subsample_size: int | None = None
+    inner: InnerLoopConfig = field(default_factory=InnerLoopConfig)
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
+        if self.kl_gamma is not None:
+            _check(math.isfinite(self.kl_gamma) and self.kl_gamma >= 0,
+                   f"kl_gamma must be finite and >= 0, got {self.kl_gamma!r}")
+        _check(self.outer_lr > 0, f"outer_lr must be > 0, got {self.outer_lr!r}")
+        _check(isinstance(self.tasks_per_step, int) and self.tasks_per_step >= 1,
+               f"tasks_per_step must be an integer >= 1, got {self.tasks_per_step!r}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        _check(self.query_subsample_size is None or self.query_subsample_size >= 1,
+               f"query_subsample_size must be >= 1 or None, got {self.query_subsample_size!r}")
+
+    @property
+    def gamma(self) -> float:
+        """The effective kl_gamma (kl_beta when unset)."""
+        return self.kl_beta if self.kl_gamma is None else self.kl_gamma
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}

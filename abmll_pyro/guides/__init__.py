@@ -1,0 +1,6 @@
+"""Guides: the θ point estimate and the task guides q(φ_i)."""
+
+from .base import ABMLLGuide, TaskGuide
+from .mean_field import MeanFieldGuide, PointMassGuide
+
+__all__ = ["ABMLLGuide", "TaskGuide", "MeanFieldGuide", "PointMassGuide"]

@@ -1,0 +1,178 @@
+"""Meta-SVI: the outer loop over batches of tasks, with the inner loop inside (PAPER.md §4).
+
+One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M training tasks:
+
+1. for each episode i: λ_i⁰ = guide.init_task_params(θ, S_i) (a copy of θ's factors by default);
+2. inner loop: K steps on task_loss(λ; S_i) with θ fixed → λ_i^K (:func:`inner_loop`);
+3. outer loss  L = (1/b) Σ_i task_loss(λ_i'; Q_i) + (1/M)·(−γ log p(θ)),  where
+   λ_i' = pass_through(λ_i^K, λ_i⁰) (first order, default), λ_i^K.detach() (pass-through off), or
+   λ_i^K with its full history (second order);
+4. one optimizer step on θ's factors (and any guide parameters) only, with gradient clipping.
+
+L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
+is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from torch import Tensor, nn
+
+from ..config import MetaConfig
+from ..guides.base import ABMLLGuide, TaskGuide
+from ..guides.mean_field import MeanFieldGuide
+from ..lora.adapter import BayesLoRA
+from ..models.hierarchical import HierarchicalModel
+from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
+from ..models.priors import HierarchicalPrior, TaskPrior
+from .inner import NonFiniteLossError, inner_loop, pass_through
+from .objective import global_loss, log_hyperprior, recorded, task_kl, task_loss
+
+__all__ = ["Episode", "StepResult", "MetaSVI"]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A task's support set (adaptation) and query set (outer loss / evaluation)."""
+
+    name: str
+    support: TaskData
+    query: TaskData
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outer loss and its parts (means over the batch's tasks; log p(θ) unscaled)."""
+
+    loss: float
+    nll: float
+    task_kl: float
+    log_p_theta: float
+    grad_norm: float
+
+
+class MetaSVI:
+    """The meta-learning loop: ``step(episodes)`` trains θ; ``adapt(support)`` gives a task posterior.
+
+    Pieces are passed in (TyXe style): ``prior`` (default :class:`HierarchicalPrior`), ``task_guide``
+    (default :class:`MeanFieldGuide`), ``likelihood`` (default :class:`OptionLikelihood`), ``elbo``
+    (default ``TraceMeanField_ELBO(max_plate_nesting=1)``: analytic KL). The optimizer covers θ's
+    factors and any parameters of the task guide (an amortization network), nothing else.
+    """
+
+    def __init__(
+        self,
+        adapter: BayesLoRA,
+        config: MetaConfig | None = None,
+        prior: TaskPrior | None = None,
+        task_guide: TaskGuide | None = None,
+        likelihood: Likelihood | None = None,
+        elbo=None,
+        num_tasks: int | None = None,
+    ):
+        self.adapter = adapter
+        self.config = config or MetaConfig()
+        self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(), likelihood or OptionLikelihood())
+        self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
+        self.elbo = elbo if elbo is not None else TraceMeanField_ELBO(max_plate_nesting=1)
+        if num_tasks is not None and num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.config.outer_lr)
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.adapter.parameters())
+        if isinstance(self.guide.task_guide, nn.Module):
+            params += [p for p in self.guide.task_guide.parameters() if p.requires_grad]
+        return params
+
+    def theta(self) -> dict[str, Tensor]:
+        return self.adapter.global_params()
+
+    # ------------------------------------------------------------------ inner loop
+    def _support_loss_fn(self, theta: dict[str, Tensor], support: TaskData):
+        beta = self.config.kl_beta
+
+        def loss_fn(params: dict[str, Tensor]) -> Tensor:
+            return task_loss(self.elbo, self.model, self.guide, theta, [params], [support], beta)
+
+        return loss_fn
+
+    def refine(self, theta: dict[str, Tensor], start: dict[str, Tensor], support: TaskData,
+               num_inner_steps: int | None = None, create_graph: bool = False) -> dict[str, Tensor]:
+        """Run the inner loop from ``start`` on ``support`` with θ fixed (first order: θ detached)."""
+        inner = self.config.inner
+        if inner.subsample_size is not None:
+            support = TaskData(support.batch, inner.subsample_size, support.observed)
+        fixed = theta if create_graph else {k: v.detach() for k, v in theta.items()}
+        steps = inner.num_inner_steps if num_inner_steps is None else num_inner_steps
+        return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
+                          inner.optimizer, create_graph=create_graph)
+
+    def adapt(self, support: TaskData, num_inner_steps: int | None = None) -> dict[str, Tensor]:
+        """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""
+        theta = self.theta()
+        with torch.no_grad():
+            start = self.guide.task_guide.init_task_params(self.adapter, theta, support)
+        refined = self.refine(theta, start, support, num_inner_steps)
+        return {k: v.detach() for k, v in refined.items()}
+
+    # ------------------------------------------------------------------ outer step
+    def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
+        """One outer step on ``episodes``; ``num_tasks`` (M) weights log p(θ) by 1/M."""
+        if not episodes:
+            raise ValueError("a meta step needs at least one episode")
+        M = num_tasks or self.num_tasks or len(episodes)
+        cfg, inner = self.config, self.config.inner
+        second = inner.order == "second"
+        self.optimizer.zero_grad(set_to_none=True)
+        theta = self.theta()
+        total = nll = kl = 0.0
+        b = len(episodes)
+        for ep in episodes:
+            start = self.guide.task_guide.init_task_params(self.adapter, theta, ep.support)
+            refined = self.refine(theta, start, ep.support, create_graph=second)
+            if second:
+                task = refined
+            elif inner.pass_through:
+                task = pass_through(refined, start)
+            else:
+                task = {k: v.detach() for k, v in refined.items()}
+            query = ep.query
+            if cfg.query_subsample_size is not None:
+                query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
+            loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
+            self._check(loss, f"query loss of task {ep.name!r}")
+            (loss / b).backward()
+            total += float(loss.detach()) / b
+            nll += -loglik / b
+            kl += task_kl(self.model, self.guide, theta, task) / b
+        g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
+        self._check(g_loss, "global loss −γ·log p(θ)/M")
+        if g_loss.requires_grad:
+            g_loss.backward()
+        total += float(g_loss.detach())
+        params = self.trainable_parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
+        if not math.isfinite(float(norm)):
+            raise NonFiniteLossError(f"outer gradient norm is {float(norm)} (check outer_lr, kl_beta, kl_gamma)")
+        log_p_theta = log_hyperprior(self.model, theta)
+        self.optimizer.step()
+        return StepResult(total, nll, kl, log_p_theta, float(norm))
+
+    @staticmethod
+    def _check(loss: Tensor, where: str) -> None:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{where} is {value} (check outer_lr, inner_lr, kl_beta and the data)")
+
+    # ------------------------------------------------------------------ convenience
+    def fit(self, batches: Iterable[Sequence[Episode]], num_tasks: int | None = None) -> list[StepResult]:
+        """Run :meth:`step` on every batch; return the per-step results."""
+        return [self.step(batch, num_tasks) for batch in batches]

@@ -1,0 +1,7 @@
+"""Bayesian LoRA layers: explicit perturbations in, no sampling or KL inside."""
+
+from .adapter import FACTOR_KINDS, BayesLoRA
+from .layer import BayesLoRALayer, LowRankDelta
+from .positivity import AbsStd, SoftplusStd, StdMap
+
+__all__ = ["BayesLoRA", "BayesLoRALayer", "LowRankDelta", "StdMap", "SoftplusStd", "AbsStd", "FACTOR_KINDS"]

@@ -1,0 +1,180 @@
+"""Attach Bayesian LoRA adapters to a Hugging Face causal LM, hold the global factors θ, detach.
+
+For every adapted module m (weight W0: ``[out, in]``, frozen) there are two LoRA pairs of global
+factors (θ) — the mean pair (``mu_A: [r, in]``, ``mu_B: [out, r]``) and the scale pair (``sigma_A``,
+``sigma_B``) — giving the dense Gaussian
+
+    μ_m = (lora_alpha / r) · mu_B @ mu_A,      σ_m = std_map(sigma_B @ sigma_A).
+
+A task's factors (φ_i's variational parameters) are plain tensors with the same keys and shapes
+(two more pairs: four pairs per module in all); they live only while a task is processed.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from .layer import BayesLoRALayer, LowRankDelta, is_linear
+from .positivity import AbsStd, SoftplusStd, StdMap
+
+__all__ = ["BayesLoRA", "FACTOR_KINDS", "DEFAULT_TARGETS"]
+
+FACTOR_KINDS = ("mu_A", "mu_B", "sigma_A", "sigma_B")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn",)}
+FALLBACK_TARGETS = ("q_proj", "v_proj")
+
+Params = Mapping[str, Tensor]
+Delta = LowRankDelta | Tensor | None
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is: KL and prior terms never run in bf16/fp16."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "-")
+
+
+def _std_map(config: AdapterConfig) -> StdMap:
+    if config.std_map == "paper":
+        return AbsStd(config.std_floor)
+    return SoftplusStd(config.init_std, config.std_floor)
+
+
+class BayesLoRA(nn.Module):
+    """Bayesian LoRA over the chosen linear modules of ``lm``; its parameters are θ's factors only.
+
+    The LM is not a submodule: ``state_dict()`` holds the adapter factors alone.
+    """
+
+    def __init__(self, lm: nn.Module, config: AdapterConfig | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        config = config or AdapterConfig()
+        self.config = config
+        self.__dict__["lm"] = lm
+        self.std_map = _std_map(config)
+        targets = config.target_modules or DEFAULT_TARGETS.get(getattr(getattr(lm, "config", None), "model_type", ""), FALLBACK_TARGETS)
+        self.targets = tuple(targets)
+        found = self._find(lm, self.targets)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        self.layers: dict[str, BayesLoRALayer] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.factors = nn.ParameterDict()
+        device = next(lm.parameters()).device
+        for name, module in found:
+            layer = BayesLoRALayer(module, name)
+            self._replace(lm, name, layer)
+            self.layers[name] = layer
+            self.shapes[name] = (layer.out_features, layer.in_features)
+            for kind, value in self._init_factors(layer, config.rank, generator).items():
+                self.factors[self.key(name, kind)] = nn.Parameter(value.to(device))
+
+    # ----------------------------------------------------------------- discovery and surgery
+    @staticmethod
+    def _find(lm: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+        linear = [(n, m) for n, m in lm.named_modules() if n and is_linear(m)]
+        if any(isinstance(m, BayesLoRALayer) for _, m in lm.named_modules()):
+            raise ValueError("this model already carries Bayesian LoRA layers; detach() them first")
+        found = [(n, m) for n, m in linear if n.split(".")[-1] in targets or n in targets]
+        matched = {t for t in targets for n, _ in found if n.split(".")[-1] == t or n == t}
+        missing = [t for t in targets if t not in matched]
+        if missing:
+            suffixes = sorted({n.split(".")[-1] for n, _ in linear})
+            raise ValueError(
+                f"target module(s) {missing} match no linear module of {type(lm).__name__}; "
+                f"its linear modules are named {suffixes}"
+            )
+        return found
+
+    @staticmethod
+    def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, new)
+
+    @staticmethod
+    def _init_factors(layer: BayesLoRALayer, rank: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """A ~ U(±1/√in) (LoRA's Kaiming-uniform), B = 0: μ = 0 and σ = the std map's start."""
+        bound = 1.0 / math.sqrt(layer.in_features)
+        out = {}
+        for pair in ("mu", "sigma"):
+            a = torch.empty(rank, layer.in_features, dtype=torch.float32)
+            out[f"{pair}_A"] = a.uniform_(-bound, bound, generator=generator)
+            out[f"{pair}_B"] = torch.zeros(layer.out_features, rank, dtype=torch.float32)
+        return out
+
+    def detach(self) -> nn.Module:
+        """Put the original modules back and return the LM (this adapter is unusable afterwards)."""
+        for name, layer in self.layers.items():
+            self._replace(self.lm, name, layer.base)
+        self.layers = {}
+        return self.lm
+
+    # ----------------------------------------------------------------- factors -> Gaussian
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.shapes)
+
+    @staticmethod
+    def key(module: str, kind: str) -> str:
+        return f"{_safe(module)}:{kind}"
+
+    def global_params(self) -> dict[str, Tensor]:
+        """θ's factors, keyed like task factors (the live ``nn.Parameter`` objects)."""
+        return dict(self.factors.items())
+
+    def mean(self, params: Params, module: str) -> Tensor:
+        """μ = (α/r)·B_μ A_μ, ``[out, in]``, float32 or float64 (whatever the LM's dtype)."""
+        B, A = params[self.key(module, "mu_B")], params[self.key(module, "mu_A")]
+        return self.config.scaling * (full_precision(B) @ full_precision(A))
+
+    def std(self, params: Params, module: str) -> Tensor:
+        """σ = std_map(B_σ A_σ), ``[out, in]``, float32 or float64."""
+        B, A = params[self.key(module, "sigma_B")], params[self.key(module, "sigma_A")]
+        return self.std_map(full_precision(B) @ full_precision(A))
+
+    def mean_deltas(self, params: Params) -> dict[str, LowRankDelta]:
+        """Mean-mode perturbations, low rank (ΔW is never formed)."""
+        return {
+            m: LowRankDelta(params[self.key(m, "mu_A")], params[self.key(m, "mu_B")], self.config.scaling)
+            for m in self.shapes
+        }
+
+    def sample_deltas(self, params: Params, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One reparameterized draw ΔW = μ + σ ⊙ ε per module (outside Pyro, e.g. for ad-hoc use)."""
+        out = {}
+        for m, shape in self.shapes.items():
+            eps = torch.randn(shape, generator=generator, device=params[self.key(m, "mu_A")].device)
+            out[m] = self.mean(params, m) + self.std(params, m) * eps
+        return out
+
+    # ----------------------------------------------------------------- forward modes
+    @contextmanager
+    def use(self, deltas: Mapping[str, Delta]) -> Iterator[None]:
+        """Within the block, module m adds ``deltas[m]`` (dense ΔW, :class:`LowRankDelta` or None)."""
+        unknown = set(deltas) - set(self.layers)
+        if unknown:
+            raise KeyError(f"no adapted module named {sorted(unknown)}; adapted: {self.module_names}")
+        previous = {m: self.layers[m].delta for m in deltas}
+        try:
+            for m, d in deltas.items():
+                self.layers[m].delta = d
+            yield
+        finally:
+            for m, d in previous.items():
+                self.layers[m].delta = d
+
+    def off(self) -> Iterator[None]:
+        """The base model: every adapter off."""
+        return self.use({m: None for m in self.layers})
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,116 @@
+"""Priors over one adapted module's weight perturbation: p(θ) and p(ΔW_i | θ).
+
+Interface (:class:`TaskPrior`, three methods):
+
+* ``hyperprior(shape, like)`` — p(θ): a dict of distributions, one per global site of the module
+  (event shape ``shape`` = ``[out, in]``); empty when θ is not random (fixed prior).
+* ``global_values(mean, std)`` — θ's point values (same keys), from the global factors' Gaussian
+  (μ_θ, σ_θ); the guide puts a Delta on each, so the ELBO receives log p(θ) (ABML's MAP θ).
+* ``task_distribution(theta, shape, like)`` — p(ΔW_i | θ), event shape ``shape``, given the dict of θ
+  values (``like`` carries the dtype and device).
+
+The hierarchical model and the meta-SVI loop use only these three methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import pyro.distributions as dist
+
+__all__ = ["TaskPrior", "HierarchicalPrior", "FixedPrior", "StudentTPrior"]
+
+Shape = tuple[int, ...]
+
+
+def _const(value: float, like: Tensor) -> Tensor:
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+class TaskPrior:
+    """Base class; see the module docstring for the contract."""
+
+    def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
+        raise NotImplementedError
+
+    def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
+        raise NotImplementedError
+
+
+class HierarchicalPrior(TaskPrior):
+    """The paper's prior (PAPER.md §1): ΔW_i ~ N(μ_θ, 1/τ_θ) elementwise, with hyperprior
+    μ_θ ~ N(0, ``mean_scale``²) and precision τ_θ = 1/σ_θ² ~ Gamma(``a0``, ``b0``) (rate b0).
+
+    Defaults follow ABML re-implementations (N(0, 1), Gamma(1, 0.01)); the paper's exact a0, b0 are
+    unknown. The precision's point value enters as a density on τ (no Jacobian), as in ABML's MAP θ.
+    """
+
+    def __init__(self, mean_scale: float = 1.0, a0: float = 1.0, b0: float = 0.01):
+        for name, v in (("mean_scale", mean_scale), ("a0", a0), ("b0", b0)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v!r}")
+        self.mean_scale, self.a0, self.b0 = float(mean_scale), float(a0), float(b0)
+
+    def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
+        event = len(shape)
+        return {
+            "mean": dist.Normal(_const(0.0, like), _const(self.mean_scale, like)).expand(shape).to_event(event),
+            "precision": dist.Gamma(_const(self.a0, like), _const(self.b0, like)).expand(shape).to_event(event),
+        }
+
+    def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+        return {"mean": mean, "precision": std.pow(-2)}
+
+    def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
+        return dist.Normal(theta["mean"], theta["precision"].rsqrt()).to_event(len(shape))
+
+    def __repr__(self) -> str:
+        return f"HierarchicalPrior(mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"
+
+
+class FixedPrior(TaskPrior):
+    """ΔW_i ~ N(0, ``scale``²) elementwise; θ is not random (no hyperprior, no learned prior scale).
+
+    The ablation of the hierarchy: the global factors still give every task its starting point.
+    """
+
+    def __init__(self, scale: float = 1e-2):
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
+        return {}
+
+    def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
+        zero = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return dist.Normal(zero, _const(self.scale, like)).to_event(len(shape))
+
+    def __repr__(self) -> str:
+        return f"FixedPrior(scale={self.scale:g})"
+
+
+class StudentTPrior(HierarchicalPrior):
+    """Heavy-tailed: ΔW_i ~ StudentT(``df``, μ_θ, 1/√τ_θ) elementwise, same hyperprior as the
+    hierarchical prior. KL(Normal ‖ StudentT) has no closed form, so TraceMeanField_ELBO falls back
+    to its Monte Carlo estimate (as Trace_ELBO does)."""
+
+    def __init__(self, df: float = 3.0, **kwargs: float):
+        super().__init__(**kwargs)
+        if not df > 0:
+            raise ValueError(f"df must be > 0, got {df!r}")
+        self.df = float(df)
+
+    def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
+        loc = theta["mean"]
+        return dist.StudentT(_const(self.df, loc), loc, theta["precision"].rsqrt()).to_event(len(shape))
+
+    def __repr__(self) -> str:
+        return f"StudentTPrior(df={self.df:g}, mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"

@@ -1,0 +1,65 @@
+"""Tiny random causal LMs built from configs and synthetic option tasks over raw token ids."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from abmll_pyro.data.scoring import OptionBatch
+from abmll_pyro.infer import Episode
+from abmll_pyro.models import TaskData
+
+VOCAB = 48
+
+
+def tiny_lm(kind: str = "llama", seed: int = 0, dtype=torch.float32, vocab: int = VOCAB) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.to(dtype).eval()
+
+
+def random_option_batch(n: int, num_options: int = 3, prompt_len: int = 5, generator=None, vocab: int = VOCAB) -> OptionBatch:
+    g = generator or torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
+    options = [[torch.randint(1, vocab, (1 + (j % 2),), generator=g).tolist() for j in range(num_options)] for _ in range(n)]
+    gold = torch.randint(0, num_options, (n,), generator=g).tolist()
+    return OptionBatch.from_token_ids(prompts, options, gold)
+
+
+GOOD = list(range(1, 9))  # tokens every task of the synthetic family prefers
+
+
+def family_batch(n: int, task_seed: int, generator: torch.Generator, num_options: int = 3) -> OptionBatch:
+    """One task of a family with shared structure: the gold option is the one token from GOOD.
+
+    Each task has its own prompt distribution (a task-specific marker token) and distractors.
+    """
+    marker = 20 + task_seed % 20
+    prompts, options, gold = [], [], []
+    for _ in range(n):
+        body = torch.randint(9, VOCAB, (4,), generator=generator).tolist()
+        good = GOOD[int(torch.randint(0, len(GOOD), (1,), generator=generator))]
+        bad = torch.randint(9, VOCAB, (num_options - 1,), generator=generator).tolist()
+        pos = int(torch.randint(0, num_options, (1,), generator=generator))
+        opts = bad[:pos] + [good] + bad[pos:]
+        prompts.append([marker] + body)
+        options.append([[t] for t in opts])
+        gold.append(pos)
+    return OptionBatch.from_token_ids(prompts, options, gold)
+
+
+def family_episode(task_seed: int, shots: int, query: int, generator: torch.Generator) -> Episode:
+    return Episode(f"task{task_seed}", TaskData(family_batch(shots, task_seed, generator)),
+                   TaskData(family_batch(query, task_seed, generator)))
