@@ -9,8 +9,10 @@ The contract the core relies on (keep it in this one place):
   each option's tokens given its prompt, with padded option slots set to ``-inf``.
 * :class:`TokenBatch` / :func:`token_log_probs` do the same for token-level (generative) data.
 
-Rows here are one sequence per option (prompt + option, right-padded). Scoring therefore costs one
-LM pass per option.
+Rows are one sequence per option (prompt + option, right-padded). A batch may also carry a packed
+layout (:mod:`abmll_pyro.data.packing`: all options of an example behind one prompt pass); scoring
+uses it when the model supports it and falls back to one row per option otherwise. Both give the
+same scores (to float round-off) and both are differentiable.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options"]
+from abmll_pyro.data.packing import PackedOptions, log_prob_of, packed_option_log_probs, packing_supported
+
+__all__ = [
+    "OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options", "packing_supported",
+]
 
 NEG_INF = float("-inf")
 
@@ -33,6 +39,7 @@ class OptionBatch:
     Shapes: ``input_ids``, ``attention_mask``, ``target_mask``: ``[R, L]``; ``row_example``,
     ``row_option``: ``[R]``; ``gold``, ``num_options``: ``[n]``. ``target_mask[r, t]`` marks the
     tokens of the option in row ``r`` (their log-probs, predicted from position ``t - 1``, are scored).
+    ``packed`` is the same data in the packed layout, or None.
     """
 
     input_ids: Tensor
@@ -42,6 +49,7 @@ class OptionBatch:
     row_option: Tensor
     gold: Tensor
     num_options: Tensor
+    packed: PackedOptions | None = None
 
     def __len__(self) -> int:
         return int(self.gold.shape[0])
@@ -69,10 +77,12 @@ class OptionBatch:
             row_option=self.row_option[rows],
             gold=self.gold[index],
             num_options=self.num_options[index],
+            packed=None if self.packed is None else self.packed.select(index),
         )
 
     def to(self, device: torch.device | str) -> "OptionBatch":
-        return OptionBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return OptionBatch(**{f: None if v is None else v.to(device) for f, v in fields.items()})
 
     @classmethod
     def from_token_ids(
@@ -81,8 +91,10 @@ class OptionBatch:
         options: Sequence[Sequence[Sequence[int]]],
         gold: Sequence[int],
         pad_id: int = 0,
+        pack: bool = True,
     ) -> "OptionBatch":
-        """Build from already-tokenized prompts and options (right padding with ``pad_id``)."""
+        """Build from already-tokenized prompts and options (right padding with ``pad_id``);
+        ``pack`` also builds the packed layout."""
         if not (len(prompts) == len(options) == len(gold)):
             raise ValueError("prompts, options and gold must have the same length")
         rows: list[list[int]] = []
@@ -115,29 +127,45 @@ class OptionBatch:
             ids, att, tgt,
             torch.tensor(row_example), torch.tensor(row_option),
             torch.as_tensor(list(gold), dtype=torch.long), torch.tensor(num_options),
+            PackedOptions.build(prompts, options, pad_id) if pack else None,
         )
 
 
-def _sequence_token_log_probs(lm: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """``[R, L]`` float32 log p(token_t | tokens_<t); column 0 is 0 (it has no context)."""
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits  # [R, L, V]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [R, L-1]
-    return torch.nn.functional.pad(picked, (1, 0))
+def _per_row_option_log_probs(lm: torch.nn.Module, batch: OptionBatch) -> tuple[Tensor, Tensor]:
+    """``(summed log-prob [R], token count [R])`` of each row's option: one sequence per option."""
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [R, L, V]
+    picked = log_prob_of(logits[:, :-1], batch.input_ids[:, 1:])  # [R, L-1]: token t+1 given <= t
+    mask = batch.target_mask[:, 1:]
+    per_row = torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)
+    return per_row, mask.sum(-1).float()
 
 
-def option_scores(lm: torch.nn.Module, batch: OptionBatch, reduction: str = "sum") -> Tensor:
-    """``[n, max_options]`` float32: each option's summed (``"sum"``) or mean (``"mean"``) token log-prob."""
+def option_scores(
+    lm: torch.nn.Module, batch: OptionBatch, reduction: str = "sum", packed: bool | None = None
+) -> Tensor:
+    """``[n, max_options]`` float32: each option's summed (``"sum"``) or mean (``"mean"``) token log-prob.
+
+    score[i, j] = sum_t log p(o_ij,t | prompt_i, o_ij,<t)  (``"mean"`` divides by the option's length);
+    slots ``j >= num_options[i]`` are ``-inf``. ``packed=None`` uses the packed layout when the batch
+    has one and :func:`packing_supported` says the model honours it; True uses it regardless;
+    False forces one row per option.
+    """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    token_lp = _sequence_token_log_probs(lm, batch.input_ids, batch.attention_mask)
-    mask = batch.target_mask.to(token_lp.dtype)
-    per_row = (token_lp * mask).sum(-1)
+    if packed and batch.packed is None:
+        raise ValueError("packed=True but the batch has no packed layout (build it with pack=True)")
+    use_packed = batch.packed is not None and packing_supported(lm) if packed is None else packed
+    if use_packed:
+        totals, counts = packed_option_log_probs(lm, batch.packed, batch.num_options)
+        totals, counts = totals[:, : batch.max_options], counts[:, : batch.max_options]
+    else:
+        per_row, per_count = _per_row_option_log_probs(lm, batch)
+        shape = (len(batch), batch.max_options)
+        totals = per_row.new_zeros(shape).index_put((batch.row_example, batch.row_option), per_row)
+        counts = per_count.new_ones(shape).index_put((batch.row_example, batch.row_option), per_count)
     if reduction == "mean":
-        per_row = per_row / mask.sum(-1).clamp_min(1.0)
-    scores = torch.full((len(batch), batch.max_options), NEG_INF, dtype=per_row.dtype, device=per_row.device)
-    scores = scores.index_put((batch.row_example, batch.row_option), per_row)
-    return scores
+        totals = totals / counts.clamp_min(1.0)
+    return masked_fill_options(totals, batch.num_options)
 
 
 def masked_fill_options(scores: Tensor, num_options: Tensor) -> Tensor:

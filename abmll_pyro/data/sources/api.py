@@ -1,0 +1,51 @@
+"""``load_tasks(source, ...)``: BIG-bench, a task folder, or a named CrossFit/MetaICL split -> TaskSet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from abmll_pyro.data.sources.bigbench import packaged_split, prepare_bigbench
+from abmll_pyro.data.sources.crossfit import crossfit_splits, load_metaicl_split
+from abmll_pyro.data.sources.folder import load_task_folder
+from abmll_pyro.data.sources.taskset import TaskSet
+
+__all__ = ["load_tasks"]
+
+
+def load_tasks(
+    source: str | Path = "bigbench",
+    train: Sequence[str] | None = None,
+    dev: Sequence[str] | None = None,
+    test: Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    max_examples: int | None = None,
+    **options,
+) -> TaskSet:
+    """Tasks with a train/dev/test split of *tasks*, from:
+
+    * ``"bigbench"``: the embedded default, prepared into the user cache on first use, split by the
+      packaged ``bigbench_split.json`` (``train``/``dev``/``test`` override it);
+    * a CrossFit/MetaICL split name (see :func:`crossfit_splits`), read from ``data_dir`` in MetaICL's
+      layout (``options`` go to :func:`load_metaicl_split`: ``k``, ``seed``, ``train_k``);
+    * a task-folder path (``splits.json``, or ``train``/``dev``/``test`` naming file stems).
+
+    ``max_examples`` caps each task (the first examples of each file).
+    """
+    name = str(source)
+    if name == "bigbench":
+        folder = prepare_bigbench(**options)
+        if train is None and dev is None and test is None:
+            split = packaged_split()
+            train, dev, test = split["train"], split["dev"], split["test"]
+        return load_task_folder(folder, train, dev, test, max_examples=max_examples)
+    if name in crossfit_splits():
+        if data_dir is None:
+            raise ValueError(f"split {name!r} needs data_dir, a MetaICL-format data directory")
+        return load_metaicl_split(name, data_dir, max_examples=max_examples, **options)
+    if Path(name).is_dir():
+        return load_task_folder(name, train, dev, test, max_examples=max_examples)
+    raise ValueError(
+        f"unknown task source {name!r}: not 'bigbench', not a CrossFit/MetaICL split "
+        f"{sorted(crossfit_splits())}, and not an existing folder"
+    )
