@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/_support, importable as _support
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
