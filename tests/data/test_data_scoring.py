@@ -27,7 +27,7 @@ def _direct_log_likelihood(model, prompt_ids, option_ids) -> float:
 def test_scores_equal_direct_log_likelihood(packed):
     model, tok = tiny_model("llama")
     batch = encode_options(tok, EXAMPLES)
-    scores = option_scores(model, batch, packed=packed)
+    scores = option_scores(model, batch, packed=packed).detach()
     assert scores.shape == (2, 3) and scores.dtype == torch.float32
     assert scores[0, 2] == float("-inf")  # padded option slot
     for i, ex in enumerate(EXAMPLES):

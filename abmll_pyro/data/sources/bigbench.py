@@ -28,7 +28,9 @@ from importlib import resources
 from pathlib import Path
 
 from abmll_pyro.data.cache import cache_dir
-from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, download_bigbench, iter_task_files
+from abmll_pyro.data.sources.bigbench_fetch import (
+    BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs,
+)
 from abmll_pyro.data.sources.folder import SPLITS_FILE, write_task_folder
 from abmll_pyro.data.tasks import Example, Task
 
@@ -89,23 +91,26 @@ def convert_task(data: dict, name: str) -> tuple[list[Example], int] | None:
 
 
 def _convert_all(source: Path, out: Path) -> dict:
-    files = dict(iter_task_files(source))
-    parents = {rel.rsplit("/", 1)[0] for rel in files if "/" in rel}
-    tasks, report = [], {}
-    for rel in sorted(files):
-        if rel in parents:
-            continue  # its subtasks are the tasks
-        name = rel.replace("/", ".")
-        data = json.loads(files[rel])
-        converted = convert_task(data, name)
-        if converted is None or len(converted[0]) < MIN_EXAMPLES:
-            continue
-        kept, skipped = converted
-        tasks.append(Task(name, kept))
-        report[name] = {"examples": len(kept), "skipped": skipped, "keywords": data.get("keywords", [])}
-    names = [t.name for t in tasks]
+    parents = {rel.rsplit("/", 1)[0] for rel in list_task_dirs(source) if "/" in rel}
+    report: dict[str, dict] = {}
+
+    def tasks():  # one task in memory at a time (the source tree is 1.8 GB)
+        for rel, raw in iter_task_files(source):
+            if rel in parents:
+                continue  # its subtasks are the tasks
+            name = rel.replace("/", ".")
+            data = json.loads(raw)
+            converted = convert_task(data, name)
+            if converted is None or len(converted[0]) < MIN_EXAMPLES:
+                continue
+            kept, skipped = converted
+            report[name] = {"examples": len(kept), "skipped": skipped, "keywords": data.get("keywords", [])}
+            yield Task(name, kept)
+
+    write_task_folder(tasks(), out)
+    names = sorted(report)
     splits = {s: [n for n in names if split_of(n) == s] for s in ("train", "dev", "test")}
-    write_task_folder(tasks, out, splits)
+    write_task_folder([], out, splits)
     return {"version": BIGBENCH_VERSION, "tasks": report, "splits": splits}
 
 

@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["BIGBENCH_VERSION", "download_bigbench", "iter_task_files"]
+__all__ = ["BIGBENCH_VERSION", "download_bigbench", "list_task_dirs", "iter_task_files"]
 
 BIGBENCH_VERSION = "1.0.0"
 TASKS_DIR = "bigbench/benchmark_tasks/"
@@ -45,15 +45,31 @@ def download_bigbench(staging: Path) -> Path:
     )
 
 
+def _rel(member_name: str) -> str:
+    return member_name.split(TASKS_DIR, 1)[1].rsplit("/", 1)[0]
+
+
+def _is_task_member(member: tarfile.TarInfo) -> bool:
+    return member.isfile() and member.name.endswith("/task.json") and TASKS_DIR in member.name
+
+
+def list_task_dirs(source: Path) -> list[str]:
+    """The relative dirs of every ``task.json`` (names only; nothing is read)."""
+    if source.is_file():
+        with tarfile.open(source, "r:gz") as archive:
+            return sorted(_rel(m.name) for m in archive if _is_task_member(m))
+    root = source / TASKS_DIR
+    return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("task.json"))
+
+
 def iter_task_files(source: Path) -> Iterator[tuple[str, bytes]]:
     """``(relative task dir, task.json bytes)`` for every ``benchmark_tasks/**/task.json`` in an
     archive or a source tree; the relative dir is e.g. ``"logical_deduction/three_objects"``."""
     if source.is_file():
         with tarfile.open(source, "r:gz") as archive:
             for member in archive:
-                if member.isfile() and member.name.endswith("/task.json") and TASKS_DIR in member.name:
-                    rel = member.name.split(TASKS_DIR, 1)[1].rsplit("/", 1)[0]
-                    yield rel, archive.extractfile(member).read()
+                if _is_task_member(member):
+                    yield _rel(member.name), archive.extractfile(member).read()
         return
     root = source / TASKS_DIR
     for path in sorted(root.rglob("task.json")):

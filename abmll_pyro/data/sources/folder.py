@@ -21,11 +21,14 @@ __all__ = ["read_task_file", "read_jsonl_examples", "load_task_folder", "write_t
 SPLITS_FILE = "splits.json"
 
 
-def read_jsonl_examples(path: Path) -> list[Example]:
-    """Parse a MetaICL-format JSONL file; any bad line is an error naming file and line number."""
-    examples = []
+def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
+    """Parse a MetaICL-format JSONL file (the first ``limit`` examples if given); any bad line is an
+    error naming file and line number."""
+    examples: list[Example] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -56,10 +59,10 @@ def read_task_file(path: str | Path, max_examples: int | None = None) -> Task:
     """A :class:`Task` named by the file stem; an empty file is an error. ``max_examples`` keeps the
     first that many examples (files from :func:`write_task_folder` are already shuffled)."""
     path = Path(path)
-    examples = read_jsonl_examples(path)
+    examples = read_jsonl_examples(path, max_examples)
     if not examples:
         raise ValueError(f"task file {path} has no examples")
-    return Task(path.stem, examples[:max_examples] if max_examples else examples)
+    return Task(path.stem, examples)
 
 
 def _task_names(root: Path) -> list[str]:
