@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/_support, importable as _support
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to oversubscription
 
 
 @pytest.fixture(autouse=True)
