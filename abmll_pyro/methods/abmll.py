@@ -1,0 +1,71 @@
+"""ABMLL: the core's :class:`~abmll_pyro.infer.MetaSVI` behind the method interface.
+
+Training is ``MetaSVI.step`` (inner loop on the support β-ELBO, outer β-ELBO on the query, γ·log p(θ),
+its own optimizer step and clipping); test time is ``MetaSVI.adapt`` on the support set and the
+posterior predictive on the query (``num_samples`` draws of φ, or the mean of q). With
+``in_context=True`` (method ``abmll-icl``) the episodes' prompts carry the support examples while
+adapting and predicting (PAPER.md §6, v3).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from ..infer.meta import Episode, MetaSVI
+from ..infer.predictive import posterior_predictive
+from ..models.likelihoods import TaskData
+from .base import Backward, Method
+
+__all__ = ["ABMLL"]
+
+
+class ABMLL(Method):
+    name = "abmll"
+    trainable = True
+    owns_optimizer_step = True
+
+    def __init__(self, svi: MetaSVI, num_train_tasks: int, num_samples: int, predict_mode: str, in_context: bool = False):
+        self.svi, self.num_train_tasks = svi, num_train_tasks
+        self.num_samples, self.predict_mode = num_samples, predict_mode
+        self.in_context = in_context
+        self.name = "abmll-icl" if in_context else "abmll"
+
+    def parameters(self):
+        return self.svi.trainable_parameters()
+
+    def make_optimizer(self):
+        return self.svi.optimizer
+
+    def bind_optimizer(self, optimizer) -> None:
+        """Use the harness's (accelerator-wrapped) optimizer inside ``MetaSVI.step``."""
+        self.svi.optimizer = optimizer
+
+    def train_step(self, episodes: Sequence, backward: Backward) -> dict[str, float]:
+        core = [Episode(ep.name, TaskData(ep.support), TaskData(ep.query)) for ep in episodes]
+        r = self.svi.step(core, num_tasks=self.num_train_tasks)
+        return {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta, "grad_norm": r.grad_norm}
+
+    def adapt(self, episode):
+        return self.svi.adapt(TaskData(episode.support))
+
+    def predict(self, state, episode) -> Tensor:
+        return posterior_predictive(self.svi, state, TaskData(episode.query), self.num_samples, self.predict_mode)
+
+    def state_tensors(self):
+        out = {f"theta/{k}": v.detach() for k, v in self.svi.adapter.global_params().items()}
+        guide = self.svi.guide.task_guide
+        if hasattr(guide, "state_dict"):
+            out.update({f"guide/{k}": v.detach() for k, v in guide.state_dict().items()})
+        return out
+
+    def load_state_tensors(self, tensors):
+        import torch
+
+        with torch.no_grad():
+            for k, p in self.svi.adapter.global_params().items():
+                p.copy_(tensors[f"theta/{k}"])
+        guide = self.svi.guide.task_guide
+        if hasattr(guide, "load_state_dict"):
+            guide.load_state_dict({k[len("guide/"):]: v for k, v in tensors.items() if k.startswith("guide/")})

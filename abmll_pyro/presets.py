@@ -1,0 +1,106 @@
+"""Benchmark presets: the model, tasks, budgets and methods of ``abmll benchmark --preset NAME``.
+
+* ``smoke`` — a tiny random Llama on a generated task set; every method, one seed, under 2 minutes on
+  2 CPU cores (run by a test).
+* ``cpu`` — the default main job: SmolLM2-135M (embedded) on BIG-bench; budgets measured to finish
+  within 20 minutes on 2 CPU cores including the one-time BIG-bench prepare (see docs/RESULTS.md).
+* ``paper`` — Llama-3-8B on CrossFit cls-45 with the paper's settings (rank 8, α 16, K = 5,
+  kl_beta 1e-8, 2 tasks per step); for GPU users, never run in CI. Needs ``--set data_dir=...``
+  (MetaICL-format data) and access to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data.sources.folder import write_task_folder
+from .data.tasks import Example, Task
+
+__all__ = ["Preset", "PRESETS", "ALL_METHODS", "get_preset", "synthetic_task_folder"]
+
+ALL_METHODS = ("pretrained", "icl", "lora", "structured-lora", "reptile", "abmll", "abmll-icl")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: dict[str, Any]
+    methods: tuple[str, ...] = ALL_METHODS
+    seeds: int = 1
+    description: str = ""
+    synthetic: dict[str, int] | None = None  # generate a task folder with these sizes (smoke)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        description="tiny random Llama, generated tasks: a wiring check, not a result",
+        config=dict(model="tiny-llama", rank=2, lora_alpha=4.0, steps=4, tasks_per_step=2, shots=3, query_size=3,
+                    eval_query_size=6, num_inner_steps=2, inner_lr=1e-2, outer_lr=1e-2, kl_beta=1e-4, num_samples=2,
+                    max_length=128, checkpoint_every=2, num_threads=1),
+        synthetic=dict(num_train=6, num_test=3, examples=16),
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="SmolLM2-135M (dequantized Q4_1) on BIG-bench, top 4 blocks' q/v adapted, 20-minute budget",
+        config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=24,
+                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=12, max_train_tasks=None,
+                    max_test_tasks=10, max_examples=64, max_length=160, num_inner_steps=3, inner_lr=5e-3,
+                    outer_lr=2e-3, kl_beta=1e-6, num_samples=4, checkpoint_every=8, num_threads=2),
+        seeds=1,
+    ),
+    "paper": Preset(
+        name="paper",
+        description="Llama-3-8B on CrossFit cls-45, the paper's settings (GPU; pass --set data_dir=...)",
+        config=dict(model="meta-llama/Meta-Llama-3-8B", tasks="cls45", rank=8, lora_alpha=16.0, num_inner_steps=5,
+                    kl_beta=1e-8, tasks_per_step=2, shots=16, query_size=16, eval_query_size=64, steps=5000,
+                    inner_lr=1e-3, outer_lr=1e-4, num_samples=10, mixed_precision="bf16", max_length=1024,
+                    checkpoint_every=250, device="auto"),
+        seeds=3,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name]
+
+
+_WORDS = ("red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "milk", "salt", "rain", "wind")
+_LABELS = (("yes", "no"), ("true", "false"), ("good", "bad"), ("on", "off"), ("up", "down"), ("hot", "cold"))
+
+
+def _synthetic_task(index: int, examples: int, rng: random.Random) -> Task:
+    """Task ``index``: the answer is the label named by whether the cue word ``index`` picks appears.
+
+    Shared structure across tasks (a cue decides the label), task-specific cue and label pair, so a
+    meta-learner has something to transfer and each task something to adapt to.
+    """
+    labels = _LABELS[index % len(_LABELS)]
+    cue = _WORDS[index % len(_WORDS)]
+    out = []
+    for _ in range(examples):
+        words = rng.sample([w for w in _WORDS if w != cue], 3)
+        positive = rng.random() < 0.5
+        if positive:
+            words[rng.randrange(3)] = cue
+        out.append(Example(f"task {index}: {' '.join(words)}?", labels, 0 if positive else 1))
+    return Task(f"synthetic{index:02d}", out)
+
+
+def synthetic_task_folder(root: str | Path, num_train: int = 6, num_test: int = 3, examples: int = 16, seed: int = 0) -> Path:
+    """Write the generated task set (``splits.json`` included) and return its folder."""
+    rng = random.Random(seed)
+    tasks = [_synthetic_task(i, examples, rng) for i in range(num_train + num_test)]
+    names = [t.name for t in tasks]
+    root = write_task_folder(tasks, root, {"train": names[:num_train], "test": names[num_train:]})
+    (Path(root) / "README.txt").write_text(json.dumps({"generator": "abmll_pyro.presets.synthetic_task_folder",
+                                                       "num_train": num_train, "num_test": num_test,
+                                                       "examples": examples, "seed": seed}) + "\n")
+    return Path(root)

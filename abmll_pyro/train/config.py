@@ -1,0 +1,181 @@
+"""The run configuration: one flat, validated dataclass that the CLI, config files and presets build.
+
+This is the CLI/config boundary (STYLE.md §3): it is flattened for files and flags, and it builds the
+core's :class:`~abmll_pyro.config.AdapterConfig` and :class:`~abmll_pyro.config.MetaConfig`, which do
+their own validation (so a knob's rules live in one place). Unknown keys are errors that list the
+known ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
+
+__all__ = ["RunConfig", "load_config_file", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message names the offending value."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; ``RunConfig.from_dict`` rejects unknown keys.
+
+    Data: ``tasks`` (``bigbench``, a task-folder path, or a CrossFit/MetaICL split with ``data_dir``),
+    ``shots`` support and ``query_size`` query examples per training episode, ``eval_query_size``
+    query examples per test task, ``max_train_tasks``/``max_test_tasks`` (first N of each split),
+    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left).
+    Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
+    per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
+    test alike); ``reptile_step_size`` is Reptile's outer ε. Prediction: ``num_samples`` draws of φ
+    (``predict_mode="sample"``) or the posterior mean (``"mean"``).
+    """
+
+    method: str = "abmll"
+    model: str = "tiny-llama"
+    tasks: str = "bigbench"
+    data_dir: str | None = None
+    seed: int = 0
+    # data
+    shots: int = 4
+    query_size: int = 4
+    eval_query_size: int = 16
+    max_train_tasks: int | None = None
+    max_test_tasks: int | None = None
+    max_examples: int | None = None
+    max_length: int | None = 256
+    template: str = "direct"
+    # adapter
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+    last_layers: int | None = None
+    std_map: str = "softplus"
+    init_std: float = 1e-3
+    # objective and optimization
+    kl_beta: float = 1e-8
+    kl_gamma: float | None = None
+    prior: str = "hierarchical"
+    guide: str = "mean-field"
+    steps: int = 100
+    tasks_per_step: int = 2
+    grad_accum: int = 1
+    outer_lr: float = 1e-3
+    grad_clip: float | None = 1.0
+    num_inner_steps: int = 5
+    inner_lr: float = 1e-3
+    inner_optimizer: str = "adam"
+    reptile_step_size: float = 0.5
+    # prediction
+    num_samples: int = 8
+    predict_mode: str = "sample"
+    # machinery
+    mixed_precision: str = "no"
+    device: str = "auto"
+    num_threads: int | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("steps", "tasks_per_step", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "eval_query_size", "query_size", "num_samples"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        check(isinstance(self.shots, int) and self.shots >= 1, f"shots must be an integer >= 1, got {self.shots!r}")
+        for name in ("max_train_tasks", "max_test_tasks", "max_examples", "max_length", "last_layers", "num_threads"):
+            v = getattr(self, name)
+            check(v is None or (isinstance(v, int) and v >= 1), f"{name} must be an integer >= 1 or null, got {v!r}")
+        check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
+        check(self.kl_gamma is None or (math.isfinite(self.kl_gamma) and self.kl_gamma >= 0),
+              f"kl_gamma must be finite and >= 0 (or null), got {self.kl_gamma!r}")
+        check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
+        check(self.predict_mode in ("sample", "mean"), f"predict_mode must be 'sample' or 'mean', got {self.predict_mode!r}")
+        check(self.mixed_precision in ("no", "bf16", "fp16"),
+              f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        elif self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        try:  # the core's own checks, run now so a bad value fails before any model is loaded
+            self.adapter_config()
+            self.meta_config()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    # ----------------------------------------------------------------- core configs
+    def adapter_config(self, target_modules: tuple[str, ...] | None = None) -> AdapterConfig:
+        return AdapterConfig(rank=self.rank, lora_alpha=self.lora_alpha,
+                             target_modules=target_modules or self.target_modules,
+                             std_map=self.std_map, init_std=self.init_std)
+
+    def inner_config(self) -> InnerLoopConfig:
+        return InnerLoopConfig(num_inner_steps=self.num_inner_steps, inner_lr=self.inner_lr,
+                               optimizer=self.inner_optimizer)
+
+    def meta_config(self) -> MetaConfig:
+        return MetaConfig(kl_beta=self.kl_beta, kl_gamma=self.kl_gamma, outer_lr=self.outer_lr,
+                          tasks_per_step=self.tasks_per_step, grad_clip=self.grad_clip, inner=self.inner_config())
+
+    # ----------------------------------------------------------------- (de)serialization
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> "RunConfig":
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown config key(s) {unknown}; known keys: {cls.keys()}")
+        try:
+            return cls(**dict(values))
+        except TypeError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def updated(self, **changes: Any) -> "RunConfig":
+        unknown = sorted(set(changes) - set(self.keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {self.keys()}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["target_modules"] is not None:
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or JSON file holding one mapping of config keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: report the file, keep the message
+        raise ConfigError(f"config file {path} does not parse: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(values).__name__}")
+    return values

@@ -1,0 +1,184 @@
+"""One run, start to end: build, meta-train (through ``accelerate.Accelerator``), checkpoint, evaluate.
+
+Run directory (``RUN_DIR``): ``config.json`` (the resolved :class:`RunConfig`), ``log.txt``,
+``metrics.jsonl`` (one line per step: the method's loss components, e.g. ABMLL's ``nll``, ``task_kl``,
+``log_p_theta``), ``tensorboard/`` (when installed), ``checkpoints/``, ``results.json``.
+
+Accelerate gives device placement, mixed precision (``bf16``: autocast around the LM; the core keeps
+KL and prior terms in float32) and gradient accumulation (``grad_accum`` micro-batches per optimizer
+step; ABMLL's ``MetaSVI.step`` sees an accelerator-wrapped optimizer whose ``step``/``zero_grad`` wait
+for the last micro-batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_text, load_latest, save_checkpoint
+from .config import ConfigError, RunConfig
+from .episodes import EpisodeEncoder, EpisodeSampler
+from .evaluate import evaluate_method, metrics_json
+from .results import SCHEMA_VERSION, validate_result
+from .runlog import RunLog
+from .setup import build, load_taskset
+
+__all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config"]
+
+CONFIG = "config.json"
+RESULTS = "results.json"
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch (CUDA), else the process's peak resident set (ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CONFIG}")
+    return RunConfig.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def _restore(ckpt, method, optimizer, sampler) -> int:
+    method.load_state_tensors(ckpt.tensors)
+    if optimizer is not None and ckpt.optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)
+    torch.set_rng_state(ckpt.torch_rng)
+    random.setstate(ckpt.python_rng)
+    if ckpt.sampler_rng is not None:
+        sampler.set_state(ckpt.sampler_rng)
+    return ckpt.step
+
+
+def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, progress: bool) -> int:
+    method = built.method
+    sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
+    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, method.in_context, accelerator.device)
+    optimizer = accelerator.prepare_optimizer(method.make_optimizer())
+    if hasattr(method, "bind_optimizer"):
+        method.bind_optimizer(optimizer)
+    start = 0
+    ckpt = load_latest(run_dir) if resume else None
+    if ckpt is not None:
+        start = _restore(ckpt, method, optimizer, sampler)
+        log.info(f"resumed from step {start}")
+    params = method.parameters()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {method.name}",
+               disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        parts: dict[str, float] = {}
+        for _ in range(config.grad_accum):
+            with accelerator.accumulate(), accelerator.autocast():
+                episodes = [encoder(s) for s in sampler.draw()]
+                for k, v in method.train_step(episodes, accelerator.backward).items():
+                    parts[k] = parts.get(k, 0.0) + v / config.grad_accum
+                if not method.owns_optimizer_step:
+                    if accelerator.sync_gradients and config.grad_clip:
+                        parts["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+        if not all(math.isfinite(v) for k, v in parts.items() if k != "grad_norm"):
+            raise FloatingPointError(f"step {step + 1}: non-finite loss components {parts}")
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            log.scalars(step + 1, parts)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k in ("loss", "nll", "task_kl")})
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(run_dir, step + 1, method.state_tensors(), optimizer, sampler.get_state(),
+                            config.to_dict(), config.keep_checkpoints)
+    return config.steps - start
+
+
+def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``config.method`` into ``run_dir`` (or continue it), evaluate on the test tasks, write results.json."""
+    run_dir = Path(run_dir)
+    if resume:
+        config = load_run_config(run_dir)
+    elif (run_dir / CONFIG).exists() and load_latest(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+    log = RunLog(run_dir)
+    t0 = time.perf_counter()
+    try:
+        accelerator = make_accelerator(config)
+        log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
+                 f"seed {config.seed}, device {accelerator.device}")
+        taskset = load_taskset(config)
+        built = build(config, len(taskset.train), accelerator.device)
+        log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
+                 f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
+        if built.method.trainable:
+            _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
+        train_time = time.perf_counter() - t0
+        result = _evaluate(config, built, taskset.test, accelerator, progress, log)
+        result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
+                      eval_time_s=time.perf_counter() - t0 - train_time,
+                      peak_memory_mb=peak_memory_mb(accelerator.device))
+        validate_result(result)
+        atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
+        log.info(f"macro accuracy {result['macro']['accuracy']:.4f} ece {result['macro']['ece']:.4f}; "
+                 f"wall time {result['wall_time_s']:.1f} s")
+        return result
+    finally:
+        log.close()
+
+
+def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> dict:
+    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context,
+                             accelerator.device)
+    per_task, pooled = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
+    tasks_json, macro = metrics_json(per_task)
+    return {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model, "tasks": str(config.tasks),
+            "seed": config.seed, "per_task": tasks_json, "macro": macro, "config": config.to_dict(),
+            "steps": config.steps if built.method.trainable else 0, "reliability": pooled}
+
+
+def load_trained(config: RunConfig, run_dir: Path, num_train_tasks: int, accelerator):
+    """The method of a finished (or checkpointed) run with its trained state."""
+    built = build(config, num_train_tasks, accelerator.device)
+    if built.method.trainable:
+        ckpt = load_latest(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {run_dir} has no checkpoint to evaluate (train it first)")
+        built.method.load_state_tensors(ckpt.tensors)
+    return built
+
+
+def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool = True, out: str | Path | None = None) -> dict:
+    """Evaluate a trained run (``run_dir``) or an untrained method (``run_dir=None``) on ``config``'s test tasks."""
+    t0 = time.perf_counter()
+    accelerator = make_accelerator(config)
+    taskset = load_taskset(config)
+    if run_dir is not None:
+        built = load_trained(config, Path(run_dir), len(taskset.train), accelerator)
+    else:
+        built = build(config, len(taskset.train), accelerator.device)
+    result = _evaluate(config, built, taskset.test, accelerator, progress, None)
+    wall = time.perf_counter() - t0
+    result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall, peak_memory_mb=peak_memory_mb(accelerator.device))
+    validate_result(result)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
+    return result
