@@ -165,8 +165,10 @@ def load_trained(config: RunConfig, run_dir: Path, num_train_tasks: int, acceler
     return built
 
 
-def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool = True, out: str | Path | None = None) -> dict:
-    """Evaluate a trained run (``run_dir``) or an untrained method (``run_dir=None``) on ``config``'s test tasks."""
+def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool = True, out: str | Path | None = None,
+                 split: str = "test") -> dict:
+    """Evaluate a trained run (``run_dir``) or an untrained method (``run_dir=None``) on ``config``'s
+    ``split`` tasks (``"test"``, or ``"dev"``)."""
     t0 = time.perf_counter()
     accelerator = make_accelerator(config)
     taskset = load_taskset(config)
@@ -174,7 +176,9 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
         built = load_trained(config, Path(run_dir), len(taskset.train), accelerator)
     else:
         built = build(config, len(taskset.train), accelerator.device)
-    result = _evaluate(config, built, taskset.test, accelerator, progress, None)
+    if not taskset[split]:
+        raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
+    result = _evaluate(config, built, taskset[split], accelerator, progress, None)
     wall = time.perf_counter() - t0
     result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall, peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)

@@ -1,0 +1,82 @@
+"""``abmll predict``: adapt a trained run to a new task (its support set) and write the posterior
+predictive option probabilities of each query example as JSONL.
+
+Query lines need ``input`` and ``options``; ``output`` is optional (when present, it is echoed with
+``correct``). Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.sources.folder import read_jsonl_examples
+from ..data.tasks import Example, TaskSplit
+from .episodes import EpisodeEncoder
+from .run import load_run_config, load_trained, make_accelerator
+
+__all__ = ["predict_file", "read_query"]
+
+
+def read_query(path: Path) -> tuple[list[Example], list[bool]]:
+    """Query examples and whether each came labelled (unlabelled lines get a placeholder gold of 0)."""
+    examples, labelled = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: malformed JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or "input" not in rec or "options" not in rec:
+                raise ValueError(f"{where}: a query line needs 'input' and 'options'")
+            if "output" in rec:
+                examples.append(Example.from_output(rec["input"], rec["options"], rec["output"], where=where))
+            else:
+                examples.append(Example(rec["input"], tuple(rec["options"]), 0))
+            labelled.append("output" in rec)
+    if not examples:
+        raise ValueError(f"query file {path} has no examples")
+    return examples, labelled
+
+
+def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num_samples: int | None = None,
+                 progress: bool = True) -> list[dict]:
+    config = load_run_config(run_dir)
+    if num_samples is not None:
+        config = config.updated(num_samples=num_samples)
+    for path in (support, query):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+    support_examples = read_jsonl_examples(support)
+    if not support_examples:
+        raise ValueError(f"support file {support} has no examples")
+    query_examples, labelled = read_query(query)
+    accelerator = make_accelerator(config)
+    built = load_trained(config, run_dir, 1, accelerator)  # M only weights log p(θ) in training
+    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context, accelerator.device)
+    episode = encoder(TaskSplit(query.stem, tuple(support_examples), tuple(query_examples)))
+    torch.manual_seed(config.seed)
+    with accelerator.autocast():
+        state = built.method.adapt(episode)
+        with torch.no_grad():
+            probs = built.method.predict(state, episode).float().cpu()
+    rows = []
+    for ex, p, has_label in zip(query_examples, probs, labelled):
+        p = p[: len(ex.options)].tolist()
+        row = {"input": ex.input, "options": list(ex.options), "probs": p,
+               "prediction": ex.options[max(range(len(p)), key=p.__getitem__)]}
+        if has_label:
+            row.update(output=ex.answer, correct=row["prediction"] == ex.answer)
+        rows.append(row)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return rows

@@ -1,0 +1,110 @@
+"""The `abmll` command end to end on the hand-written task folder (the documented format)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from abmll_pyro.cli import main
+from abmll_pyro.train.results import validate_result
+
+
+def _train(tmp_path, handwritten, tiny, method="abmll", *extra):
+    out = tmp_path / method
+    code = main(["--quiet", "train", "--method", method, "--tasks", str(handwritten), "--out", str(out),
+                 "--steps", "3", "--checkpoint-every", "2", *tiny, *extra])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, handwritten, tiny):
+    run = _train(tmp_path, handwritten, tiny)
+    for name in ("config.json", "log.txt", "metrics.jsonl", "results.json", "checkpoints/latest.json"):
+        assert (run / name).exists(), name
+    result = validate_result(json.loads((run / "results.json").read_text()))
+    assert result["method"] == "abmll" and result["steps"] == 3
+    assert set(result["per_task"]) == {"animals", "opposites"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert {"nll", "task_kl", "log_p_theta"} <= set(lines[0])  # the loss components are logged
+    ckpt = run / "checkpoints" / json.loads((run / "checkpoints/latest.json").read_text())["path"]
+    assert (ckpt / "adapter.safetensors").exists() and (ckpt / "optimizer.pt").exists()
+
+
+def test_config_file_yaml_and_flags_precedence(tmp_path, handwritten, tiny):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kl_beta: 0.001\nsteps: 2\nprior: hierarchical\nguide: mean-field\n")
+    out = tmp_path / "run"
+    assert main(["--quiet", "train", "--method", "abmll", "--tasks", str(handwritten), "--out", str(out),
+                 "--config", str(cfg), "--steps", "1", *tiny]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["kl_beta"] == 0.001 and saved["steps"] == 1  # the flag beats the file
+
+
+@pytest.mark.parametrize("method", ["lora", "structured-lora", "reptile", "abmll-icl"])
+def test_every_trainable_method_trains_and_evaluates(tmp_path, handwritten, tiny, method, capsys):
+    run = _train(tmp_path, handwritten, tiny, method)
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", "--run", str(run), "--num-samples", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == method and 0 <= summary["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("method", ["pretrained", "icl"])
+def test_untrained_methods_evaluate(tmp_path, handwritten, tiny, method):
+    out = tmp_path / "r.json"
+    assert main(["--quiet", "evaluate", "--method", method, "--tasks", str(handwritten), "--out", str(out), *tiny]) == 0
+    validate_result(json.loads(out.read_text()))
+
+
+def test_predict_writes_probabilities(tmp_path, handwritten, tiny):
+    run = _train(tmp_path, handwritten, tiny)
+    support = tmp_path / "support.jsonl"
+    support.write_text("".join((handwritten / "animals.jsonl").read_text().splitlines(True)[:3]))
+    query = tmp_path / "query.jsonl"
+    query.write_text(json.dumps({"input": "Which animal purrs?", "options": ["cat", "cow", "crab"]}) + "\n"
+                     + json.dumps({"input": "Which animal moos?", "options": ["cat", "cow"], "output": "cow"}) + "\n")
+    out = tmp_path / "pred.jsonl"
+    assert main(["--quiet", "predict", "--run", str(run), "--support", str(support), "--query", str(query),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["probs"]) == 3 and len(rows[1]["probs"]) == 2
+    for row in rows:
+        assert math.isclose(sum(row["probs"]), 1.0, abs_tol=1e-5)  # float32 softmax averaged over samples
+        assert row["prediction"] in row["options"]
+    assert "correct" in rows[1] and "correct" not in rows[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--method", "maml", "--tasks", "x", "--out", "y"], "invalid choice"),
+    (["evaluate", "--run", "/nonexistent/run"], "does not exist"),
+    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--kl-beta", "-1"], "kl_beta must be finite and >= 0"),
+    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--config", "BADKEY"], "unknown config key(s) ['kl_betta']"),
+    (["train", "--method", "abmll", "--tasks", "/nonexistent/folder", "--out", "OUT"], "unknown task source"),
+    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--prior", "nope"], "unknown prior"),
+    (["train", "--resume", "/nonexistent/run"], "does not exist"),
+    (["benchmark", "--preset", "gpu", "--out", "OUT"], "invalid choice"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message(tmp_path, handwritten, tiny, capsys, argv, needle):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kl_betta": 1e-8}))
+    argv = [str(handwritten) if a == "HW" else str(tmp_path / "out") if a == "OUT" else str(bad) if a == "BADKEY" else a
+            for a in argv]
+    with pytest.raises(SystemExit) if needle == "invalid choice" else _no_raise() as info:
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert needle in err
+    if needle != "invalid choice":
+        assert code == 2
+    else:
+        assert info.value.code == 2
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
