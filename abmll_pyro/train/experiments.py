@@ -1,0 +1,170 @@
+"""The experiments behind ``scripts/``: β ablation, pruning robustness, cost, and scaling.
+
+Each function takes a base :class:`RunConfig` (a preset's) and an output folder, writes a JSON of its
+numbers and its plots there, and returns the numbers. The scripts only parse arguments and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..eval.metrics import compute_metrics, macro_average
+from ..lora.layer import BayesLoRALayer
+from .checkpoint import atomic_write_text
+from .config import RunConfig
+from .episodes import EpisodeEncoder, test_splits
+from .run import RESULTS, load_trained, make_accelerator, train_run
+from .setup import load_taskset
+
+__all__ = ["beta_ablation", "pruning_robustness", "cost_ratios", "scaling_memory", "neuron_masks"]
+
+
+def _plot(xs, ys, xlabel, ylabel, path, yerr=None):
+    try:
+        from ..eval.plots import plot_metric_curve
+
+        return plot_metric_curve(xs, ys, xlabel, ylabel, path, yerr)
+    except ImportError as err:
+        import warnings
+
+        warnings.warn(f"plot {path} skipped: {err}")
+
+
+def _trained(config: RunConfig, run_dir: Path, progress: bool) -> dict:
+    done = run_dir / RESULTS
+    if done.exists():
+        return json.loads(done.read_text())
+    return train_run(config, run_dir, progress=progress)
+
+
+# ----------------------------------------------------------------------------- β ablation
+def beta_ablation(base: RunConfig, out: Path, log10_betas: Sequence[float] = (0, -4, -8, -12, -16),
+                  seeds: Sequence[int] = (0,), progress: bool = True) -> dict:
+    """ABMLL at kl_beta = 10^x (kl_gamma = kl_beta): macro accuracy and ECE against log10 β."""
+    rows = []
+    for x in log10_betas:
+        for seed in seeds:
+            config = base.updated(method="abmll", kl_beta=10.0 ** x, kl_gamma=None, seed=seed)
+            r = _trained(config, out / "runs" / f"beta{x:g}-seed{seed}", progress)
+            rows.append({"log10_kl_beta": x, "seed": seed, **{k: r["macro"][k] for k in ("accuracy", "ece", "nll", "brier")}})
+    summary = {}
+    for key in ("accuracy", "ece"):
+        means = [sum(r[key] for r in rows if r["log10_kl_beta"] == x) / len(seeds) for x in log10_betas]
+        summary[key] = means
+        _plot(list(log10_betas), {"ABMLL": means}, "log10 kl_beta (kl_gamma = kl_beta)", f"macro {key}",
+              out / f"beta_{key}.png")
+    result = {"log10_kl_beta": list(log10_betas), "runs": rows, "mean": summary}
+    atomic_write_text(out / "beta_ablation.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- pruning
+def neuron_masks(adapter, fraction: float) -> dict[str, torch.Tensor]:
+    """Per adapted module, a ``[out]`` 0/1 mask zeroing the ``fraction`` of output neurons whose rows of
+    the frozen weight W0 have the smallest L2 norm. The masks depend on W0 alone, so every method loses
+    the same neurons and the comparison measures how each adapted solution copes."""
+    masks = {}
+    for name, layer in adapter.layers.items():
+        w = layer.base.weight
+        rows = w.norm(dim=1) if isinstance(layer.base, torch.nn.Linear) else w.norm(dim=0)  # Conv1D: [in, out]
+        k = int(round(fraction * rows.numel()))
+        mask = torch.ones_like(rows)
+        if k:
+            mask[rows.argsort()[:k]] = 0.0
+        masks[name] = mask
+    return masks
+
+
+class _Pruned:
+    """Forward hooks multiplying each adapted layer's output (base + ΔW) by its neuron mask."""
+
+    def __init__(self, adapter, masks: dict[str, torch.Tensor]):
+        self.handles = [layer.register_forward_hook(self._hook(masks[name])) for name, layer in adapter.layers.items()]
+
+    @staticmethod
+    def _hook(mask):
+        return lambda module, inputs, output: output * mask.to(output.dtype)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def pruning_robustness(base: RunConfig, out: Path, methods: Sequence[str] = ("abmll", "lora", "reptile"),
+                       fractions: Sequence[float] = (0.0, 0.1, 0.2, 0.3), seed: int = 0, progress: bool = True,
+                       runs_from: Path | None = None) -> dict:
+    """Adapt each test task as usual, then predict with the smallest-magnitude neurons of the adapted
+    layers zeroed; macro accuracy and ECE per method and fraction, and the drop from 0%."""
+    accelerator = make_accelerator(base)
+    taskset = load_taskset(base)
+    curves: dict[str, dict[str, list[float]]] = {}
+    for method in methods:
+        config = base.updated(method=method, seed=seed)
+        run_dir = (runs_from or out / "runs") / f"{method}-seed{seed}"
+        _trained(config, run_dir, progress)
+        built = load_trained(config, run_dir, len(taskset.train), accelerator)
+        encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context,
+                                 accelerator.device)
+        masks = {f: neuron_masks(built.adapter, f) for f in fractions}
+        per = {f: {} for f in fractions}
+        torch.manual_seed(seed)
+        for split in test_splits(taskset.test, config.shots, config.eval_query_size, seed):
+            episode = encoder(split)
+            state = built.method.adapt(episode)
+            for f in fractions:
+                with _Pruned(built.adapter, masks[f]), torch.no_grad():
+                    probs = built.method.predict(state, episode).float().cpu()
+                per[f][split.name] = compute_metrics(probs, episode.query.gold.cpu())
+        built.adapter.detach()
+        macro = {f: macro_average(per[f]) for f in fractions}
+        curves[method] = {k: [macro[f][k] for f in fractions] for k in ("accuracy", "ece")}
+        curves[method]["accuracy_drop"] = [curves[method]["accuracy"][0] - a for a in curves[method]["accuracy"]]
+    pct = [100 * f for f in fractions]
+    _plot(pct, {m: c["accuracy"] for m, c in curves.items()}, "neurons pruned (%)", "macro accuracy",
+          out / "pruning_accuracy.png")
+    _plot(pct, {m: c["ece"] for m, c in curves.items()}, "neurons pruned (%)", "macro ECE", out / "pruning_ece.png")
+    result = {"fractions": list(fractions), "seed": seed, "curves": curves}
+    atomic_write_text(out / "pruning.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- cost and scaling
+def _probe(config: RunConfig, warmup: int = 1) -> dict:
+    """Run :mod:`abmll_pyro.train.probe` in a fresh process (its ru_maxrss is its own peak)."""
+    cmd = [sys.executable, "-m", "abmll_pyro.train.probe", json.dumps(config.to_dict()), str(warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cost probe for {config.method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cost_ratios(base: RunConfig, out: Path, steps: int = 3, warmup: int = 1) -> dict:
+    """Time per meta-step and peak memory of ABMLL and Regular LoRA on the same model and tasks."""
+    abmll = _probe(base.updated(method="abmll", steps=steps), warmup)
+    lora = _probe(base.updated(method="lora", steps=steps), warmup)
+    result = {"abmll": abmll, "lora": lora,
+              "time_ratio": abmll["seconds_per_step"] / lora["seconds_per_step"],
+              "memory_ratio": abmll["peak_memory_mb"] / lora["peak_memory_mb"]}
+    atomic_write_text(out / "cost.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def scaling_memory(base: RunConfig, out: Path, task_counts: Sequence[int] = (10, 100), steps: int = 2) -> dict:
+    """Peak memory of ABMLL meta-training with 10 vs 100 training tasks (``base.tasks`` must hold enough)."""
+    rows = [_probe(base.updated(method="abmll", steps=steps, max_train_tasks=n)) for n in task_counts]
+    for n, row in zip(task_counts, rows):
+        if row["num_train_tasks"] != n:
+            raise ValueError(f"the task source has {row['num_train_tasks']} training tasks, fewer than {n}")
+    result = {"task_counts": list(task_counts), "runs": rows,
+              "memory_ratio": rows[-1]["peak_memory_mb"] / rows[0]["peak_memory_mb"]}
+    atomic_write_text(out / "scaling.json", json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,26 @@
+"""β ablation: ABMLL at log10 kl_beta ∈ {0, −4, −8, −12, −16}; accuracy and ECE against β, plotted.
+
+    python scripts/beta_ablation.py --preset smoke --out runs/beta-smoke
+    python scripts/beta_ablation.py --preset cpu --out runs/beta-cpu --seeds 1
+"""
+
+from __future__ import annotations
+
+import json
+
+from _common import base_config, parser
+
+from abmll_pyro.train.experiments import beta_ablation
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--log10-betas", nargs="+", type=float, default=[0, -4, -8, -12, -16])
+    p.add_argument("--seeds", type=int, default=1)
+    args = p.parse_args(argv)
+    result = beta_ablation(base_config(args), args.out, args.log10_betas, range(args.seeds), not args.quiet)
+    print(json.dumps(result["mean"]))
+
+
+if __name__ == "__main__":
+    main()

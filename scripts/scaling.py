@@ -1,0 +1,28 @@
+"""Scaling: peak memory of ABMLL meta-training with 10 vs 100 training tasks (each in a subprocess).
+No per-task state survives a task, so the ratio should stay near 1 (task data aside).
+
+    python scripts/scaling.py --preset smoke --out runs/scaling-smoke
+    python scripts/scaling.py --preset cpu --out runs/scaling-cpu --set tasks=runs/synthetic-110
+"""
+
+from __future__ import annotations
+
+import json
+
+from _common import base_config, parser
+
+from abmll_pyro.train.experiments import scaling_memory
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--task-counts", nargs="+", type=int, default=[10, 100])
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = base_config(args, synthetic=dict(num_train=max(args.task_counts), num_test=2, examples=12))
+    result = scaling_memory(config, args.out, args.task_counts)
+    print(json.dumps({"memory_ratio": result["memory_ratio"], "peak_memory_mb": [r["peak_memory_mb"] for r in result["runs"]]}))
+
+
+if __name__ == "__main__":
+    main()
