@@ -64,3 +64,14 @@ def test_custom_embedding_for_non_text_data(make_svi):
     guide = AmortizedGuide(adapter, embed=lambda a, s: s.batch.float().mean(0), embed_dim=3, hidden=8)
     start = guide.init_task_params(adapter, adapter.global_params(), TaskData(torch.ones(5, 3)))
     assert set(start) == set(adapter.global_params())
+
+
+def test_benchmark_script_smoke_preset(capsys):
+    from pathlib import Path
+
+    from abmll_pyro.registry import load_object
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "amortization_benchmark.py"
+    load_object(f"{script}:main")(["--smoke"])
+    out = capsys.readouterr().out
+    assert out.count("| rule |") == 4 and "| amortized |" in out and "| mean-field |" in out
