@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
         description="tiny random Llama, generated tasks: a wiring check, not a result",
-        config=dict(model="tiny-llama", rank=2, lora_alpha=4.0, steps=4, tasks_per_step=2, shots=3, query_size=3,
+        config=dict(model="tiny-llama", rank=2, lora_alpha=4.0, steps=8, tasks_per_step=2, shots=3, query_size=3,
                     eval_query_size=6, num_inner_steps=2, inner_lr=1e-2, outer_lr=1e-2, kl_beta=1e-4, num_samples=2,
                     max_length=128, checkpoint_every=2, num_threads=1),
         synthetic=dict(num_train=6, num_test=3, examples=16),
@@ -48,10 +48,11 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description="SmolLM2-135M (dequantized Q4_1) on BIG-bench, top 4 blocks' q/v adapted, 20-minute budget",
-        config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=24,
-                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=12, max_train_tasks=None,
-                    max_test_tasks=10, max_examples=64, max_length=160, num_inner_steps=3, inner_lr=5e-3,
-                    outer_lr=2e-3, kl_beta=1e-6, num_samples=4, checkpoint_every=8, num_threads=2),
+        config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=12,
+                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=8, max_test_tasks=10, max_examples=64,
+                    max_length=96, drop_long_examples=True, icl_max_length=192, num_inner_steps=2, inner_lr=1e-2,
+                    outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-6, num_samples=2, checkpoint_every=6,
+                    num_threads=2),
         seeds=1,
     ),
     "paper": Preset(

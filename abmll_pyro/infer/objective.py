@@ -37,9 +37,13 @@ def task_loss(elbo, model: HierarchicalModel, guide: ABMLLGuide, theta_params: P
 
 
 def global_loss(elbo, model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params, kl_gamma: float) -> Tensor:
-    """−kl_gamma·log p(θ) (differentiable); zero for priors without global sites."""
+    """−kl_gamma·log p(θ) (differentiable); a zero tensor for priors without global sites."""
     with kl_scale(kl_beta=0.0, kl_gamma=kl_gamma):
-        return elbo.differentiable_loss(model, guide, theta_params, [], [])
+        loss = elbo.differentiable_loss(model, guide, theta_params, [], [])
+    if torch.is_tensor(loss):
+        return loss
+    like = next(iter(theta_params.values()))
+    return torch.zeros((), dtype=torch.float32, device=like.device)  # Pyro returns 0.0 for no sites
 
 
 @torch.no_grad()

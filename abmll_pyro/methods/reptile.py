@@ -42,11 +42,15 @@ class Reptile(Method):
     def make_optimizer(self):
         return torch.optim.SGD(self.parameters(), lr=self.step_size)
 
-    def _task_loss(self, support: OptionBatch, query: OptionBatch):
+    def _task_loss(self, support: OptionBatch, query: OptionBatch, seen: list[float]):
+        """The task's cross-entropy over support ∪ query; records each value in ``seen`` (for logging,
+        so no extra forward pass is spent on it)."""
         n = len(support) + len(query)
 
         def loss_fn(p: dict[str, Tensor]) -> Tensor:
-            return (option_nll(self.adapter, p, support) * len(support) + option_nll(self.adapter, p, query) * len(query)) / n
+            loss = (option_nll(self.adapter, p, support) * len(support) + option_nll(self.adapter, p, query) * len(query)) / n
+            seen.append(float(loss.detach()))
+            return loss
 
         return loss_fn
 
@@ -54,18 +58,20 @@ class Reptile(Method):
         theta = self.lora.params()
         b = len(episodes)
         shift = {k: torch.zeros_like(v) for k, v in theta.items()}
-        last_loss = 0.0
+        first_loss = last_loss = 0.0
         for ep in episodes:
-            loss_fn = self._task_loss(ep.support, ep.query)
-            phi = inner_loop(loss_fn, theta, self.inner.num_inner_steps, self.inner.inner_lr, self.inner.optimizer)
+            seen: list[float] = []
+            phi = inner_loop(self._task_loss(ep.support, ep.query, seen), theta, self.inner.num_inner_steps,
+                             self.inner.inner_lr, self.inner.optimizer)
             with torch.no_grad():
                 for k in shift:
                     shift[k] += (phi[k].detach() - theta[k].detach()) / b
-                last_loss += float(loss_fn(phi).detach()) / b  # the task loss after adaptation
+            if seen:  # the loss at θ (first inner step) and before the last inner step
+                first_loss, last_loss = first_loss + seen[0] / b, last_loss + seen[-1] / b
         # d/dθ of Σ_k <θ_k, −shift_k> is −shift: one SGD step at lr ε gives θ + ε·shift
         surrogate = sum((theta[k] * (-shift[k])).sum() for k in theta)
         backward(surrogate)
-        return {"loss": last_loss, "nll": last_loss,
+        return {"loss": first_loss, "nll": first_loss, "nll_last_inner": last_loss,
                 "meta_shift_norm": float(torch.sqrt(sum((s * s).sum() for s in shift.values())))}
 
     def adapt(self, episode) -> dict[str, Tensor]:

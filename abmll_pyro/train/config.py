@@ -30,7 +30,9 @@ class RunConfig:
     Data: ``tasks`` (``bigbench``, a task-folder path, or a CrossFit/MetaICL split with ``data_dir``),
     ``shots`` support and ``query_size`` query examples per training episode, ``eval_query_size``
     query examples per test task, ``max_train_tasks``/``max_test_tasks`` (first N of each split),
-    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left).
+    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left; with
+    ``drop_long_examples`` examples that do not fit are dropped instead, and tasks left too small); ``icl_max_length`` bounds prompts that carry demonstrations (default
+    ``max_length·(shots + 1)``; demonstrations are cut from the left first).
     Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
     per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
     test alike); ``reptile_step_size`` is Reptile's outer ε. Prediction: ``num_samples`` draws of φ
@@ -50,6 +52,8 @@ class RunConfig:
     max_test_tasks: int | None = None
     max_examples: int | None = None
     max_length: int | None = 256
+    drop_long_examples: bool = False
+    icl_max_length: int | None = None
     template: str = "direct"
     # adapter
     rank: int = 8
@@ -93,7 +97,8 @@ class RunConfig:
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(isinstance(self.shots, int) and self.shots >= 1, f"shots must be an integer >= 1, got {self.shots!r}")
-        for name in ("max_train_tasks", "max_test_tasks", "max_examples", "max_length", "last_layers", "num_threads"):
+        for name in ("max_train_tasks", "max_test_tasks", "max_examples", "max_length", "last_layers", "num_threads",
+                     "icl_max_length"):
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"{name} must be an integer >= 1 or null, got {v!r}")
         check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
@@ -119,6 +124,12 @@ class RunConfig:
         return AdapterConfig(rank=self.rank, lora_alpha=self.lora_alpha,
                              target_modules=target_modules or self.target_modules,
                              std_map=self.std_map, init_std=self.init_std)
+
+    def prompt_length(self, in_context: bool) -> int | None:
+        """The token budget of a prompt plus option (in-context prompts get room for their demonstrations)."""
+        if not in_context or self.max_length is None:
+            return self.max_length
+        return self.icl_max_length or self.max_length * (self.shots + 1)
 
     def inner_config(self) -> InnerLoopConfig:
         return InnerLoopConfig(num_inner_steps=self.num_inner_steps, inner_lr=self.inner_lr,

@@ -20,7 +20,6 @@ from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .episodes import EpisodeEncoder, test_splits
 from .run import RESULTS, load_trained, make_accelerator, train_run
-from .setup import load_taskset
 
 __all__ = ["beta_ablation", "pruning_robustness", "cost_ratios", "scaling_memory", "neuron_masks"]
 
@@ -105,15 +104,14 @@ def pruning_robustness(base: RunConfig, out: Path, methods: Sequence[str] = ("ab
     """Adapt each test task as usual, then predict with the smallest-magnitude neurons of the adapted
     layers zeroed; macro accuracy and ECE per method and fraction, and the drop from 0%."""
     accelerator = make_accelerator(base)
-    taskset = load_taskset(base)
     curves: dict[str, dict[str, list[float]]] = {}
     for method in methods:
         config = base.updated(method=method, seed=seed)
         run_dir = (runs_from or out / "runs") / f"{method}-seed{seed}"
         _trained(config, run_dir, progress)
-        built = load_trained(config, run_dir, len(taskset.train), accelerator)
-        encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context,
-                                 accelerator.device)
+        built, taskset = load_trained(config, run_dir, accelerator)
+        encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
+                                 built.method.in_context, accelerator.device)
         masks = {f: neuron_masks(built.adapter, f) for f in fractions}
         per = {f: {} for f in fractions}
         torch.manual_seed(seed)

@@ -58,8 +58,8 @@ def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num
         raise ValueError(f"support file {support} has no examples")
     query_examples, labelled = read_query(query)
     accelerator = make_accelerator(config)
-    built = load_trained(config, run_dir, 1, accelerator)  # M only weights log p(θ) in training
-    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context, accelerator.device)
+    built, _ = load_trained(config, run_dir, accelerator)
+    encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template, built.method.in_context, accelerator.device)
     episode = encoder(TaskSplit(query.stem, tuple(support_examples), tuple(query_examples)))
     torch.manual_seed(config.seed)
     with accelerator.autocast():

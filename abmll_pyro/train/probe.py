@@ -18,18 +18,17 @@ import torch
 from .config import RunConfig
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .run import make_accelerator, peak_memory_mb
-from .setup import build, load_taskset
+from .setup import build
 
 __all__ = ["probe"]
 
 
 def probe(config: RunConfig, warmup: int = 1) -> dict:
     accelerator = make_accelerator(config)
-    taskset = load_taskset(config)
-    built = build(config, len(taskset.train), accelerator.device)
+    built, taskset = build(config, accelerator.device)
     method = built.method
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
-    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, method.in_context, accelerator.device)
+    encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
     if hasattr(method, "bind_optimizer"):
         method.bind_optimizer(optimizer)

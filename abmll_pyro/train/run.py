@@ -29,7 +29,7 @@ from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json
 from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
-from .setup import build, load_taskset
+from .setup import build
 
 __all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config"]
 
@@ -74,7 +74,7 @@ def _restore(ckpt, method, optimizer, sampler) -> int:
 def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, progress: bool) -> int:
     method = built.method
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
-    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, method.in_context, accelerator.device)
+    encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
     if hasattr(method, "bind_optimizer"):
         method.bind_optimizer(optimizer)
@@ -124,8 +124,7 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
         accelerator = make_accelerator(config)
         log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
                  f"seed {config.seed}, device {accelerator.device}")
-        taskset = load_taskset(config)
-        built = build(config, len(taskset.train), accelerator.device)
+        built, taskset = build(config, accelerator.device)
         log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
                  f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
         if built.method.trainable:
@@ -145,8 +144,8 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
 
 
 def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> dict:
-    encoder = EpisodeEncoder(built.tokenizer, config.max_length, config.template, built.method.in_context,
-                             accelerator.device)
+    encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
+                             built.method.in_context, accelerator.device)
     per_task, pooled = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
     tasks_json, macro = metrics_json(per_task)
     return {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model, "tasks": str(config.tasks),
@@ -154,15 +153,15 @@ def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log:
             "steps": config.steps if built.method.trainable else 0, "reliability": pooled}
 
 
-def load_trained(config: RunConfig, run_dir: Path, num_train_tasks: int, accelerator):
-    """The method of a finished (or checkpointed) run with its trained state."""
-    built = build(config, num_train_tasks, accelerator.device)
+def load_trained(config: RunConfig, run_dir: Path, accelerator):
+    """The method of a finished (or checkpointed) run with its trained state, and the run's tasks."""
+    built, taskset = build(config, accelerator.device)
     if built.method.trainable:
         ckpt = load_latest(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint to evaluate (train it first)")
         built.method.load_state_tensors(ckpt.tensors)
-    return built
+    return built, taskset
 
 
 def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool = True, out: str | Path | None = None,
@@ -171,11 +170,10 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
     ``split`` tasks (``"test"``, or ``"dev"``)."""
     t0 = time.perf_counter()
     accelerator = make_accelerator(config)
-    taskset = load_taskset(config)
     if run_dir is not None:
-        built = load_trained(config, Path(run_dir), len(taskset.train), accelerator)
+        built, taskset = load_trained(config, Path(run_dir), accelerator)
     else:
-        built = build(config, len(taskset.train), accelerator.device)
+        built, taskset = build(config, accelerator.device)
     if not taskset[split]:
         raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
     result = _evaluate(config, built, taskset[split], accelerator, progress, None)

@@ -27,9 +27,14 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
-def load_taskset(config: RunConfig) -> TaskSet:
-    """The config's task source, with train/test capped to the first ``max_*_tasks`` tasks."""
+def load_taskset(config: RunConfig, tokenizer: Any = None) -> TaskSet:
+    """The config's task source (with ``drop_long_examples``, filtered by :func:`fit_tasks` using
+    ``tokenizer``), train/test then capped to the first ``max_*_tasks`` tasks."""
     tasks = load_tasks(config.tasks, data_dir=config.data_dir, max_examples=config.max_examples)
+    if config.drop_long_examples:
+        if tokenizer is None:
+            raise ValueError("drop_long_examples needs the tokenizer")
+        tasks, _ = fit_tasks(tasks, tokenizer, config.max_length, config.shots + 2)
     train = tasks.train[: config.max_train_tasks] if config.max_train_tasks else tasks.train
     test = tasks.test[: config.max_test_tasks] if config.max_test_tasks else tasks.test
     return replace(tasks, train=train, test=test)
@@ -51,6 +56,34 @@ def last_layer_targets(lm: nn.Module, targets: tuple[str, ...] | None, last: int
     return tuple(n for n, i in named if i > top - last)
 
 
+def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_examples: int) -> tuple[TaskSet, dict]:
+    """Keep the examples whose prompt plus longest option fits ``max_length`` tokens untruncated, and the
+    tasks left with at least ``min_examples``; returns the filtered set and a report of what was dropped.
+
+    This keeps compute per example bounded (CPU presets) without cutting prompts mid-input. In-context
+    prompts (with demonstrations) may still be cut from the left to fit."""
+    if max_length is None:
+        return taskset, {}
+    report: dict[str, Any] = {"dropped_tasks": [], "dropped_examples": 0}
+
+    def fits(ex) -> bool:
+        prompt = len(tokenizer(ex.input).input_ids)
+        return prompt + max(len(tokenizer(" " + o, add_special_tokens=False).input_ids) for o in ex.options) <= max_length
+
+    splits = {}
+    for name in ("train", "dev", "test"):
+        kept = []
+        for task in taskset[name]:
+            examples = [ex for ex in task.examples if fits(ex)]
+            report["dropped_examples"] += len(task) - len(examples)
+            if len(examples) >= min_examples:
+                kept.append(replace(task, examples=tuple(examples)))
+            else:
+                report["dropped_tasks"].append(task.name)
+        splits[name] = tuple(kept)
+    return TaskSet(**splits), report
+
+
 @dataclass
 class Built:
     lm: nn.Module
@@ -59,14 +92,17 @@ class Built:
     method: Method
 
 
-def build(config: RunConfig, num_train_tasks: int, device: torch.device | str = "cpu") -> Built:
-    """Seeded: the LM (random tiny models use ``seed``), the adapter's initial factors and the method."""
+def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[Built, TaskSet]:
+    """Seeded: the LM (random tiny models use ``seed``), the tasks, the adapter's initial factors and
+    the method (ABMLL weighs log p(θ) by 1/M, M the number of training tasks)."""
     seed_everything(config.seed)
     lm, tokenizer = load_lm(config.model, seed=config.seed)
+    taskset = load_taskset(config, tokenizer)
+    seed_everything(config.seed)
     lm = lm.to(device)
     targets = config.target_modules
     if config.last_layers is not None:
         targets = last_layer_targets(lm, targets, config.last_layers)
     adapter = BayesLoRA(lm, config.adapter_config(targets))
-    method = build_method(config.method, adapter, config, num_train_tasks)
-    return Built(lm, tokenizer, adapter, method)
+    method = build_method(config.method, adapter, config, len(taskset.train))
+    return Built(lm, tokenizer, adapter, method), taskset

@@ -1,0 +1,39 @@
+"""`abmll benchmark --preset smoke`: every method, same splits, a table, plots, schema-valid results."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from abmll_pyro.cli import main
+from abmll_pyro.presets import ALL_METHODS
+from abmll_pyro.train.results import validate_result
+
+
+def test_smoke_benchmark_end_to_end(tmp_path, capsys):
+    t0 = time.perf_counter()
+    assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 120, f"the smoke preset must stay under 2 minutes, took {elapsed:.0f} s"
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results] == list(ALL_METHODS)
+    for r in results:
+        validate_result(r)
+        assert (tmp_path / f"reliability-{r['method']}.png").stat().st_size > 1000
+        assert set(r["per_task"]) == set(results[0]["per_task"])  # the same unseen tasks for every method
+        assert r["macro"]["n"] == results[0]["macro"]["n"]  # and the same query sets
+        assert f"| {r['method']} |" in table
+    assert (tmp_path / "table.md").read_text() in table
+    # a finished benchmark is reused, not rerun
+    t1 = time.perf_counter()
+    assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path), "--methods", "abmll"]) == 0
+    assert time.perf_counter() - t1 < 10
+
+
+def test_two_seeds_give_mean_and_std(tmp_path, capsys):
+    assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path), "--methods", "pretrained", "lora",
+                 "--seeds", "2", "--steps", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "±" in table and "| lora |" in table
+    assert {r["seed"] for r in json.loads((tmp_path / "results.json").read_text())} == {0, 1}
