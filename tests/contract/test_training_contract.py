@@ -8,7 +8,6 @@ decrease of 0.02 nats (a third of the smallest drop seen), and finite step losse
 
 import math
 
-import pytest
 import torch
 
 from abmll_pyro import posterior_predictive
@@ -27,10 +26,7 @@ def _query_nll(svi, eps) -> float:
     return sum(nll) / len(nll)
 
 
-def test_short_meta_training_lowers_query_loss(prior_spec, guide_spec, make_svi, make_episodes, request):
-    if prior_spec == "fixed":  # remove once MetaSVI.step accepts a prior without global sites
-        request.applymarker(pytest.mark.xfail(raises=AttributeError, strict=False, reason=(
-            "core: global_loss returns the float 0.0 for a prior without global sites; MetaSVI.step calls .detach()")))
+def test_short_meta_training_lowers_query_loss(prior_spec, guide_spec, make_svi, make_episodes):
     svi = make_svi(prior_spec, guide_spec, perturb=False)
     held_out = make_episodes(HELD_OUT, shots=4, query=12, seed=1234)
     before = _query_nll(svi, held_out)
