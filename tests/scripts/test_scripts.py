@@ -1,0 +1,69 @@
+"""Every experiment script runs its smoke preset end to end (tiny random Llama, generated tasks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parents[2] / "scripts"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: str, out: Path, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), "--preset", "smoke", "--out", str(out), "--quiet",
+                           *extra], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_beta_ablation(tmp_path):
+    summary = _run("beta_ablation.py", tmp_path, "--set", "steps=2")
+    assert len(summary["accuracy"]) == len(summary["ece"]) == 5
+    assert (tmp_path / "beta_accuracy.png").exists() and (tmp_path / "beta_ece.png").exists()
+    runs = json.loads((tmp_path / "beta_ablation.json").read_text())["runs"]
+    betas = sorted({json.loads((tmp_path / "runs" / f"beta{r['log10_kl_beta']:g}-seed0" / "config.json").read_text())["kl_beta"]
+                    for r in runs})
+    assert betas == pytest.approx([1e-16, 1e-12, 1e-8, 1e-4, 1.0])
+
+
+def test_pruning(tmp_path):
+    curves = _run("pruning.py", tmp_path, "--set", "steps=2")
+    assert set(curves) == {"abmll", "lora", "reptile"}
+    for c in curves.values():
+        assert len(c["accuracy"]) == 4 and c["accuracy_drop"][0] == 0.0
+    assert (tmp_path / "pruning_accuracy.png").exists()
+
+
+def test_cost(tmp_path):
+    ratios = _run("cost.py", tmp_path, "--steps", "1")
+    assert ratios["time_ratio"] > 0 and ratios["memory_ratio"] > 0
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["abmll"]["method"] == "abmll" and cost["lora"]["method"] == "lora"
+
+
+def test_scaling(tmp_path):
+    out = _run("scaling.py", tmp_path, "--task-counts", "3", "12")
+    assert len(out["peak_memory_mb"]) == 2 and out["memory_ratio"] > 0
+
+
+def test_neuron_masks_zero_the_smallest_rows():
+    import torch
+
+    from abmll_pyro.lms import tiny_model
+    from abmll_pyro.lora import BayesLoRA
+    from abmll_pyro.train.experiments import neuron_masks
+
+    lm, _ = tiny_model("llama")
+    adapter = BayesLoRA(lm)
+    masks = neuron_masks(adapter, 0.25)
+    for name, mask in masks.items():
+        norms = adapter.layers[name].base.weight.norm(dim=1)
+        k = round(0.25 * norms.numel())
+        assert int((mask == 0).sum()) == k
+        assert norms[mask == 0].max() <= norms[mask == 1].min()
+    assert all(bool((m == 1).all()) for m in neuron_masks(adapter, 0.0).values())
