@@ -23,10 +23,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def base_config(args: argparse.Namespace, synthetic: dict | None = None) -> RunConfig:
+def base_config(args: argparse.Namespace, synthetic: dict | None = None, force_synthetic: bool = False) -> RunConfig:
+    """The preset's config; generated tasks for the smoke preset (or whenever ``force_synthetic``)."""
     preset = get_preset(args.preset)
     values = dict(preset.config)
-    if preset.synthetic is not None:
+    if preset.synthetic is not None or force_synthetic:
         values["tasks"] = str(synthetic_task_folder(args.out / "tasks", **(synthetic or SMOKE_TASKS)))
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -24,7 +24,8 @@ __all__ = ["Method", "METHODS", "TRAINABLE", "build_method", "ABMLL", "RegularLo
 
 def _abmll(in_context: bool) -> Callable:
     def build(adapter: BayesLoRA, config, num_train_tasks: int) -> Method:
-        svi = MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior), task_guide=make_guide(config.guide),
+        svi = MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior, adapter),
+                      task_guide=make_guide(config.guide, adapter),
                       num_tasks=max(num_train_tasks, 1))
         return ABMLL(svi, max(num_train_tasks, 1), config.num_samples, config.predict_mode, in_context=in_context)
 

@@ -83,7 +83,8 @@ def test_predict_writes_probabilities(tmp_path, handwritten, tiny):
     (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--kl-beta", "-1"], "kl_beta must be finite and >= 0"),
     (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--config", "BADKEY"], "unknown config key(s) ['kl_betta']"),
     (["train", "--method", "abmll", "--tasks", "/nonexistent/folder", "--out", "OUT"], "unknown task source"),
-    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--prior", "nope"], "unknown prior"),
+    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--prior", "nope"], "nope"),
+    (["train", "--method", "abmll", "--tasks", "HW", "--out", "OUT", "--guide", "no.such.module:X"], "no.such.module"),
     (["train", "--resume", "/nonexistent/run"], "does not exist"),
     (["benchmark", "--preset", "gpu", "--out", "OUT"], "invalid choice"),
 ])
@@ -108,3 +109,12 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("prior, guide", [("fixed", "point-mass"), ("student-t", "amortized"),
+                                          ("abmll_pyro.models.priors:HierarchicalPrior", "abmll_pyro.guides:MeanFieldGuide")])
+def test_prior_and_guide_resolve_through_the_registry(tmp_path, handwritten, tiny, prior, guide):
+    run = _train(tmp_path, handwritten, tiny, "abmll", "--prior", prior, "--guide", guide)
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["prior"], saved["guide"]) == (prior, guide)
+    assert main(["--quiet", "evaluate", "--run", str(run), "--num-samples", "1"]) == 0  # the guide's state reloads
