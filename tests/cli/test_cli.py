@@ -118,3 +118,12 @@ def test_prior_and_guide_resolve_through_the_registry(tmp_path, handwritten, tin
     saved = json.loads((run / "config.json").read_text())
     assert (saved["prior"], saved["guide"]) == (prior, guide)
     assert main(["--quiet", "evaluate", "--run", str(run), "--num-samples", "1"]) == 0  # the guide's state reloads
+
+
+@pytest.mark.parametrize("method", ["abmll", "lora"])
+def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path, handwritten, tiny, method):
+    run = _train(tmp_path, handwritten, tiny, method, "--mixed-precision", "bf16", "--grad-accum", "2")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(x["loss"]) for x in lines)
+    if method == "abmll":
+        assert all(math.isfinite(x["task_kl"]) and x["task_kl"] >= 0 for x in lines)  # KL computed in float32
