@@ -41,6 +41,12 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    # Accelerate keeps process-wide singletons; runs in one process (benchmark, tests) may differ in
+    # mixed precision or accumulation, so start each run from a clean state.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
 
 
