@@ -28,9 +28,16 @@ def _none_or(kind):
     return parse
 
 
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return lowered in ("true", "1", "yes")
+
+
 def _flag_type(annotation: str):
     base = annotation.replace(" | None", "")
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(base)
+    kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(base)
     if base.startswith("tuple"):
         return "list"
     return _none_or(kind) if "None" in annotation else kind

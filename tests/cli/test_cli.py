@@ -127,3 +127,10 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path, handwritten, t
     assert len(lines) == 3 and all(math.isfinite(x["loss"]) for x in lines)
     if method == "abmll":
         assert all(math.isfinite(x["task_kl"]) and x["task_kl"] >= 0 for x in lines)  # KL computed in float32
+
+
+def test_boolean_flags_parse_true_and_false(tmp_path, handwritten, tiny):
+    run = _train(tmp_path, handwritten, tiny, "lora", "--drop-long-examples", "false")
+    assert json.loads((run / "config.json").read_text())["drop_long_examples"] is False
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "lora", "--out", str(tmp_path / "x"), "--drop-long-examples", "maybe"])
