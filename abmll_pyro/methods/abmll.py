@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from ..infer.meta import Episode, MetaSVI
@@ -61,8 +62,6 @@ class ABMLL(Method):
         return out
 
     def load_state_tensors(self, tensors):
-        import torch
-
         with torch.no_grad():
             for k, p in self.svi.adapter.global_params().items():
                 p.copy_(tensors[f"theta/{k}"])
