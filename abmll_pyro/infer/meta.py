@@ -7,7 +7,8 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
 3. outer loss  L = (1/b) Σ_i task_loss(λ_i'; Q_i) + (1/M)·(−γ log p(θ)),  where
    λ_i' = pass_through(λ_i^K, λ_i⁰) (first order, default), λ_i^K.detach() (pass-through off), or
    λ_i^K with its full history (second order);
-4. one optimizer step on θ's factors (and any guide parameters) only, with gradient clipping.
+4. one optimizer step on θ's factors (and any guide parameters) only, with gradient clipping
+   (:meth:`MetaSVI.step`; :meth:`MetaSVI.loss_and_grads` is steps 1–3 alone, for accumulation).
 
 L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
 is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time.
@@ -16,8 +17,8 @@ is back-propagated as soon as it is computed, so only one task's LM graph is ali
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Sequence
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
@@ -53,7 +54,7 @@ class StepResult:
     nll: float
     task_kl: float
     log_p_theta: float
-    grad_norm: float
+    grad_norm: float | None = None  # before clipping; set by step(), None from loss_and_grads()
 
 
 class MetaSVI:
@@ -124,14 +125,20 @@ class MetaSVI:
         return {k: v.detach() for k, v in refined.items()}
 
     # ------------------------------------------------------------------ outer step
-    def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
-        """One outer step on ``episodes``; ``num_tasks`` (M) weights log p(θ) by 1/M."""
+    def loss_and_grads(self, episodes: Sequence[Episode], num_tasks: int | None = None,
+                       backward: Callable[[Tensor], None] | None = None) -> StepResult:
+        """The outer loss of ``episodes`` with its gradients *added* to ``.grad`` (no zeroing, no step).
+
+        ``num_tasks`` (M) weights log p(θ) by 1/M. ``backward`` replaces ``Tensor.backward`` (e.g.
+        ``accelerator.backward`` for loss scaling). Call it several times between optimizer steps to
+        accumulate gradients over micro-batches; :meth:`step` is zero_grad + this + clip + step.
+        """
         if not episodes:
             raise ValueError("a meta step needs at least one episode")
+        backward = backward or (lambda loss: loss.backward())
         M = num_tasks or self.num_tasks or len(episodes)
         cfg, inner = self.config, self.config.inner
         second = inner.order == "second"
-        self.optimizer.zero_grad(set_to_none=True)
         theta = self.theta()
         total = nll = kl = 0.0
         b = len(episodes)
@@ -149,22 +156,28 @@ class MetaSVI:
                 query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
             loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
             self._check(loss, f"query loss of task {ep.name!r}")
-            (loss / b).backward()
+            backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b
             nll += -loglik / b
             kl += task_kl(self.model, self.guide, theta, task) / b
         g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
         self._check(g_loss, "global loss −γ·log p(θ)/M")
         if g_loss.requires_grad:
-            g_loss.backward()
+            backward(g_loss)
         total += float(g_loss.detach())
+        return StepResult(total, nll, kl, log_hyperprior(self.model, theta))
+
+    def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
+        """One outer step: zero the gradients, :meth:`loss_and_grads`, clip, optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.loss_and_grads(episodes, num_tasks)
         params = self.trainable_parameters()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
-        if not math.isfinite(float(norm)):
-            raise NonFiniteLossError(f"outer gradient norm is {float(norm)} (check outer_lr, kl_beta, kl_gamma)")
-        log_p_theta = log_hyperprior(self.model, theta)
+        clip = self.config.grad_clip
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf))
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"outer gradient norm is {norm} (check outer_lr, kl_beta, kl_gamma)")
         self.optimizer.step()
-        return StepResult(total, nll, kl, log_p_theta, float(norm))
+        return replace(result, grad_norm=norm)
 
     @staticmethod
     def _check(loss: Tensor, where: str) -> None:

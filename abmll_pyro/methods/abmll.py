@@ -1,7 +1,7 @@
 """ABMLL: the core's :class:`~abmll_pyro.infer.MetaSVI` behind the method interface.
 
-Training is ``MetaSVI.step`` (inner loop on the support β-ELBO, outer β-ELBO on the query, γ·log p(θ),
-its own optimizer step and clipping); test time is ``MetaSVI.adapt`` on the support set and the
+Training is ``MetaSVI.loss_and_grads`` (inner loop on the support β-ELBO, outer β-ELBO on the query,
+γ·log p(θ)); the harness owns clipping, accumulation and the optimizer step; test time is ``MetaSVI.adapt`` on the support set and the
 posterior predictive on the query (``num_samples`` draws of φ, or the mean of q). With
 ``in_context=True`` (method ``abmll-icl``) the episodes' prompts carry the support examples while
 adapting and predicting (PAPER.md §6, v3).
@@ -25,7 +25,6 @@ __all__ = ["ABMLL"]
 class ABMLL(Method):
     name = "abmll"
     trainable = True
-    owns_optimizer_step = True
 
     def __init__(self, svi: MetaSVI, num_train_tasks: int, num_samples: int, predict_mode: str, in_context: bool = False):
         self.svi, self.num_train_tasks = svi, num_train_tasks
@@ -39,14 +38,10 @@ class ABMLL(Method):
     def make_optimizer(self):
         return self.svi.optimizer
 
-    def bind_optimizer(self, optimizer) -> None:
-        """Use the harness's (accelerator-wrapped) optimizer inside ``MetaSVI.step``."""
-        self.svi.optimizer = optimizer
-
     def train_step(self, episodes: Sequence, backward: Backward) -> dict[str, float]:
         core = [Episode(ep.name, TaskData(ep.support), TaskData(ep.query)) for ep in episodes]
-        r = self.svi.step(core, num_tasks=self.num_train_tasks)
-        return {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta, "grad_norm": r.grad_norm}
+        r = self.svi.loss_and_grads(core, num_tasks=self.num_train_tasks, backward=backward)
+        return {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta}
 
     def adapt(self, episode):
         return self.svi.adapt(TaskData(episode.support))

@@ -4,8 +4,7 @@ A :class:`Method` has three verbs (learn2learn's vocabulary):
 
 * ``train_step(episodes) -> dict`` — one meta-training micro-step on a batch of training episodes:
   compute the method's own loss, back-propagate through ``backward`` (the accelerator's), and return
-  the logged loss components (floats). The harness owns the optimizer step, accumulation and clipping
-  unless the method says ``owns_optimizer_step`` (ABMLL: the core's ``MetaSVI.step`` does it).
+  the logged loss components (floats). The harness owns the optimizer step, accumulation and clipping.
 * ``adapt(episode) -> state`` — a test task's adapted state, from its support set only.
 * ``predict(state, episode) -> probs`` — ``[n, max_options]`` option probabilities of the query set.
 
@@ -38,7 +37,6 @@ class Method:
     name: str = "method"
     trainable: bool = False
     in_context: bool = False
-    owns_optimizer_step: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         return []

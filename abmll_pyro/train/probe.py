@@ -30,8 +30,6 @@ def probe(config: RunConfig, warmup: int = 1) -> dict:
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
-    if hasattr(method, "bind_optimizer"):
-        method.bind_optimizer(optimizer)
     batches = [[encoder(s) for s in sampler.draw()] for _ in range(warmup + config.steps)]  # encode outside the clock
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -40,9 +38,8 @@ def probe(config: RunConfig, warmup: int = 1) -> dict:
         t0 = time.perf_counter()
         with accelerator.autocast():
             method.train_step(episodes, accelerator.backward)
-            if not method.owns_optimizer_step:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

@@ -82,8 +82,6 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
-    if hasattr(method, "bind_optimizer"):
-        method.bind_optimizer(optimizer)
     start = 0
     ckpt = load_latest(run_dir) if resume else None
     if ckpt is not None:
@@ -99,11 +97,10 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
                 episodes = [encoder(s) for s in sampler.draw()]
                 for k, v in method.train_step(episodes, accelerator.backward).items():
                     parts[k] = parts.get(k, 0.0) + v / config.grad_accum
-                if not method.owns_optimizer_step:
-                    if accelerator.sync_gradients and config.grad_clip:
-                        parts["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and config.grad_clip:
+                    parts["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         if not all(math.isfinite(v) for k, v in parts.items() if k != "grad_norm"):
             raise FloatingPointError(f"step {step + 1}: non-finite loss components {parts}")
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

@@ -158,3 +158,18 @@ def test_bad_inner_settings_name_the_value():
         InnerLoopConfig(num_inner_steps=-1)
     with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam', got 'rmsprop'"):
         InnerLoopConfig(optimizer="rmsprop")
+
+
+def test_loss_and_grads_accumulates_without_stepping():
+    svi = _svi()  # the deterministic point-mass toy: two evaluations give identical gradients
+    before = {k: v.detach().clone() for k, v in svi.theta().items()}
+    first = svi.loss_and_grads(_episodes(), num_tasks=M)
+    once = {k: v.grad.clone() for k, v in svi.theta().items()}
+    svi.loss_and_grads(_episodes(), num_tasks=M)
+    for k, v in svi.theta().items():
+        torch.testing.assert_close(v.grad, 2 * once[k])
+        assert torch.equal(v.detach(), before[k])  # no optimizer step
+    assert first.grad_norm is None
+    expected, _ = _reference_grads(svi, "first")
+    for k in once:
+        torch.testing.assert_close(once[k], expected[k], rtol=1e-4, atol=1e-6)
