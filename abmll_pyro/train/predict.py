@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources.folder import read_jsonl_examples
+from ..data.sources.folder import iter_jsonl, read_jsonl_examples
 from ..data.tasks import Example, TaskSplit
 from .episodes import EpisodeEncoder
 from .run import load_run_config, load_trained, make_accelerator
@@ -24,22 +24,14 @@ __all__ = ["predict_file", "read_query"]
 def read_query(path: Path) -> tuple[list[Example], list[bool]]:
     """Query examples and whether each came labelled (unlabelled lines get a placeholder gold of 0)."""
     examples, labelled = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "input" not in rec or "options" not in rec:
-                raise ValueError(f"{where}: a query line needs 'input' and 'options'")
-            if "output" in rec:
-                examples.append(Example.from_output(rec["input"], rec["options"], rec["output"], where=where))
-            else:
-                examples.append(Example(rec["input"], tuple(rec["options"]), 0))
-            labelled.append("output" in rec)
+    for where, rec in iter_jsonl(path):
+        if "input" not in rec or "options" not in rec:
+            raise ValueError(f"{where}: a query line needs 'input' and 'options'")
+        if "output" in rec:
+            examples.append(Example.from_output(rec["input"], rec["options"], rec["output"], where=where))
+        else:
+            examples.append(Example(rec["input"], tuple(rec["options"]), 0))
+        labelled.append("output" in rec)
     if not examples:
         raise ValueError(f"query file {path} has no examples")
     return examples, labelled

@@ -16,19 +16,16 @@ from typing import Iterable, Sequence
 from abmll_pyro.data.sources.taskset import TaskSet
 from abmll_pyro.data.tasks import Example, Task
 
-__all__ = ["read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder"]
+__all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder"]
 
 SPLITS_FILE = "splits.json"
 
 
-def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
-    """Parse a MetaICL-format JSONL file (the first ``limit`` examples if given); any bad line is an
-    error naming file and line number."""
-    examples: list[Example] = []
+def iter_jsonl(path: str | Path):
+    """Yield ``(where, record)`` for every non-blank line of a JSONL file, ``where`` = ``"file:line"``;
+    a line that is not a JSON object is an error naming file and line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -38,20 +35,30 @@ def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
                 raise ValueError(f"{where}: malformed JSON ({err.msg}): {line[:120]!r}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in ("input", "options", "output") if k not in record]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing} in {sorted(record)}")
-            options = record["options"]
-            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"{where}: 'options' must be a list of strings, got {options!r}")
-            if not isinstance(record["input"], str) or not isinstance(record["output"], str):
-                raise ValueError(f"{where}: 'input' and 'output' must be strings")
-            try:
-                example = Example.from_output(record["input"], options, record["output"], where=where)
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            target = record.get("target")
-            examples.append(example if target is None else Example(example.input, example.options, example.gold, target))
+            yield where, record
+
+
+def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
+    """Parse a MetaICL-format JSONL file (the first ``limit`` examples if given); any bad line is an
+    error naming file and line number."""
+    examples: list[Example] = []
+    for where, record in iter_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        missing = [k for k in ("input", "options", "output") if k not in record]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing} in {sorted(record)}")
+        options = record["options"]
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{where}: 'options' must be a list of strings, got {options!r}")
+        if not isinstance(record["input"], str) or not isinstance(record["output"], str):
+            raise ValueError(f"{where}: 'input' and 'output' must be strings")
+        try:
+            example = Example.from_output(record["input"], options, record["output"], where=where)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        target = record.get("target")
+        examples.append(example if target is None else Example(example.input, example.options, example.gold, target))
     return examples
 
 
