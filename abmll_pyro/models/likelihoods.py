@@ -12,7 +12,9 @@ already set by the model when it is called.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -51,6 +53,15 @@ class Likelihood:
         raise NotImplementedError
 
 
+@contextmanager
+def data_plate(task: TaskData, index: int) -> Iterator[OptionBatch | TokenBatch]:
+    """Task ``index``'s data plate: yields the (sub)batch observed inside it. With ``subsample_size``
+    the plate draws that many examples and scales their log-likelihood by N/n."""
+    data = task.batch
+    with pyro.plate(sites.data(index), len(data), subsample_size=task.subsample_size) as idx:
+        yield data if task.subsample_size is None else data.select(idx.cpu())
+
+
 def _chunks(n: int, size: int | None) -> list[Tensor]:
     idx = torch.arange(n)
     return [idx] if size is None or size >= n else list(idx.split(size))
@@ -81,11 +92,9 @@ class OptionLikelihood(Likelihood):
         return torch.cat(parts)
 
     def __call__(self, lm: nn.Module, task: TaskData, index: int) -> None:
-        data = task.batch
-        if not isinstance(data, OptionBatch):
-            raise TypeError(f"OptionLikelihood needs an OptionBatch, got {type(data).__name__}")
-        with pyro.plate(sites.data(index), len(data), subsample_size=task.subsample_size) as idx:
-            batch = data if task.subsample_size is None else data.select(idx.cpu())
+        if not isinstance(task.batch, OptionBatch):
+            raise TypeError(f"OptionLikelihood needs an OptionBatch, got {type(task.batch).__name__}")
+        with data_plate(task, index) as batch:
             scores = self.scores(lm, batch)
             pyro.deterministic(sites.probs(index), torch.softmax(scores, -1), event_dim=1)
             gold = batch.gold.to(scores.device) if task.observed else None
@@ -96,11 +105,9 @@ class TokenLikelihood(Likelihood):
     """token_t ~ Categorical(softmax(logits_t)) for every target token (mask from the batch)."""
 
     def __call__(self, lm: nn.Module, task: TaskData, index: int) -> None:
-        data = task.batch
-        if not isinstance(data, TokenBatch):
-            raise TypeError(f"TokenLikelihood needs a TokenBatch, got {type(data).__name__}")
-        with pyro.plate(sites.data(index), len(data), subsample_size=task.subsample_size) as idx:
-            batch = data if task.subsample_size is None else data.select(idx.cpu())
+        if not isinstance(task.batch, TokenBatch):
+            raise TypeError(f"TokenLikelihood needs a TokenBatch, got {type(task.batch).__name__}")
+        with data_plate(task, index) as batch:
             logits, targets, mask = token_log_probs(lm, batch)
             obs = targets if task.observed else None
             pyro.sample(sites.obs(index), dist.Categorical(logits=logits).mask(mask).to_event(1), obs=obs)

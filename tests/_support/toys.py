@@ -14,6 +14,7 @@ from torch import nn
 
 from abmll_pyro import sites
 from abmll_pyro.models import Likelihood, TaskData
+from abmll_pyro.models.likelihoods import data_plate
 
 
 class Regressor(nn.Module):
@@ -43,9 +44,7 @@ class GaussianLikelihood(Likelihood):
         self.noise = noise
 
     def __call__(self, lm, task: TaskData, index: int) -> None:
-        data = task.batch
-        with pyro.plate(sites.data(index), len(data), subsample_size=task.subsample_size) as idx:
-            batch = data if task.subsample_size is None else data.select(idx)
+        with data_plate(task, index) as batch:
             mean = lm(batch.x).squeeze(-1)
             pyro.sample(sites.obs(index), dist.Normal(mean, self.noise), obs=batch.y if task.observed else None)
 
