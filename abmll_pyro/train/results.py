@@ -3,8 +3,10 @@
 One run's result is a JSON object::
 
     {"schema_version": 1, "method": str, "model": str, "tasks": str, "seed": int,
-     "per_task": {task: {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int}},
-     "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int},
+     "per_task": {task: {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int
+                         [, "adapt_time_s": float]}},
+     "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int
+               [, "adapt_time_s_per_task": float]},
      "config": {...the resolved RunConfig...}, "wall_time_s": float, "train_time_s": float,
      "eval_time_s": float, "peak_memory_mb": float, "steps": int,
      "reliability": {"num_bins": int, "count": [int], "confidence_sum": [float], "correct_sum": [float]}}
