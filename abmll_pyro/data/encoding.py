@@ -14,9 +14,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
-import torch
 
-from abmll_pyro.data.scoring import OptionBatch, TokenBatch
+from abmll_pyro.data.scoring import OptionBatch, TokenBatch, pad_rows
 from abmll_pyro.data.tasks import Example
 from abmll_pyro.data.templates import Template, make_template
 
@@ -123,12 +122,5 @@ def encode_tokens(
         rows.append(prompt + target)
         targets.append([False] * len(prompt) + [True] * len(target))
     _warn_truncated(truncated, len(examples), max_length, name)
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_token_id(tokenizer), dtype=torch.long)
-    att = torch.zeros((len(rows), length), dtype=torch.long)
-    tgt = torch.zeros((len(rows), length), dtype=torch.bool)
-    for r, (row, t) in enumerate(zip(rows, targets)):
-        ids[r, : len(row)] = torch.as_tensor(row)
-        att[r, : len(row)] = 1
-        tgt[r, : len(row)] = torch.as_tensor(t)
+    ids, att, tgt = pad_rows(rows, targets, pad_token_id(tokenizer))
     return TokenBatch(ids, att, tgt)

@@ -115,20 +115,26 @@ class OptionBatch:
                 targets.append([False] * len(prompt) + [True] * len(opt))
                 row_example.append(i)
                 row_option.append(j)
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        att = torch.zeros((len(rows), length), dtype=torch.long)
-        tgt = torch.zeros((len(rows), length), dtype=torch.bool)
-        for r, (row, t) in enumerate(zip(rows, targets)):
-            ids[r, : len(row)] = torch.tensor(row)
-            att[r, : len(row)] = 1
-            tgt[r, : len(row)] = torch.tensor(t)
+        ids, att, tgt = pad_rows(rows, targets, pad_id)
         return cls(
             ids, att, tgt,
             torch.tensor(row_example), torch.tensor(row_option),
             torch.as_tensor(list(gold), dtype=torch.long), torch.tensor(num_options),
             PackedOptions.build(prompts, options, pad_id) if pack else None,
         )
+
+
+def pad_rows(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad token rows: ``(input_ids, attention_mask, target_mask)``, each ``[len(rows), longest]``."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), length), dtype=torch.long)
+    tgt = torch.zeros((len(rows), length), dtype=torch.bool)
+    for r, (row, t) in enumerate(zip(rows, targets)):
+        ids[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        att[r, : len(row)] = 1
+        tgt[r, : len(row)] = torch.as_tensor(t, dtype=torch.bool)
+    return ids, att, tgt
 
 
 def _per_row_option_log_probs(lm: torch.nn.Module, batch: OptionBatch) -> tuple[Tensor, Tensor]:
