@@ -73,8 +73,9 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     values = dict(base or {})
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
+        RunConfig.from_dict(values, where=args.config)  # a bad value in the file is reported with the file's name
     values.update(_overrides(args))
-    return RunConfig.from_dict(values, where=getattr(args, "config", None) or "flags")
+    return RunConfig.from_dict(values, where="flags")
 
 
 def build_parser() -> argparse.ArgumentParser:

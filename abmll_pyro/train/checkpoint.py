@@ -1,19 +1,28 @@
-"""Atomic checkpoints: tensors as safetensors, optimizer state via ``torch.load(weights_only=True)``,
-RNG and bookkeeping as JSON. Nothing is ever unpickled beyond plain tensors and containers.
+"""Atomic, checksummed checkpoints: tensors as safetensors, optimizer state as ``optimizer.pt`` read
+back with ``torch.load(weights_only=True)`` (torch's restricted unpickler: tensors and plain containers
+of numbers and strings, never arbitrary objects), RNG and bookkeeping as JSON.
 
 Layout: ``<run>/checkpoints/step-000050/`` holding ``adapter.safetensors`` (the method's state
 tensors), ``optimizer.pt``, ``rng.safetensors`` (torch and sampler generator states), ``state.json``
-(step, python ``random`` state, config); ``<run>/checkpoints/latest.json`` names the newest. Each
-checkpoint folder is written under a temporary name and moved into place with ``os.replace``, and
-``latest.json`` likewise, so a run killed at any instant leaves the previous checkpoint intact.
+(step, python ``random`` state, config) and ``checksums.json`` (SHA-256 of each of those files);
+``<run>/checkpoints/latest.json`` names the newest. Each checkpoint folder is written under a
+temporary name (``.step-000050.tmp-<pid>``) and moved into place with ``os.replace``, and
+``latest.json`` likewise, so a run killed at any instant leaves the previous checkpoint intact;
+leftover temporary folders are removed by :func:`clean_temporaries` at the next start.
+
+Loading verifies every checksum. :func:`load_latest` falls back to the newest intact checkpoint
+(with a warning naming the bad file) and stops with a :class:`CheckpointError` if none is intact:
+training never continues from corrupt state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +30,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_latest", "atomic_write_text"]
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "atomic_write_text",
+           "clean_temporaries", "checkpoint_folders", "verify"]
 
 LATEST = "latest.json"
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read back intact; the message names the file."""
 
 
 @dataclass
@@ -39,8 +54,20 @@ class Checkpoint:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _py_state_to_json(state: tuple) -> list:
@@ -60,16 +87,23 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if sampler_rng is not None:
-        rng["sampler"] = sampler_rng
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_state_to_json(random.getstate()),
-                                                "config": config}))
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if sampler_rng is not None:
+            rng["sampler"] = sampler_rng
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_state_to_json(random.getstate()),
+                                                    "config": config}))
+        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {final}: {cause}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -79,16 +113,95 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     return final
 
 
-def load_latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of ``run_dir``, or None when it has none."""
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted writer left behind (``checkpoints/.step-*.tmp-*`` folders and
+    ``.*.tmp-*`` files); returns the removed paths. Call only while holding the run's lock."""
+    run_dir = Path(run_dir)
+    removed = []
+    for pattern in ("checkpoints/.step-*.tmp-*", "checkpoints/.*.tmp-*", ".*.tmp-*"):
+        for path in run_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first (by step number)."""
     root = Path(run_dir) / "checkpoints"
-    if not (root / LATEST).exists():
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first file of checkpoint ``path`` that is missing or
+    whose SHA-256 differs from ``checksums.json``."""
+    sums_path = path / CHECKSUMS
+    if not sums_path.exists() and not (path / "adapter.safetensors").exists():
+        raise CheckpointError(f"{path / 'adapter.safetensors'} is missing")
+    if not sums_path.exists():  # written before checksums existed: only parsing can check it
+        return
+    try:
+        sums = json.loads(sums_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{sums_path} is missing or unreadable ({type(err).__name__})") from None
+    if not isinstance(sums, dict) or not {"adapter.safetensors", "rng.safetensors", "state.json"} <= set(sums):
+        raise CheckpointError(f"{sums_path} does not list the checkpoint's files")
+    for name, expected in sorted(sums.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file} is corrupt (its SHA-256 differs from {CHECKSUMS})")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in folder ``path``, checksums verified; any fault is a :class:`CheckpointError`."""
+    verify(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+        opt_path = path / "optimizer.pt"
+        optimizer = torch.load(opt_path, weights_only=True, map_location="cpu") if opt_path.exists() else None
+        return Checkpoint(step=int(state["step"]), tensors=load_file(str(path / "adapter.safetensors")),
+                          optimizer=optimizer, torch_rng=rng["torch"], sampler_rng=rng.get("sampler"),
+                          python_rng=_py_state_from_json(state["python_rng"]), config=state["config"])
+    except Exception as err:  # checksums matched but the content does not parse: report, never train on it
+        raise CheckpointError(f"checkpoint {path} does not load: {type(err).__name__}: {str(err)[:200]}") from None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint folders to try, best first: the one ``latest.json`` names, then the rest newest first."""
+    folders = checkpoint_folders(root.parent)
+    try:
+        named = root / json.loads((root / LATEST).read_text())["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return folders  # a broken latest.json: every folder is still a candidate
+    return [named] + [f for f in folders if f != named] if named in folders else folders
+
+
+def load_latest(run_dir: Path, repair: bool = False) -> Checkpoint | None:
+    """The newest intact checkpoint of ``run_dir``, or None when it has none.
+
+    A corrupt newer checkpoint is skipped with a warning naming the bad file; with ``repair`` (a
+    writer holding the run's lock) it is also moved aside to ``checkpoints/corrupt-<name>`` and
+    ``latest.json`` rewritten to name the one returned. :class:`CheckpointError` when checkpoints exist
+    but none is intact."""
+    root = Path(run_dir) / "checkpoints"
+    if not (root / LATEST).exists() and not checkpoint_folders(run_dir):
         return None
-    path = root / json.loads((root / LATEST).read_text())["path"]
-    state = json.loads((path / "state.json").read_text())
-    rng = load_file(str(path / "rng.safetensors"))
-    opt_path = path / "optimizer.pt"
-    optimizer = torch.load(opt_path, weights_only=True, map_location="cpu") if opt_path.exists() else None
-    return Checkpoint(step=int(state["step"]), tensors=load_file(str(path / "adapter.safetensors")), optimizer=optimizer,
-                      torch_rng=rng["torch"], sampler_rng=rng.get("sampler"),
-                      python_rng=_py_state_from_json(state["python_rng"]), config=state["config"])
+    bad = []
+    for path in _candidates(root):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            bad.append(str(err))
+            warnings.warn(f"{err}; falling back to an older checkpoint")
+            if repair:
+                os.replace(path, root / f"corrupt-{path.name}")
+            continue
+        if repair and (bad or not (root / LATEST).exists()):
+            atomic_write_text(root / LATEST, json.dumps({"step": ckpt.step, "path": path.name}) + "\n")
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(bad) or 'latest.json names no checkpoint'}")

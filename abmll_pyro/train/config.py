@@ -27,10 +27,13 @@ class ConfigError(ValueError):
 class RunConfig:
     """Everything a run needs; ``RunConfig.from_dict`` rejects unknown keys.
 
-    Data: ``tasks`` (``bigbench``, a task-folder path, or a CrossFit/MetaICL split with ``data_dir``),
+    Data: ``tasks`` (``bigbench``, a task-folder path, or a CrossFit/MetaICL split with ``data_dir``;
+    ``train_tasks``/``dev_tasks``/``test_tasks`` name a folder's tasks by file stem, overriding its
+    ``splits.json``),
     ``shots`` support and ``query_size`` query examples per training episode, ``eval_query_size``
     query examples per test task, ``max_train_tasks``/``max_test_tasks`` (first N of each split),
-    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left; with
+    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left; null: the model's context window; a value beyond
+    that window is clipped to it with a warning; with
     ``drop_long_examples`` examples that do not fit are dropped instead, and tasks left too small); ``icl_max_length`` bounds prompts that carry demonstrations (default
     ``max_length·(shots + 1)``; demonstrations are cut from the left first).
     Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
@@ -43,6 +46,9 @@ class RunConfig:
     model: str = "tiny-llama"
     tasks: str = "bigbench"
     data_dir: str | None = None
+    train_tasks: tuple[str, ...] | None = None
+    dev_tasks: tuple[str, ...] | None = None
+    test_tasks: tuple[str, ...] | None = None
     seed: int = 0
     # data
     shots: int = 4
@@ -92,6 +98,9 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in fields(self):  # types first (from the annotations), so every key, old or new, is covered
+            object.__setattr__(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
+
         for name in ("steps", "tasks_per_step", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
                      "eval_query_size", "query_size", "num_samples"):
             v = getattr(self, name)
@@ -109,10 +118,6 @@ class RunConfig:
         check(self.mixed_precision in ("no", "bf16", "fp16"),
               f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
-        if isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", (self.target_modules,))
-        elif self.target_modules is not None:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         try:  # the core's own checks, run now so a bad value fails before any model is loaded
             self.adapter_config()
             self.meta_config()
@@ -153,6 +158,10 @@ class RunConfig:
             return cls(**dict(values))
         except TypeError as err:
             raise ConfigError(f"{where}: {err}") from None
+        except ConfigError as err:
+            if where in ("config", "flags"):
+                raise
+            raise ConfigError(f"{where}: {err}") from None
 
     def updated(self, **changes: Any) -> "RunConfig":
         unknown = sorted(set(changes) - set(self.keys()))
@@ -161,13 +170,46 @@ class RunConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if out["target_modules"] is not None:
-            out["target_modules"] = list(out["target_modules"])
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _typed(key: str, annotation: str, value: Any) -> Any:
+    """``value`` checked against the field's annotation (``int``, ``float``, ``str``, ``bool``,
+    ``tuple[str, ...]``, each optionally ``| None``); ints are accepted for floats (and made floats), a
+    string for a tuple (one name); floats must be finite. A :class:`ConfigError` names key and value."""
+    optional = annotation.endswith(" | None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if base.startswith("tuple"):
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} must be a list of names, got {value!r}")
+        return tuple(value)
+    kind = _SCALARS.get(base)
+    if kind is None:  # an annotation this checker does not know: the field's own checks apply
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        hint = ""
+        if isinstance(value, str) and kind in (int, float):
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if "e" in value.lower() else " (a string)"
+        noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+        raise ConfigError(f"{key} must be {noun}"
+                          f"{' or null' if optional else ''}, got {value!r}{hint}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..lora.layer import is_linear
 from ..methods import Method, build_method
 from .config import RunConfig
 
-__all__ = ["Built", "seed_everything", "load_taskset", "build", "last_layer_targets"]
+__all__ = ["Built", "seed_everything", "load_taskset", "build", "last_layer_targets", "context_length", "fit_context"]
 
 
 def seed_everything(seed: int) -> None:
@@ -30,7 +31,8 @@ def seed_everything(seed: int) -> None:
 def load_taskset(config: RunConfig, tokenizer: Any = None) -> TaskSet:
     """The config's task source (with ``drop_long_examples``, filtered by :func:`fit_tasks` using
     ``tokenizer``), train/test then capped to the first ``max_*_tasks`` tasks."""
-    tasks = load_tasks(config.tasks, data_dir=config.data_dir, max_examples=config.max_examples)
+    tasks = load_tasks(config.tasks, train=config.train_tasks, dev=config.dev_tasks, test=config.test_tasks,
+                       data_dir=config.data_dir, max_examples=config.max_examples)
     if config.drop_long_examples:
         if tokenizer is None:
             raise ValueError("drop_long_examples needs the tokenizer")
@@ -84,20 +86,56 @@ def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_exam
     return TaskSet(**splits), report
 
 
+def context_length(lm: nn.Module) -> int | None:
+    """The LM's context window in tokens (``max_position_embeddings``, GPT-2's ``n_positions``), if it has one."""
+    cfg = getattr(lm, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_context(config: RunConfig, lm: nn.Module) -> RunConfig:
+    """``config`` with ``max_length`` (and the in-context budget ``icl_max_length``) clipped to the LM's
+    context window; ``null`` (no limit) becomes the window. One warning when the user asked for more."""
+    window = context_length(lm)
+    if window is None:
+        return config
+    changes = {}
+    if config.max_length is None or config.max_length > window:
+        if config.max_length is not None:
+            warnings.warn(f"max_length={config.max_length} exceeds the context of {config.model} ({window} tokens); "
+                          f"using max_length={window}")
+        changes["max_length"] = window
+    if (config.icl_max_length or 0) > window:
+        warnings.warn(f"icl_max_length={config.icl_max_length} exceeds the context of {config.model} ({window} "
+                      f"tokens); using {window}")
+        changes["icl_max_length"] = window
+    config = config.updated(**changes) if changes else config
+    if config.prompt_length(True) > window:  # the default in-context budget max_length·(shots + 1)
+        config = config.updated(icl_max_length=window)
+    return config
+
+
 @dataclass
 class Built:
     lm: nn.Module
     tokenizer: Any
     adapter: BayesLoRA
     method: Method
+    config: RunConfig | None = None  # the run's config with lengths fitted to the LM's context
 
 
-def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[Built, TaskSet]:
+def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: bool = True) -> tuple[Built, TaskSet]:
     """Seeded: the LM (random tiny models use ``seed``), the tasks, the adapter's initial factors and
-    the method (ABMLL weighs log p(θ) by 1/M, M the number of training tasks)."""
+    the method (ABMLL weighs log p(θ) by 1/M, M the number of training tasks; that weight enters only
+    the training loss, so ``with_tasks=False``, for prediction, loads no tasks and uses M = 1).
+    ``Built.config`` is ``config`` with ``max_length`` fitted to the LM (:func:`fit_context`)."""
     seed_everything(config.seed)
     lm, tokenizer = load_lm(config.model, seed=config.seed)
-    taskset = load_taskset(config, tokenizer)
+    config = fit_context(config, lm)
+    taskset = load_taskset(config, tokenizer) if with_tasks else TaskSet(())
     seed_everything(config.seed)
     lm = lm.to(device)
     targets = config.target_modules
@@ -105,4 +143,4 @@ def build(config: RunConfig, device: torch.device | str = "cpu") -> tuple[Built,
         targets = last_layer_targets(lm, targets, config.last_layers)
     adapter = BayesLoRA(lm, config.adapter_config(targets))
     method = build_method(config.method, adapter, config, len(taskset.train))
-    return Built(lm, tokenizer, adapter, method), taskset
+    return Built(lm, tokenizer, adapter, method, config), taskset
