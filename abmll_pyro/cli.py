@@ -2,14 +2,18 @@
 
 Settings come from, lowest to highest precedence: the defaults of :class:`RunConfig` (or the
 benchmark preset), ``--config FILE`` (YAML or JSON), then flags (every config key is a flag:
-``kl_beta`` is ``--kl-beta``). Bad input exits with status 2 and one ``abmll: error:`` line.
+``kl_beta`` is ``--kl-beta``; ``null`` or ``none`` sets an optional key to null). Bad input exits
+with status 2 and one ``abmll: error:`` line (never a traceback); warnings print as one
+``abmll: warning:`` line each; Ctrl-C exits with status 130 after saying where to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,16 +59,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
         kind = _flag_type(str(f.type))
         flag = "--" + f.name.replace("_", "-")
         if kind == "list":
-            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME")
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="NAME")
+        else:  # absent flags leave no attribute, so an explicit null (--max-length null) is kept
+            group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                help=f"(default {f.default!r})" if not callable(f.default) else None)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from .train.config import RunConfig
 
-    return {k: getattr(args, k) for k in RunConfig.keys() if getattr(args, k, None) is not None}
+    skip = {"method", "model", "tasks"}  # separate arguments of each command (default None: not given)
+    return {k: getattr(args, k) for k in RunConfig.keys()
+            if hasattr(args, k) and (k not in skip or getattr(args, k) is not None)}
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
@@ -78,11 +84,18 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     return RunConfig.from_dict(values, where="flags")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``abmll: error: ... (see abmll train --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"abmll: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS, TRAINABLE
     from .presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="abmll", description="Amortized Bayesian Meta-Learning for LoRA (ABMLL) and baselines.")
+    parser = _Parser(prog="abmll", description="Amortized Bayesian Meta-Learning for LoRA (ABMLL) and baselines.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-qwen2, tiny-gpt2, or a HF id/path")
     train.add_argument("--tasks", help="bigbench, a task-folder path, or a CrossFit/MetaICL split name")
     train.add_argument("--out", help="the new run directory")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest intact "
+                       "checkpoint (may change only: steps to extend it, num_threads, checkpoint_every, "
+                       "keep_checkpoints, log_every, device)")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished or checkpointed run in --out")
+    train.add_argument("--trust-plugins", action="store_true",
+                       help="with --resume: allow the run's config to import plug-in files (it runs their code)")
     train.add_argument("--config", help="YAML or JSON file of config keys")
     _add_config_flags(train, skip=("method", "model", "tasks"))
 
@@ -111,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "dev"], default="test")
     ev.add_argument("--out", help="write the result JSON here (default: print only)")
     ev.add_argument("--config")
+    ev.add_argument("--trust-plugins", action="store_true",
+                    help="allow the run's config to import plug-in files (it runs their code)")
     _add_config_flags(ev, skip=("method", "model", "tasks"))
 
     pr = sub.add_parser("predict", help="adapt to a new task and write the query's option probabilities")
@@ -119,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--query", required=True, help="JSONL of examples (input, options; output optional)")
     pr.add_argument("--out", help="output JSONL (default: stdout)")
     pr.add_argument("--num-samples", dest="num_samples", type=int)
+    pr.add_argument("--trust-plugins", action="store_true",
+                    help="allow the run's config to import plug-in files (it runs their code)")
 
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
@@ -144,35 +166,34 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train.config import ConfigError
-    from .train.run import load_run_config, train_run
+    from .train.config import ConfigError, load_config_file
+    from .train.run import train_run
 
     if args.resume:
-        if args.out or args.method or args.config:
-            raise ConfigError("--resume continues a run with its saved config; drop --out/--method/--config")
-        load_run_config(Path(args.resume))  # a clear error if it is not a run directory
-        result = train_run(load_run_config(Path(args.resume)), args.resume, resume=True, progress=not args.quiet)
+        if args.out or args.overwrite:
+            raise ConfigError("--resume continues the run in its own directory; drop --out/--overwrite")
+        saved = _stored_config(Path(args.resume), args)
+        changes = dict(load_config_file(args.config)) if args.config else {}
+        changes.update(_overrides(args))
+        result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet)
     else:
         for flag in ("method", "out"):
             if not getattr(args, flag):
                 raise ConfigError(f"train needs --{flag} (or --resume RUN_DIR)")
         base = {k: getattr(args, k) for k in ("method", "model", "tasks") if getattr(args, k)}
-        result = train_run(_config(args, base), args.out, progress=not args.quiet)
+        result = train_run(_config(args, base), args.out, progress=not args.quiet, overwrite=args.overwrite)
     _print_summary(result)
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from .train.config import ConfigError
-    from .train.run import evaluate_run, load_run_config
+    from .train.run import evaluate_run
 
     if args.run:
         if args.method:
             raise ConfigError("give --run RUN_DIR or --method, not both")
-        config = load_run_config(Path(args.run))
-        changes = {k: v for k, v in _overrides(args).items()}
-        changes.update({k: getattr(args, k) for k in ("model", "tasks") if getattr(args, k)})
-        config = config.updated(**changes)
+        config = _stored_config(Path(args.run), args).updated(**_overrides(args))
     else:
         if not args.method:
             raise ConfigError("evaluate needs --run RUN_DIR, or --method with --model and --tasks")
@@ -190,8 +211,21 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from .train.predict import predict_file
 
-    predict_file(Path(args.run), Path(args.support), Path(args.query), args.out, args.num_samples, progress=not args.quiet)
+    predict_file(Path(args.run), Path(args.support), Path(args.query), args.out, args.num_samples, progress=not args.quiet,
+                 trust_plugins=args.trust_plugins)
     return 0
+
+
+def _stored_config(run_dir: Path, args):
+    """A run directory's saved config; its file plug-ins need ``--trust-plugins`` unless a flag replaces them."""
+    from .registry import check_trusted
+    from .train.run import CONFIG, load_run_config
+
+    config = load_run_config(run_dir)
+    given = _overrides(args)
+    check_trusted({k: getattr(config, k) for k in ("prior", "guide") if k not in given}, str(run_dir / CONFIG),
+                  args.trust_plugins)
+    return config
 
 
 def _cmd_benchmark(args) -> int:
@@ -200,7 +234,7 @@ def _cmd_benchmark(args) -> int:
 
     preset = get_preset(args.preset)
     base = dict(preset.config)
-    if preset.synthetic is not None and not args.tasks:
+    if preset.synthetic is not None and not getattr(args, "tasks", None):
         base["tasks"] = str(synthetic_task_folder(Path(args.out) / "tasks", **preset.synthetic))
     config = _config(args, base)
     seeds = range(args.seeds if args.seeds is not None else preset.seeds)
@@ -222,15 +256,40 @@ COMMANDS = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate, "
             "benchmark": _cmd_benchmark}
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Print each warning as one ``abmll: warning:`` line (no source line), while the command runs."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"abmll: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _error_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.filename is not None:  # read-only or full disk, a missing path
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"abmll: error: {message}", file=sys.stderr)
-        return 2
+    with _one_line_warnings():
+        try:
+            return COMMANDS[args.command](args)
+        except (ValueError, KeyError, ImportError, OSError) as err:
+            print(f"abmll: error: {_error_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:  # train's RunInterrupted says where to resume
+            print(f"abmll: {err or 'interrupted'}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

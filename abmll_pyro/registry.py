@@ -13,6 +13,11 @@ check the interface: every method of :class:`~abmll_pyro.models.priors.TaskPrior
 ``global_values``, ``task_distribution``) or of :class:`~abmll_pyro.guides.base.TaskGuide`
 (``init_task_params``, ``task_distribution``) must be implemented (not the base class's stub).
 
+Trust: a file plug-in is Python code. A spec read from a run directory's stored config (``evaluate
+--run``, ``predict --run``, ``train --resume``) goes through :func:`check_trusted` first, which refuses
+file plug-ins unless the user passed ``--trust-plugins``; registered names and importable modules
+(installed code) load as always.
+
 Convention: a builder whose signature has an ``adapter`` parameter (a guide that owns parameters
 sized by the adapter, like :class:`~abmll_pyro.guides.amortized.AmortizedGuide`) receives the
 ``adapter=`` passed to ``resolve_*``; other builders never see it.
@@ -36,8 +41,40 @@ from .models.priors import FixedPrior, HierarchicalPrior, StudentTPrior, TaskPri
 
 __all__ = [
     "Registry", "PRIORS", "GUIDES", "register_prior", "register_guide", "resolve_prior", "resolve_guide",
-    "load_object",
+    "load_object", "PluginError", "PluginTypeError", "UntrustedPluginError", "is_file_spec", "check_trusted",
 ]
+
+
+class PluginError(ValueError):
+    """A prior or guide spec that cannot be loaded or built; the message names the spec."""
+
+
+class PluginTypeError(PluginError, TypeError):
+    """A plug-in of the wrong kind (a guide where a prior is expected) or with the wrong arguments."""
+
+
+class UntrustedPluginError(PluginError):
+    """A stored config names a file plug-in and the user has not passed ``--trust-plugins``."""
+
+
+def is_file_spec(spec: Any) -> bool:
+    """Whether ``spec`` names a Python file (``"path/to/file.py:Name"``): code outside installed packages."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return False
+    module_part = spec.rpartition(":")[0]
+    return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+
+
+def check_trusted(specs: dict[str, Any], source: str, trust: bool) -> None:
+    """Refuse the file plug-ins among ``specs`` (key → spec, e.g. ``{"prior": "helper.py:P"}``) read
+    from ``source`` unless ``trust``: :class:`UntrustedPluginError` says what would run and how to allow it."""
+    files = {k: v for k, v in specs.items() if is_file_spec(v)}
+    if files and not trust:
+        k, v = next(iter(files.items()))
+        path = Path(v.rpartition(":")[0]).expanduser().resolve()
+        raise UntrustedPluginError(
+            f"{source} names the plug-in file {v!r} as {k}: loading it would import and execute {path}; "
+            f"a run directory does not run code unless you pass --trust-plugins")
 
 
 def load_object(path: str) -> Any:
@@ -76,6 +113,9 @@ def _load_file(file: str):
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise PluginError(f"plug-in file {file!r} fails to load: {type(err).__name__}: {err}") from err
     except BaseException:
         del sys.modules[name]
         raise
@@ -141,7 +181,7 @@ class Registry:
         missing = self.missing_methods(obj)
         if missing:
             where = f" (from {spec!r})" if spec is not None else ""
-            raise TypeError(
+            raise PluginTypeError(
                 f"{type(obj).__name__}{where} is not a {self.kind}: it does not implement {', '.join(missing)} "
                 f"(the {self.kind} interface is {', '.join(self.methods)}; see docs/extending.md)"
             )
@@ -160,14 +200,14 @@ class Registry:
             target = spec
         if not (inspect.isclass(target) or inspect.isroutine(target) or isinstance(target, functools.partial)):
             if kwargs:  # an instance: used as is
-                raise TypeError(f"{self.kind} {spec!r} is an instance; it takes no arguments, got {sorted(kwargs)}")
+                raise PluginTypeError(f"{self.kind} {spec!r} is an instance; it takes no arguments, got {sorted(kwargs)}")
             return self.check(target, spec)
         if adapter is not None and _takes_adapter(target):
             kwargs = {"adapter": adapter, **kwargs}
         try:
             obj = target(**kwargs)
         except TypeError as e:
-            raise TypeError(f"cannot build {self.kind} {spec!r} with arguments {sorted(kwargs)}: {e}") from e
+            raise PluginTypeError(f"cannot build {self.kind} {spec!r} with arguments {sorted(kwargs)}: {e}") from e
         return self.check(obj, spec)
 
 

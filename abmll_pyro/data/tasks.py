@@ -13,7 +13,11 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Example", "Task", "TaskSplit", "split_task"]
+__all__ = ["Example", "Task", "TaskSplit", "split_task", "DataError"]
+
+
+class DataError(ValueError):
+    """Bad task data (a file, a line, a field); the message names the file and line when there is one."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +27,21 @@ def _tiny(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: 
 
 
 def _hf(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: int) -> Loaded:
-    return load_hf(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    """A hub id or local folder; failure is one ``ValueError`` line saying what was tried."""
+    local = Path(name).expanduser()
+    try:
+        return load_hf(str(local) if local.exists() else name, dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        cause = " ".join(str(err).split())[:200]
+        if local.exists():
+            raise ValueError(f"cannot load the model in {local}: {cause}") from None
+        from huggingface_hub import constants
+
+        hub = ("no access to the Hugging Face hub (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
+               else f"the Hugging Face hub does not provide it ({cause})")
+        known = ", ".join(["smollm2-135m"] + [f"tiny-{k}" for k in TINY_KINDS])
+        raise ValueError(f"model {name!r} is not a known name ({known}), not a local path, and {hub}") from None
 
 
 # (predicate, loader): the first predicate that accepts the name loads it; the last accepts anything.

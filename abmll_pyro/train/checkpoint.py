@@ -21,17 +21,20 @@ import hashlib
 import json
 import os
 import random
+import contextlib
 import shutil
+import signal
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "atomic_write_text",
-           "clean_temporaries", "checkpoint_folders", "verify"]
+           "clean_temporaries", "checkpoint_folders", "verify", "defer_interrupts"]
 
 LATEST = "latest.json"
 CHECKSUMS = "checksums.json"
@@ -70,6 +73,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def defer_interrupts() -> Iterator[None]:
+    """Hold SIGINT back for the block (a checkpoint being written) and deliver it afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])
+        elif pending:
+            raise KeyboardInterrupt
+
+
 def _py_state_to_json(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
@@ -87,6 +112,11 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    with defer_interrupts():  # Ctrl-C waits until the checkpoint and latest.json are consistent
+        return _save(root, final, tmp, step, tensors, optimizer, sampler_rng, config, keep)
+
+
+def _save(root, final, tmp, step, tensors, optimizer, sampler_rng, config, keep) -> Path:
     try:
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))

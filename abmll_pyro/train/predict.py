@@ -2,7 +2,11 @@
 predictive option probabilities of each query example as JSONL.
 
 Query lines need ``input`` and ``options``; ``output`` is optional (when present, it is echoed with
-``correct``). Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"]}``.
+``correct``). Both files are validated exactly like task files (every fault names ``file:line``).
+Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"]}``.
+
+Prediction loads the run's model and trained state, never its training tasks. A run directory's
+config that names a plug-in *file* is refused unless ``trust_plugins`` (it would run that file's code).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.sources.folder import iter_jsonl, read_jsonl_examples
-from ..data.tasks import Example, TaskSplit
+from ..data.sources.folder import iter_jsonl, parse_example, read_jsonl_examples
+from ..data.tasks import DataError, Example, TaskSplit
+from ..registry import check_trusted
 from .episodes import EpisodeEncoder
-from .run import load_run_config, load_trained, make_accelerator
+from .faults import summarize_truncation
+from .run import CONFIG, load_run_config, load_trained, make_accelerator
 
 __all__ = ["predict_file", "read_query"]
 
@@ -25,21 +31,17 @@ def read_query(path: Path) -> tuple[list[Example], list[bool]]:
     """Query examples and whether each came labelled (unlabelled lines get a placeholder gold of 0)."""
     examples, labelled = [], []
     for where, rec in iter_jsonl(path):
-        if "input" not in rec or "options" not in rec:
-            raise ValueError(f"{where}: a query line needs 'input' and 'options'")
-        if "output" in rec:
-            examples.append(Example.from_output(rec["input"], rec["options"], rec["output"], where=where))
-        else:
-            examples.append(Example(rec["input"], tuple(rec["options"]), 0))
+        examples.append(parse_example(where, rec, require_output=False))
         labelled.append("output" in rec)
     if not examples:
-        raise ValueError(f"query file {path} has no examples")
+        raise DataError(f"query file {path} has no examples")
     return examples, labelled
 
 
 def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num_samples: int | None = None,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, trust_plugins: bool = False) -> list[dict]:
     config = load_run_config(run_dir)
+    check_trusted({"prior": config.prior, "guide": config.guide}, str(Path(run_dir) / CONFIG), trust_plugins)
     if num_samples is not None:
         config = config.updated(num_samples=num_samples)
     for path in (support, query):
@@ -47,17 +49,20 @@ def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num
             raise FileNotFoundError(f"{path} does not exist")
     support_examples = read_jsonl_examples(support)
     if not support_examples:
-        raise ValueError(f"support file {support} has no examples")
+        raise DataError(f"support file {support} has no examples")
     query_examples, labelled = read_query(query)
     accelerator = make_accelerator(config)
-    built, _ = load_trained(config, run_dir, accelerator)
-    encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template, built.method.in_context, accelerator.device)
-    episode = encoder(TaskSplit(query.stem, tuple(support_examples), tuple(query_examples)))
-    torch.manual_seed(config.seed)
-    with accelerator.autocast():
-        state = built.method.adapt(episode)
-        with torch.no_grad():
-            probs = built.method.predict(state, episode).float().cpu()
+    with summarize_truncation():
+        built, _ = load_trained(config, run_dir, accelerator, with_tasks=False)
+        config = built.config
+        encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
+                                 built.method.in_context, accelerator.device)
+        episode = encoder(TaskSplit(query.stem, tuple(support_examples), tuple(query_examples)))
+        torch.manual_seed(config.seed)
+        with accelerator.autocast():
+            state = built.method.adapt(episode)
+            with torch.no_grad():
+                probs = built.method.predict(state, episode).float().cpu()
     rows = []
     for ex, p, has_label in zip(query_examples, probs, labelled):
         p = p[: len(ex.options)].tolist()

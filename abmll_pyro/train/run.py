@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 from .config import ConfigError, RunConfig
+from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
+                     summarize_truncation)
+from .lock import RunLock
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json
 from .results import SCHEMA_VERSION, validate_result
@@ -112,38 +115,59 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
     return config.steps - start
 
 
-def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config.method`` into ``run_dir`` (or continue it), evaluate on the test tasks, write results.json."""
+def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+              overwrite: bool = False) -> dict:
+    """Train ``config.method`` into ``run_dir`` (or continue it), evaluate on the test tasks, write results.json.
+
+    The run holds ``run_dir``'s lock throughout (a second writer fails at once). A fresh run refuses a
+    directory holding a finished or checkpointed run unless ``overwrite``. ``resume`` continues from the
+    newest intact checkpoint with the saved config, changed only in :data:`~.faults.RESUMABLE` keys
+    (``config`` carries the requested values). Ctrl-C raises :class:`~.faults.RunInterrupted`, whose
+    message names the checkpoint kept and the command that resumes."""
     run_dir = Path(run_dir)
-    if resume:
-        config = load_run_config(run_dir)
-    elif (run_dir / CONFIG).exists() and load_latest(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
-    log = RunLog(run_dir)
+    config = absolute_sources(config)
+    saved = load_run_config(run_dir) if resume else None  # (a clear error before anything is created)
+    with RunLock(run_dir):
+        step = prepare_run_dir(run_dir, resume, overwrite)
+        if saved is not None:
+            config = check_resume(saved, config, step)
+        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+        log = RunLog(run_dir)
+        try:
+            with summarize_truncation(log, f"; details in {run_dir / 'log.txt'}"):
+                return _train_and_evaluate(config, run_dir, log, resume, progress)
+        except KeyboardInterrupt:
+            message = interrupted_message(run_dir)
+            log.info(message)
+            raise RunInterrupted(message) from None
+        finally:
+            log.close()
+
+
+def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
-    try:
-        accelerator = make_accelerator(config)
-        log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
-                 f"seed {config.seed}, device {accelerator.device}")
-        built, taskset = build(config, accelerator.device)
-        log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
-                 f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
-        if built.method.trainable:
-            _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
-        train_time = time.perf_counter() - t0
-        result = _evaluate(config, built, taskset.test, accelerator, progress, log)
-        result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
-                      eval_time_s=time.perf_counter() - t0 - train_time,
-                      peak_memory_mb=peak_memory_mb(accelerator.device))
-        validate_result(result)
-        atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
-        log.info(f"macro accuracy {result['macro']['accuracy']:.4f} ece {result['macro']['ece']:.4f}; "
-                 f"wall time {result['wall_time_s']:.1f} s")
-        return result
-    finally:
-        log.close()
+    accelerator = make_accelerator(config)
+    log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
+             f"seed {config.seed}, device {accelerator.device}")
+    built, taskset = build(config, accelerator.device)
+    config = built.config
+    if not taskset.test:
+        raise ConfigError(f"task source {config.tasks!r} has no test tasks: nothing to evaluate after training "
+                          f"(name them with --test-tasks, or in the folder's splits.json)")
+    log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
+             f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
+    if built.method.trainable:
+        _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
+    train_time = time.perf_counter() - t0
+    result = _evaluate(config, built, taskset.test, accelerator, progress, log)
+    result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
+                  eval_time_s=time.perf_counter() - t0 - train_time,
+                  peak_memory_mb=peak_memory_mb(accelerator.device))
+    validate_result(result)
+    atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
+    log.info(f"macro accuracy {result['macro']['accuracy']:.4f} ece {result['macro']['ece']:.4f}; "
+             f"wall time {result['wall_time_s']:.1f} s")
+    return result
 
 
 def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> dict:
@@ -156,14 +180,17 @@ def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log:
             "steps": config.steps if built.method.trainable else 0, "reliability": pooled}
 
 
-def load_trained(config: RunConfig, run_dir: Path, accelerator):
-    """The method of a finished (or checkpointed) run with its trained state, and the run's tasks."""
-    built, taskset = build(config, accelerator.device)
+def load_trained(config: RunConfig, run_dir: Path, accelerator, with_tasks: bool = True):
+    """The method of a finished (or checkpointed) run with its trained state, and the run's tasks
+    (none with ``with_tasks=False``). ``built.trained_steps`` is the step of the checkpoint loaded."""
+    built, taskset = build(config, accelerator.device, with_tasks=with_tasks)
+    built.trained_steps = 0
     if built.method.trainable:
         ckpt = load_latest(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint to evaluate (train it first)")
         built.method.load_state_tensors(ckpt.tensors)
+        built.trained_steps = ckpt.step
     return built, taskset
 
 
@@ -173,13 +200,17 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
     ``split`` tasks (``"test"``, or ``"dev"``)."""
     t0 = time.perf_counter()
     accelerator = make_accelerator(config)
-    if run_dir is not None:
-        built, taskset = load_trained(config, Path(run_dir), accelerator)
-    else:
-        built, taskset = build(config, accelerator.device)
-    if not taskset[split]:
-        raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
-    result = _evaluate(config, built, taskset[split], accelerator, progress, None)
+    with summarize_truncation():
+        if run_dir is not None:
+            built, taskset = load_trained(config, Path(run_dir), accelerator)
+        else:
+            built, taskset = build(config, accelerator.device)
+        config = built.config
+        if not taskset[split]:
+            raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
+        result = _evaluate(config, built, taskset[split], accelerator, progress, None)
+    if run_dir is not None and built.method.trainable:
+        result["steps"] = built.trained_steps  # a partially trained run reports the step it was evaluated at
     wall = time.perf_counter() - t0
     result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall, peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)

@@ -4,7 +4,12 @@ A folder holds one ``<task>.jsonl`` per task; each line is MetaICL's
 ``{"input": str, "options": [str, ...], "output": str}`` with ``output`` one of ``options``
 (an optional ``"target"`` string is the generative target text). An optional ``splits.json``
 ``{"train": [...], "dev": [...], "test": [...]}`` names tasks by file stem; without it the caller
-names the train and test tasks.
+names the train and test tasks (``--train-tasks`` / ``--test-tasks``).
+
+Validation (every fault is a :class:`~abmll_pyro.data.tasks.DataError` naming ``file:line``): the file
+is UTF-8; each line is a JSON object; ``input`` a string, ``options`` a list of at least two
+non-blank strings, no two equal after whitespace normalisation (a tie would count as correct),
+``output`` one of them. :func:`parse_example` checks one record; predict's query files use it too.
 """
 
 from __future__ import annotations
@@ -14,51 +19,91 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from abmll_pyro.data.sources.taskset import TaskSet
-from abmll_pyro.data.tasks import Example, Task
+from abmll_pyro.data.tasks import DataError, Example, Task
 
-__all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder"]
+__all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder",
+           "parse_example", "read_splits"]
 
 SPLITS_FILE = "splits.json"
 
 
 def iter_jsonl(path: str | Path):
     """Yield ``(where, record)`` for every non-blank line of a JSONL file, ``where`` = ``"file:line"``;
-    a line that is not a JSON object is an error naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    a line that is not UTF-8 or not a JSON object is a :class:`DataError` naming file and line."""
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON ({err.msg}): {line[:120]!r}") from None
+            except (json.JSONDecodeError, RecursionError) as err:
+                msg = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{where}: malformed JSON ({msg}): {line[:120]!r}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
 
 
+def _text(where: str, key: str, value) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {value!r}"[:300])
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {key!r} holds an unpaired surrogate (not valid Unicode)") from None
+    return value
+
+
+def parse_example(where: str, record: dict, require_output: bool = True) -> Example:
+    """One example from a MetaICL record, every fault a :class:`DataError` naming ``where``. Without
+    ``require_output`` (predict's queries) an unlabelled record gets the placeholder gold 0."""
+    needed = ("input", "options", "output") if require_output else ("input", "options")
+    missing = [k for k in needed if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} in {sorted(record)}"[:300])
+    text = _text(where, "input", record["input"])
+    options = record["options"]
+    if not isinstance(options, list):
+        raise DataError(f"{where}: 'options' must be a list of strings, got {options!r}"[:300])
+    options = [_text(where, "options", o) for o in options]
+    if len(options) < 2:
+        raise DataError(f"{where}: an example needs at least 2 options, got {options!r}"[:300])
+    normal = [" ".join(o.split()) for o in options]
+    if not all(normal):
+        raise DataError(f"{where}: option {normal.index('')} is blank: {options!r}"[:300])
+    seen: dict[str, int] = {}
+    for i, o in enumerate(normal):
+        if o in seen:
+            raise DataError(f"{where}: options {seen[o]} and {i} are the same ({o!r}) after whitespace normalisation")
+        seen[o] = i
+    if "output" not in record:
+        return Example(text, tuple(options), 0)
+    output = _text(where, "output", record["output"])
+    if output not in options:
+        raise DataError(f"{where}: output {output!r} is not among options {options!r}"[:300])
+    target = record.get("target")
+    if target is not None:
+        target = _text(where, "target", target)
+    return Example(text, tuple(options), options.index(output), target)
+
+
 def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
-    """Parse a MetaICL-format JSONL file (the first ``limit`` examples if given); any bad line is an
-    error naming file and line number."""
+    """Parse a MetaICL-format JSONL file (the first ``limit`` examples if given); any bad line is a
+    :class:`DataError` naming file and line number."""
     examples: list[Example] = []
     for where, record in iter_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
-        missing = [k for k in ("input", "options", "output") if k not in record]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing} in {sorted(record)}")
-        options = record["options"]
-        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-            raise ValueError(f"{where}: 'options' must be a list of strings, got {options!r}")
-        if not isinstance(record["input"], str) or not isinstance(record["output"], str):
-            raise ValueError(f"{where}: 'input' and 'output' must be strings")
-        try:
-            example = Example.from_output(record["input"], options, record["output"], where=where)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        target = record.get("target")
-        examples.append(example if target is None else Example(example.input, example.options, example.gold, target))
+        examples.append(parse_example(where, record))
     return examples
 
 
@@ -68,7 +113,7 @@ def read_task_file(path: str | Path, max_examples: int | None = None) -> Task:
     path = Path(path)
     examples = read_jsonl_examples(path, max_examples)
     if not examples:
-        raise ValueError(f"task file {path} has no examples")
+        raise DataError(f"task file {path} has no examples")
     return Task(path.stem, examples)
 
 
@@ -95,23 +140,44 @@ def load_task_folder(
     splits_path = root / SPLITS_FILE
     if train is None and test is None and dev is None:
         if not splits_path.exists():
-            raise ValueError(
-                f"task folder {root} has no {SPLITS_FILE}; name the train and test tasks "
-                f"(available: {available})"
+            raise DataError(
+                f"task folder {root} has no {SPLITS_FILE}; name the train and test tasks with --train-tasks and --test-tasks "
+                f"(keys train_tasks, test_tasks; available: {available})"
             )
-        splits = json.loads(splits_path.read_text())
-        unknown = set(splits) - {"train", "dev", "test"}
-        if unknown:
-            raise ValueError(f"{splits_path}: unknown split name(s) {sorted(unknown)}")
-        train, dev, test = (splits.get(k, []) for k in ("train", "dev", "test"))
+        train, dev, test = (read_splits(splits_path).get(k, []) for k in ("train", "dev", "test"))
     names = {"train": list(train or []), "dev": list(dev or []), "test": list(test or [])}
-    TaskSet.check_names(names, where=str(root))
+    try:
+        TaskSet.check_names(names, where=str(root))
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(str(err)) from None
     for split, tasks in names.items():
         missing = [t for t in tasks if t not in available]
         if missing:
-            raise ValueError(f"{root}: {split} task(s) {missing} not found; available: {available}")
+            raise DataError(f"{root}: {split} task(s) {missing} not found; available: {available}")
     load = {t: read_task_file(root / f"{t}.jsonl", max_examples) for ts in names.values() for t in ts}
     return TaskSet(*(tuple(load[t] for t in names[s]) for s in ("train", "dev", "test")))
+
+
+def read_splits(path: Path) -> dict[str, list[str]]:
+    """``splits.json``: a JSON object mapping ``train``/``dev``/``test`` to lists of task names."""
+    try:
+        splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (at byte {err.start})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        where = f"{path}:{err.lineno}" if isinstance(err, json.JSONDecodeError) else str(path)
+        raise DataError(f"{where}: malformed JSON ({getattr(err, 'msg', 'nested too deeply')})") from None
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: expected a JSON object {{\"train\": [...], \"test\": [...]}}, got {type(splits).__name__}")
+    unknown = set(splits) - {"train", "dev", "test"}
+    if unknown:
+        raise DataError(f"{path}: unknown split name(s) {sorted(unknown)}")
+    for split, names in splits.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: split {split!r} must be a list of task names, got {names!r}"[:300])
+    return splits
 
 
 def write_task_folder(
