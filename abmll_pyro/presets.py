@@ -5,7 +5,7 @@
 * ``cpu`` — the default main job: SmolLM2-135M (embedded) on BIG-bench; budgets measured to finish
   within 20 minutes on 2 CPU cores including the one-time BIG-bench prepare (see docs/RESULTS.md).
 * ``paper`` — Llama-3-8B on CrossFit cls-45 with the paper's settings (rank 8, α 16, K = 5,
-  kl_beta 1e-8, 2 tasks per step); for GPU users, never run in CI. Needs ``--set data_dir=...``
+  kl_beta 1e-8, 2 tasks per step); for GPU users, never run in CI. Needs ``--data-dir DIR``
   (MetaICL-format data) and access to the model.
 """
 
@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         name="paper",
-        description="Llama-3-8B on CrossFit cls-45, the paper's settings (GPU; pass --set data_dir=...)",
+        description="Llama-3-8B on CrossFit cls-45, the paper's settings (GPU; pass --data-dir DIR)",
         config=dict(model="meta-llama/Meta-Llama-3-8B", tasks="cls-45", rank=8, lora_alpha=16.0, num_inner_steps=5,
                     kl_beta=1e-8, tasks_per_step=2, shots=16, query_size=16, eval_query_size=64, steps=5000,
                     inner_lr=1e-3, outer_lr=1e-4, num_samples=10, mixed_precision="bf16", max_length=1024,

@@ -45,9 +45,9 @@ def iter_jsonl(path: str | Path):
                 continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as err:
-                msg = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
-                raise DataError(f"{where}: malformed JSON ({msg}): {line[:120]!r}") from None
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, an over-long integer, deep nesting
+                msg = getattr(err, "msg", None) or ("nested too deeply" if isinstance(err, RecursionError) else str(err))
+                raise DataError(f"{where}: malformed JSON ({msg[:100]}): {line[:120]!r}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
@@ -166,9 +166,10 @@ def read_splits(path: Path) -> dict[str, list[str]]:
         splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (at byte {err.start})") from None
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:
         where = f"{path}:{err.lineno}" if isinstance(err, json.JSONDecodeError) else str(path)
-        raise DataError(f"{where}: malformed JSON ({getattr(err, 'msg', 'nested too deeply')})") from None
+        msg = getattr(err, "msg", None) or ("nested too deeply" if isinstance(err, RecursionError) else str(err))
+        raise DataError(f"{where}: malformed JSON ({msg[:100]})") from None
     if not isinstance(splits, dict):
         raise DataError(f"{path}: expected a JSON object {{\"train\": [...], \"test\": [...]}}, got {type(splits).__name__}")
     unknown = set(splits) - {"train", "dev", "test"}
