@@ -22,6 +22,8 @@ HANDWRITTEN = Path(__file__).parents[1] / "cli" / "handwritten"
 TINY = ["--model", "tiny-llama", "--rank", "2", "--lora-alpha", "4", "--shots", "2", "--query-size", "2",
         "--eval-query-size", "3", "--num-inner-steps", "2", "--inner-lr", "0.01", "--outer-lr", "0.01",
         "--num-samples", "2", "--num-threads", "1", "--max-length", "96"]
+NOT_A_PRIOR = "class NotAPrior:\n    pass\n"
+BOOM = "raise RuntimeError('boom at import')\n"
 LINE = {"input": "Which animal barks?", "options": ["dog", "cat"], "output": "dog"}
 
 
@@ -59,6 +61,11 @@ def _train(tmp: Path, *extra: str) -> list[str]:
     return ["train", "--method", "abmll", "--out", str(tmp / "out"), *TINY, *extra]
 
 
+def _file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _yaml(tmp: Path, text: str) -> str:
     (tmp / "c.yaml").write_text(text)
     return str(tmp / "c.yaml")
@@ -88,14 +95,14 @@ CASES = [
                                          "--tasks", str(HANDWRITTEN)],
      r"model 'no-such-org/no-such-model' is not a known name .*not a local path, and no access to the Hugging Face hub"),
     # 9. plug-ins of the wrong kind
-    ("plug-in not a prior", lambda t: (t / "plug.py").write_text("class NotAPrior:\n    pass\n")
-     or _train(t, "--tasks", str(HANDWRITTEN), "--prior", f"{t}/plug.py:NotAPrior", "--steps", "1"),
+    ("plug-in not a prior", lambda t: _train(t, "--tasks", str(HANDWRITTEN), "--prior",
+                                             str(_file(t / "plug.py", NOT_A_PRIOR)) + ":NotAPrior"),
      r"NotAPrior \(from '{tmp}/plug\.py:NotAPrior'\) is not a prior: it does not implement hyperprior"),
     ("guide where a prior goes", lambda t: _train(t, "--tasks", str(HANDWRITTEN), "--prior",
                                                   "abmll_pyro.guides:MeanFieldGuide", "--steps", "1"),
      r"MeanFieldGuide .* is not a prior"),
-    ("plug-in file raises", lambda t: (t / "boom.py").write_text("raise RuntimeError('boom at import')\n")
-     or _train(t, "--tasks", str(HANDWRITTEN), "--prior", f"{t}/boom.py:P", "--steps", "1"),
+    ("plug-in file raises", lambda t: _train(t, "--tasks", str(HANDWRITTEN), "--prior",
+                                             str(_file(t / "boom.py", BOOM)) + ":P"),
      r"plug-in file '{tmp}/boom\.py' fails to load: RuntimeError: boom at import"),
     # 10. config values: type and range, key named, file named
     ("yaml 1e-3 is a string", lambda t: _train(t, "--tasks", str(HANDWRITTEN), "--config", _yaml(t, "outer_lr: 1e-3\n")),
