@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import CheckpointError, clean_temporaries, defer_interrupts, load_latest
+from .checkpoint import CheckpointError, checkpoint_folders, clean_temporaries, defer_interrupts, load_latest
 from .config import ConfigError, RunConfig
 
 __all__ = ["prepare_run_dir", "check_resume", "RESUMABLE", "RunInterrupted", "defer_interrupts",
@@ -70,7 +70,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> int | None:
         step = ckpt.step if ckpt is not None else 0
         truncate_metrics(run_dir, step)
         return ckpt.step if ckpt is not None else None
-    held = [name for name in ("results.json", "checkpoints") if (run_dir / name).exists()]
+    held = [name for name, present in (("results.json", (run_dir / "results.json").exists()),
+                                       ("checkpoints", bool(checkpoint_folders(run_dir)))) if present]
     if held and not overwrite:
         what = "a finished run" if "results.json" in held else "a checkpointed run"
         raise ConfigError(f"{run_dir} already holds {what} ({', '.join(held)}); pass --resume {run_dir} to "
@@ -119,24 +120,24 @@ _TRUNCATED = re.compile(r"^(?P<name>.*?)(?: support| query)?: (?P<count>\d+) of 
 def summarize_truncation(log=None, where: str = "") -> Iterator[Counter]:
     """Collect the encoders' "N of M examples truncated from the left" warnings inside the block:
     each goes to ``log`` (the run's log.txt), and one warning at the end sums them up per task.
-    Other warnings pass through unchanged."""
+    Other warnings are shown as they come."""
     counts: Counter = Counter()
     limits: set = set()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.filterwarnings("always", message=r".*examples truncated from the left")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            match = _TRUNCATED.match(str(message))
+            if match is None:
+                return shown(message, category, filename, lineno, file, line)
+            counts[match["name"]] += int(match["count"])
+            limits.add(match["max"])
+            if log is not None:
+                log.info(f"truncated: {message}")
+
+        warnings.showwarning = show
         yield counts
-    others = []
-    for w in caught:
-        match = _TRUNCATED.match(str(w.message))
-        if match is None:
-            others.append(w)
-            continue
-        counts[match["name"]] += int(match["count"])
-        limits.add(match["max"])
-        if log is not None:
-            log.info(f"truncated: {w.message}")
-    for w in others:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if counts:
         top = ", ".join(f"{name} {n}" for name, n in counts.most_common(5))
         more = f" and {len(counts) - 5} more tasks" if len(counts) > 5 else ""

@@ -36,9 +36,15 @@ def _train(out: Path, *extra: str) -> int:
     return main(["--quiet", "train", "--method", "abmll", "--out", str(out), *TINY, *extra])
 
 
+def _default_sigint() -> None:
+    # a shell's background job starts with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # give the child the default disposition so that Python installs its KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "abmll_pyro.cli", "--quiet", *argv], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _one_error_line(err: str) -> str:
@@ -65,23 +71,28 @@ def _dead_pid() -> int:
 # ----------------------------------------------------------------------------- 1. one writer per run directory
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
-    first = _spawn("train", "--method", "abmll", "--out", str(run), *TINY, "--steps", "12", "--checkpoint-every", "4")
-    _wait_for(run / ".lock", first)
+    # a first run long enough to still be writing when the second starts (stopped with Ctrl-C below)
+    first = _spawn("train", "--method", "abmll", "--out", str(run), *TINY, "--steps", "100000",
+                   "--checkpoint-every", "100000")
+    _wait_for(run / "metrics.jsonl", first)
     holder = json.loads((run / ".lock").read_text())
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-    started = time.monotonic()
     second = _spawn("train", "--method", "abmll", "--out", str(run), *TINY, "--steps", "3", "--overwrite")
     _, err = second.communicate(timeout=120)
-    assert second.returncode == 2
+    assert first.poll() is None, "the first run must still be writing"
+    assert second.returncode == 2, err[-2000:]
     line = _one_error_line(err)
     assert f"in use by process {first.pid} on {socket.gethostname()}" in line and str(run) in line
-    assert first.poll() is None, "the check must fail at once, while the first run still writes"
-    _, err_first = first.communicate(timeout=300)
-    assert first.returncode == 0, err_first[-2000:]
-    assert not (run / ".lock").exists()  # released at the end
+    first.send_signal(signal.SIGINT)
+    try:
+        _, err_first = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err_first[-2000:]
+    assert not (run / ".lock").exists()  # released on the way out
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13)), "the refused writer must not have touched metrics.jsonl"
-    assert time.monotonic() - started < 300
+    assert steps == list(range(1, len(steps) + 1)), "the refused writer must not have touched metrics.jsonl"
+    assert json.loads((run / "config.json").read_text())["steps"] == 100000
 
 
 def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, capsys):
