@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 from .config import ConfigError, RunConfig
 from .episodes import EpisodeEncoder, EpisodeSampler
-from .evaluate import evaluate_method, metrics_json
+from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
 from .setup import build
@@ -133,27 +133,32 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
         if built.method.trainable:
             _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
         train_time = time.perf_counter() - t0
-        result = _evaluate(config, built, taskset.test, accelerator, progress, log)
+        result, predictions = _evaluate(config, built, taskset.test, accelerator, progress, log)
         result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
                       eval_time_s=time.perf_counter() - t0 - train_time,
                       peak_memory_mb=peak_memory_mb(accelerator.device))
         validate_result(result)
+        write_predictions(run_dir / "predictions.jsonl", config.method, config.seed, predictions)
         atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
-        log.info(f"macro accuracy {result['macro']['accuracy']:.4f} ece {result['macro']['ece']:.4f}; "
-                 f"wall time {result['wall_time_s']:.1f} s")
+        pooled = result["pooled"]
+        log.info(f"pooled accuracy {pooled['accuracy']:.4f} nll {pooled['nll']:.4f} ece {pooled['ece']:.4f} "
+                 f"(floor {pooled['ece_floor']:.4f}, n={pooled['n']}); wall time {result['wall_time_s']:.1f} s")
         return result
     finally:
         log.close()
 
 
-def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> dict:
+def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> tuple[dict, list]:
+    """``(result without timing fields, per-example prediction records)``."""
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
                              built.method.in_context, accelerator.device)
-    per_task, pooled = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
+    per_task, reliability = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
     tasks_json, macro = metrics_json(per_task)
-    return {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model, "tasks": str(config.tasks),
-            "seed": config.seed, "per_task": tasks_json, "macro": macro, "config": config.to_dict(),
-            "steps": config.steps if built.method.trainable else 0, "reliability": pooled}
+    result = {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model,
+              "tasks": str(config.tasks), "seed": config.seed, "per_task": tasks_json, "macro": macro,
+              "pooled": pooled_json(per_task, config.ece_bins, config.seed), "config": config.to_dict(),
+              "steps": config.steps if built.method.trainable else 0, "reliability": reliability}
+    return result, per_task.predictions()
 
 
 def load_trained(config: RunConfig, run_dir: Path, accelerator):
@@ -179,11 +184,12 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
         built, taskset = build(config, accelerator.device)
     if not taskset[split]:
         raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
-    result = _evaluate(config, built, taskset[split], accelerator, progress, None)
+    result, predictions = _evaluate(config, built, taskset[split], accelerator, progress, None)
     wall = time.perf_counter() - t0
     result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall, peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_predictions(predictions_path(out), config.method, config.seed, predictions)
         atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
     return result
