@@ -43,7 +43,7 @@ def _run_one(config: RunConfig, run_dir: Path, progress: bool, trained_by: Path 
     if trained_by is not None:  # the same training ran already: evaluate its checkpoint with this method
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
-        result = evaluate_run(config, trained_by, progress=progress, out=done)
+        result = evaluate_run(config, trained_by, progress=progress, out=done, split=config.eval_split)
         (run_dir / "log.txt").write_text(f"{config.method}: trained as {trained_by} (same training); "
                                          f"evaluated in {result['wall_time_s']:.1f} s\n")
         return result
@@ -52,7 +52,7 @@ def _run_one(config: RunConfig, run_dir: Path, progress: bool, trained_by: Path 
         return train_run(config, run_dir, resume=resume, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
-    result = evaluate_run(config, None, progress=progress, out=done)
+    result = evaluate_run(config, None, progress=progress, out=done, split=config.eval_split)
     (run_dir / "log.txt").write_text(f"{config.method}: no training; evaluated in {result['wall_time_s']:.1f} s\n")
     return result
 

@@ -41,7 +41,8 @@ class RunConfig:
     (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
     (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
     turns each option's token log-probs into its score, for every method alike. Evaluation:
-    ``ece_bins`` equal-width bins of top-label confidence.
+    ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
+    on at the end (``test``, or ``dev`` for tuning — never tune on test).
     """
 
     method: str = "abmll"
@@ -87,6 +88,7 @@ class RunConfig:
     predict_mode: str = "sample"
     # evaluation
     ece_bins: int = 15
+    eval_split: str = "test"
     # machinery
     mixed_precision: str = "no"
     device: str = "auto"
@@ -115,6 +117,7 @@ class RunConfig:
         check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
         check(self.score_reduction in SCORE_REDUCTIONS,
               f"score_reduction must be one of {list(SCORE_REDUCTIONS)}, got {self.score_reduction!r}")
+        check(self.eval_split in ("test", "dev"), f"eval_split must be 'test' or 'dev', got {self.eval_split!r}")
         check(self.predict_mode in ("sample", "mean"), f"predict_mode must be 'sample' or 'mean', got {self.predict_mode!r}")
         check(self.mixed_precision in ("no", "bf16", "fp16"),
               f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")

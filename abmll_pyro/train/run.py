@@ -133,7 +133,9 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
         if built.method.trainable:
             _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
         train_time = time.perf_counter() - t0
-        result, predictions = _evaluate(config, built, taskset.test, accelerator, progress, log)
+        if not taskset[config.eval_split]:
+            raise ConfigError(f"task source {config.tasks!r} has no {config.eval_split} tasks (eval_split)")
+        result, predictions = _evaluate(config, built, taskset[config.eval_split], accelerator, progress, log)
         result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
                       eval_time_s=time.perf_counter() - t0 - train_time,
                       peak_memory_mb=peak_memory_mb(accelerator.device))

@@ -72,3 +72,9 @@ def test_fit_temperature_recovers_a_known_temperature():
     padded = torch.cat([logits, torch.full((4000, 1), float("-inf"))], 1)
     gold = torch.multinomial(torch.softmax(logits / 2.0, -1), 1, generator=g).squeeze(1)
     assert fit_temperature(padded, gold) == pytest.approx(fit_temperature(logits, gold))
+
+
+def test_eval_split_is_validated():
+    assert RunConfig(eval_split="dev").eval_split == "dev"
+    with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
+        RunConfig(eval_split="train")
