@@ -21,7 +21,8 @@ from typing import Any, Sequence
 __all__ = ["main", "build_parser"]
 
 MAIN_FLAGS = ("seed", "steps", "kl_beta", "kl_gamma", "rank", "lora_alpha", "num_inner_steps", "inner_lr", "outer_lr",
-              "shots", "query_size", "eval_query_size", "tasks_per_step", "num_samples", "prior", "guide")
+              "shots", "query_size", "eval_query_size", "tasks_per_step", "num_samples", "prior", "guide",
+              "score_reduction")
 
 
 def _none_or(kind):
@@ -147,8 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True)
     bench.add_argument("--methods", nargs="+", choices=list(METHODS))
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    bench.add_argument("--reference", default="abmll", help="the method every other is compared against")
     bench.add_argument("--config")
     _add_config_flags(bench, skip=("method", "seed"))
+
+    cmp_ = sub.add_parser("compare", help="paired differences with 95%% bootstrap CIs from runs' predictions")
+    cmp_.add_argument("paths", nargs="+", metavar="RUN_OR_BENCH_DIR",
+                      help="run directories, benchmark directories or predictions.jsonl files")
+    cmp_.add_argument("--reference", default="abmll", help="the method every other is compared against")
+    cmp_.add_argument("--ece-bins", dest="ece_bins", type=int, default=15)
+    cmp_.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    cmp_.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
     return parser
 
 
@@ -240,20 +251,47 @@ def _cmd_benchmark(args) -> int:
     seeds = range(args.seeds if args.seeds is not None else preset.seeds)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    _, table = run_benchmark(config, args.methods or preset.methods, list(seeds), args.out, progress=not args.quiet)
+    _, table = run_benchmark(config, args.methods or preset.methods, list(seeds), args.out, progress=not args.quiet,
+                             reference=args.reference)
     print(table)
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .eval.compare import (format_comparison, format_summary, load_predictions, paired_comparison,
+                               summarize)
+
+    if args.resamples < 10:
+        raise ValueError(f"--resamples must be >= 10, got {args.resamples}")
+    if args.ece_bins < 1:
+        raise ValueError(f"--ece-bins must be >= 1, got {args.ece_bins}")
+    if args.out:
+        from .train.benchmark import write_comparison
+
+        table, comparison = write_comparison(Path(args.out), [Path(p) for p in args.paths], args.reference, args.ece_bins,
+                                             args.seed, args.resamples)
+    else:
+        preds = load_predictions(args.paths)
+        table = format_summary(summarize(preds, args.ece_bins, args.resamples, args.seed), args.ece_bins)
+        reference = args.reference
+        if reference not in preds:
+            raise ValueError(f"--reference {reference!r} has no predictions here; methods found: {sorted(preds)}")
+        comparison = format_comparison(paired_comparison(preds, reference, args.ece_bins, args.resamples, args.seed))
+    print(table)
+    print(comparison)
+    return 0
+
+
 def _print_summary(result: dict) -> None:
-    m = result["macro"]
-    print(json.dumps({"method": result["method"], "accuracy": round(m["accuracy"], 4), "ece": round(m["ece"], 4),
-                      "nll": round(m["nll"], 4), "brier": round(m["brier"], 4), "num_tasks": m["num_tasks"],
+    m = result["pooled"]
+    print(json.dumps({"method": result["method"], "accuracy": round(m["accuracy"], 4), "nll": round(m["nll"], 4),
+                      "brier": round(m["brier"], 4), "ece": round(m["ece"], 4), "ece_floor": round(m["ece_floor"], 4),
+                      "n": m["n"], "num_tasks": result["macro"]["num_tasks"],
                       "wall_time_s": round(result["wall_time_s"], 1)}))
 
 
 COMMANDS = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "benchmark": _cmd_benchmark}
+            "benchmark": _cmd_benchmark, "compare": _cmd_compare}
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from .data.tasks import Example, Task
 
 __all__ = ["Preset", "PRESETS", "ALL_METHODS", "get_preset", "synthetic_task_folder"]
 
-ALL_METHODS = ("pretrained", "icl", "lora", "structured-lora", "reptile", "abmll", "abmll-icl")
+ALL_METHODS = ("pretrained", "icl", "lora", "lora-ts", "structured-lora", "reptile", "bayes-lora", "abmll", "abmll-icl")
 
 
 @dataclass(frozen=True)

@@ -85,18 +85,20 @@ def encode_options(
     if not examples:
         raise ValueError(f"{name}: no examples to encode")
     template = make_template(template, tokenizer)
-    prompts, options, truncated = [], [], 0
+    prompts, options, chars, truncated = [], [], [], 0
     for i, ex in enumerate(examples):
         where = f"{name} example {i}"
         prompt = encode_prompt(tokenizer, template.prompt(ex.input, demonstrations), where)
-        opts = [_continuation_ids(tokenizer, template.continuation(o), f"{where} option {j}")
-                for j, o in enumerate(ex.options)]
+        texts = [template.continuation(o) for o in ex.options]
+        opts = [_continuation_ids(tokenizer, t, f"{where} option {j}") for j, t in enumerate(texts)]
+        chars.append([max(len(t), 1) for t in texts])
         prompt, cut = _fit(prompt, max(len(o) for o in opts), max_length, where)
         truncated += cut
         prompts.append(prompt)
         options.append(opts)
     _warn_truncated(truncated, len(examples), max_length, name)
-    return OptionBatch.from_token_ids(prompts, options, [ex.gold for ex in examples], pad_token_id(tokenizer), pack)
+    return OptionBatch.from_token_ids(prompts, options, [ex.gold for ex in examples], pad_token_id(tokenizer), pack,
+                                      option_chars=chars)
 
 
 def encode_tokens(

@@ -5,8 +5,9 @@ The contract the core relies on (keep it in this one place):
 * :class:`OptionBatch` holds the tokenized examples of one task (any number of options each); it
   has ``len()`` (examples), ``gold`` (``[n]`` long), ``num_options`` (``[n]`` long) and
   ``select(index)`` (a sub-batch of examples, for data-plate subsampling).
-* :func:`option_scores` returns ``[n, max_options]`` float32 scores, the summed (or mean) log-prob of
-  each option's tokens given its prompt, with padded option slots set to ``-inf``.
+* :func:`option_scores` returns ``[n, max_options]`` float32 scores, each option's token log-probs
+  given its prompt reduced by :data:`SCORE_REDUCTIONS` (summed, per token, or per character), with
+  padded option slots set to ``-inf``.
 * :class:`TokenBatch` / :func:`token_log_probs` do the same for token-level (generative) data.
 
 Rows are one sequence per option (prompt + option, right-padded). A batch may also carry a packed
@@ -26,10 +27,22 @@ from torch import Tensor
 from abmll_pyro.data.packing import PackedOptions, log_prob_of, packed_option_log_probs, packing_supported
 
 __all__ = [
-    "OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options", "packing_supported",
+    "SCORE_REDUCTIONS", "check_reduction", "OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options", "packing_supported",
 ]
 
 NEG_INF = float("-inf")
+
+#: How an option's token log-probs become its score (one setting shared by every method):
+#: ``sum`` — Σ_t log p(o_t | ·) (the joint log-likelihood; favours short options);
+#: ``mean`` — the sum over the option's token count (MetaICL divides each option's loss by its length);
+#: ``char`` — the sum over the option's character count (lm-eval's ``acc_norm``).
+SCORE_REDUCTIONS = ("sum", "mean", "char")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in SCORE_REDUCTIONS:
+        raise ValueError(f"score reduction must be one of {list(SCORE_REDUCTIONS)}, got {reduction!r}")
+    return reduction
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,9 @@ class OptionBatch:
     Shapes: ``input_ids``, ``attention_mask``, ``target_mask``: ``[R, L]``; ``row_example``,
     ``row_option``: ``[R]``; ``gold``, ``num_options``: ``[n]``. ``target_mask[r, t]`` marks the
     tokens of the option in row ``r`` (their log-probs, predicted from position ``t - 1``, are scored).
-    ``packed`` is the same data in the packed layout, or None.
+    ``packed`` is the same data in the packed layout, or None. ``option_chars`` (``[n, max_options]``
+    float32, or None) holds each option's length in characters of its scored text, for the ``char``
+    reduction (padded slots 1).
     """
 
     input_ids: Tensor
@@ -50,6 +65,7 @@ class OptionBatch:
     gold: Tensor
     num_options: Tensor
     packed: PackedOptions | None = None
+    option_chars: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.gold.shape[0])
@@ -78,6 +94,7 @@ class OptionBatch:
             gold=self.gold[index],
             num_options=self.num_options[index],
             packed=None if self.packed is None else self.packed.select(index),
+            option_chars=None if self.option_chars is None else self.option_chars[index],
         )
 
     def to(self, device: torch.device | str) -> "OptionBatch":
@@ -92,9 +109,11 @@ class OptionBatch:
         gold: Sequence[int],
         pad_id: int = 0,
         pack: bool = True,
+        option_chars: Sequence[Sequence[int]] | None = None,
     ) -> "OptionBatch":
         """Build from already-tokenized prompts and options (right padding with ``pad_id``);
-        ``pack`` also builds the packed layout."""
+        ``pack`` also builds the packed layout; ``option_chars`` gives each option's length in
+        characters (needed by the ``char`` reduction)."""
         if not (len(prompts) == len(options) == len(gold)):
             raise ValueError("prompts, options and gold must have the same length")
         rows: list[list[int]] = []
@@ -116,11 +135,19 @@ class OptionBatch:
                 row_example.append(i)
                 row_option.append(j)
         ids, att, tgt = pad_rows(rows, targets, pad_id)
+        chars = None
+        if option_chars is not None:
+            chars = torch.ones((len(prompts), max(num_options)), dtype=torch.float32)
+            for i, lengths in enumerate(option_chars):
+                if len(lengths) != num_options[i] or min(lengths) < 1:
+                    raise ValueError(f"example {i}: option_chars {list(lengths)} must give a length >= 1 per option")
+                chars[i, : len(lengths)] = torch.as_tensor(list(lengths), dtype=torch.float32)
         return cls(
             ids, att, tgt,
             torch.tensor(row_example), torch.tensor(row_option),
             torch.as_tensor(list(gold), dtype=torch.long), torch.tensor(num_options),
             PackedOptions.build(prompts, options, pad_id) if pack else None,
+            chars,
         )
 
 
@@ -149,15 +176,16 @@ def _per_row_option_log_probs(lm: torch.nn.Module, batch: OptionBatch) -> tuple[
 def option_scores(
     lm: torch.nn.Module, batch: OptionBatch, reduction: str = "sum", packed: bool | None = None
 ) -> Tensor:
-    """``[n, max_options]`` float32: each option's summed (``"sum"``) or mean (``"mean"``) token log-prob.
+    """``[n, max_options]`` float32: each option's token log-probs, reduced (:data:`SCORE_REDUCTIONS`).
 
-    score[i, j] = sum_t log p(o_ij,t | prompt_i, o_ij,<t)  (``"mean"`` divides by the option's length);
-    slots ``j >= num_options[i]`` are ``-inf``. ``packed=None`` uses the packed layout when the batch
+    score[i, j] = sum_t log p(o_ij,t | prompt_i, o_ij,<t), divided by the option's token count
+    (``"mean"``) or character count (``"char"``, from ``batch.option_chars``); slots ``j >= num_options[i]`` are ``-inf``. ``packed=None`` uses the packed layout when the batch
     has one and :func:`packing_supported` says the model honours it; True uses it regardless;
     False forces one row per option.
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    check_reduction(reduction)
+    if reduction == "char" and batch.option_chars is None:
+        raise ValueError("score reduction 'char' needs option_chars in the batch (encode it with encode_options)")
     if packed and batch.packed is None:
         raise ValueError("packed=True but the batch has no packed layout (build it with pack=True)")
     use_packed = batch.packed is not None and packing_supported(lm) if packed is None else packed
@@ -171,6 +199,8 @@ def option_scores(
         counts = per_count.new_ones(shape).index_put((batch.row_example, batch.row_option), per_count)
     if reduction == "mean":
         totals = totals / counts.clamp_min(1.0)
+    elif reduction == "char":
+        totals = totals / batch.option_chars[:, : batch.max_options].to(totals.device).clamp_min(1.0)
     return masked_fill_options(totals, batch.num_options)
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "brier_score",
     "compute_metrics",
     "expected_calibration_error",
+    "ece_floor",
+    "pad_probs",
     "macro_average",
     "negative_log_likelihood",
     "reliability_diagram",
@@ -114,7 +116,7 @@ def accuracy(probs: Tensor, gold: Tensor) -> float:
     return float(_top_class(checked, gold)[1].mean())
 
 
-def reliability_diagram(probs: Tensor, gold: Tensor, num_bins: int = 10) -> ReliabilityDiagram:
+def reliability_diagram(probs: Tensor, gold: Tensor, num_bins: int = 15) -> ReliabilityDiagram:
     """Per-bin mean confidence, accuracy and count over ``num_bins`` equal-width confidence bins.
 
     Bin ``b`` covers ``(b/B, (b+1)/B]``; the first bin also holds confidence ``0``.
@@ -124,7 +126,7 @@ def reliability_diagram(probs: Tensor, gold: Tensor, num_bins: int = 10) -> Reli
     return _reliability(checked, gold, num_bins, probs.dtype)
 
 
-def expected_calibration_error(probs: Tensor, gold: Tensor, num_bins: int = 10) -> float:
+def expected_calibration_error(probs: Tensor, gold: Tensor, num_bins: int = 15) -> float:
     """ECE: ``sum_b (|B_b| / n) |acc(B_b) - conf(B_b)|`` over equal-width top-class confidence bins.
 
     Bins as in :func:`reliability_diagram`; with ``num_bins = 1`` it is ``|mean confidence - accuracy|``.
@@ -145,6 +147,39 @@ def brier_score(probs: Tensor, gold: Tensor) -> float:
     return _brier(checked, gold)
 
 
+def ece_floor(probs: Tensor, num_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated predictor with these confidences scores at this ``n``: its noise floor.
+
+    Labels are drawn from the predicted distributions themselves, so the prediction is calibrated by
+    construction; the top label is then correct with probability ``c_i`` (its confidence). The floor is
+    the ECE of ``probs`` against such labels averaged over ``draws`` draws (generator seeded by ``seed``):
+
+        floor = E_{z_i ~ Bernoulli(c_i)} [ Σ_b |Σ_{i ∈ B_b} (z_i − c_i)| / n ],
+
+    with the bins of :func:`reliability_diagram`. It shrinks like ``1/√n``: a measured ECE is only
+    evidence of miscalibration by how far it sits above this value.
+    """
+    num_bins = check_num_bins(num_bins)
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    checked, _ = check_probs_gold(probs, torch.zeros(probs.shape[0], dtype=torch.long))
+    confidence = checked.max(dim=1).values  # [n] float64
+    edges = (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins)[1:-1].to(probs.dtype).to(torch.float64)
+    bins = torch.bucketize(confidence, edges.to(confidence.device), right=False)  # [n]
+    g = torch.Generator().manual_seed(seed)
+    hits = (torch.rand((draws, confidence.numel()), generator=g, dtype=torch.float64) < confidence.cpu()).double()
+    gaps = hits - confidence.cpu()  # [D, n]
+    per_bin = torch.zeros((draws, num_bins), dtype=torch.float64).index_add_(1, bins.cpu(), gaps)  # [D, B]
+    return float(per_bin.abs().sum(1).mean() / confidence.numel())
+
+
+def pad_probs(parts: list[Tensor]) -> Tensor:
+    """Concatenate ``[n_t, M_t]`` probability blocks of tasks with different option counts, padding
+    with probability 0 (never gold, adds nothing to any metric)."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
 @dataclass(frozen=True)
 class TaskMetrics:
     """The metrics of one task over its ``n`` evaluation examples."""
@@ -156,7 +191,7 @@ class TaskMetrics:
     n: int
 
 
-def compute_metrics(probs: Tensor, gold: Tensor, num_bins: int = 10) -> TaskMetrics:
+def compute_metrics(probs: Tensor, gold: Tensor, num_bins: int = 15) -> TaskMetrics:
     """All four metrics of one task, validating the inputs once."""
     num_bins = check_num_bins(num_bins)
     checked, gold64 = check_probs_gold(probs, gold)

@@ -10,38 +10,56 @@ from typing import Callable
 
 from ..infer.meta import MetaSVI
 from ..lora.adapter import BayesLoRA
+from ..models.likelihoods import OptionLikelihood
 from .abmll import ABMLL
-from .base import LoRAFactors, Method, option_nll, option_probs
+from .base import LoRAFactors, Method, option_logits, option_nll, option_probs
+from .bayes_lora import PerTaskBayesLoRA
 from .lora import RegularLoRA
 from .parts import make_guide, make_prior
 from .reptile import Reptile
 from .structured import StructuredLoRA
+from .temperature import TemperatureScaledLoRA
 from .zero_shot import InContext, Pretrained
 
-__all__ = ["Method", "METHODS", "TRAINABLE", "build_method", "ABMLL", "RegularLoRA", "StructuredLoRA", "Reptile",
-           "Pretrained", "InContext", "LoRAFactors", "option_nll", "option_probs", "make_prior", "make_guide"]
+__all__ = ["Method", "METHODS", "TRAINABLE", "SAME_TRAINING", "build_method", "ABMLL", "RegularLoRA",
+           "TemperatureScaledLoRA", "StructuredLoRA", "Reptile", "PerTaskBayesLoRA", "Pretrained", "InContext",
+           "LoRAFactors", "option_logits", "option_nll", "option_probs", "make_prior", "make_guide"]
+
+
+def _svi(adapter: BayesLoRA, config, num_train_tasks: int) -> MetaSVI:
+    return MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior, adapter),
+                   task_guide=make_guide(config.guide, adapter), likelihood=OptionLikelihood(config.score_reduction),
+                   num_tasks=max(num_train_tasks, 1))
 
 
 def _abmll(in_context: bool) -> Callable:
     def build(adapter: BayesLoRA, config, num_train_tasks: int) -> Method:
-        svi = MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior, adapter),
-                      task_guide=make_guide(config.guide, adapter),
-                      num_tasks=max(num_train_tasks, 1))
+        svi = _svi(adapter, config, num_train_tasks)
         return ABMLL(svi, max(num_train_tasks, 1), config.num_samples, config.predict_mode, in_context=in_context)
 
     return build
+
+
+def _bayes_lora(adapter: BayesLoRA, config, num_train_tasks: int) -> Method:
+    svi = _svi(adapter, config, num_train_tasks)
+    return PerTaskBayesLoRA(svi, max(num_train_tasks, 1), config.num_samples, config.predict_mode)
 
 
 METHODS: dict[str, Callable[[BayesLoRA, object, int], Method]] = {
     "pretrained": lambda adapter, config, n: Pretrained(adapter),
     "icl": lambda adapter, config, n: InContext(adapter),
     "lora": lambda adapter, config, n: RegularLoRA(adapter, config.inner_config(), config.outer_lr),
+    "lora-ts": lambda adapter, config, n: TemperatureScaledLoRA(adapter, config.inner_config(), config.outer_lr),
     "structured-lora": lambda adapter, config, n: StructuredLoRA(adapter, config.inner_config(), config.outer_lr),
     "reptile": lambda adapter, config, n: Reptile(adapter, config.inner_config(), config.reptile_step_size),
     "abmll": _abmll(in_context=False),
     "abmll-icl": _abmll(in_context=True),
+    "bayes-lora": _bayes_lora,
 }
-TRAINABLE = ("lora", "structured-lora", "reptile", "abmll", "abmll-icl")
+TRAINABLE = ("lora", "lora-ts", "structured-lora", "reptile", "abmll", "abmll-icl")
+#: methods whose training is another method's, exactly (same parameters, loss and draws): a benchmark
+#: evaluates them from that method's checkpoint instead of training twice
+SAME_TRAINING = {"lora-ts": "lora"}
 
 
 def check_method(name: str) -> str:
@@ -51,4 +69,7 @@ def check_method(name: str) -> str:
 
 
 def build_method(name: str, adapter: BayesLoRA, config, num_train_tasks: int) -> Method:
-    return METHODS[check_method(name)](adapter, config, num_train_tasks)
+    """The method ``name``, scoring options with the config's ``score_reduction``."""
+    method = METHODS[check_method(name)](adapter, config, num_train_tasks)
+    method.likelihood = OptionLikelihood(config.score_reduction)
+    return method

@@ -25,10 +25,13 @@ from ..data.scoring import OptionBatch
 from ..lora.adapter import BayesLoRA
 from ..models.likelihoods import OptionLikelihood
 
-__all__ = ["Method", "LoRAFactors", "option_nll", "option_probs"]
+__all__ = ["Method", "LoRAFactors", "option_logits", "option_nll", "option_probs"]
 
 Params = Mapping[str, Tensor]
 Backward = Callable[[Tensor], None]
+
+
+_SUM = OptionLikelihood("sum")
 
 
 class Method:
@@ -37,6 +40,8 @@ class Method:
     name: str = "method"
     trainable: bool = False
     in_context: bool = False
+    #: how option scores are reduced (the run's ``score_reduction``); builders set it for every method
+    likelihood: OptionLikelihood = _SUM
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -61,21 +66,25 @@ class Method:
             raise ValueError(f"{self.name} has no trainable state, got tensors {sorted(tensors)[:5]}")
 
 
-_LIKELIHOOD = OptionLikelihood()
-
-
-def option_probs(adapter: BayesLoRA, params: Params | None, batch: OptionBatch) -> Tensor:
-    """Softmax over option scores under the mean-mode LoRA ``params`` (None: the base model)."""
+def option_logits(adapter: BayesLoRA, params: Params | None, batch: OptionBatch,
+                  likelihood: OptionLikelihood | None = None) -> Tensor:
+    """Option scores ``[n, max_options]`` (the softmax's logits) under the mean-mode LoRA ``params``
+    (None: the base model), reduced by ``likelihood`` (default: summed token log-probs)."""
     deltas = adapter.mean_deltas(params) if params is not None else {m: None for m in adapter.module_names}
     with adapter.use(deltas):
-        return torch.softmax(_LIKELIHOOD.scores(adapter.lm, batch), -1)
+        return (likelihood or _SUM).scores(adapter.lm, batch)
 
 
-def option_nll(adapter: BayesLoRA, params: Params, batch: OptionBatch) -> Tensor:
+def option_probs(adapter: BayesLoRA, params: Params | None, batch: OptionBatch,
+                 likelihood: OptionLikelihood | None = None) -> Tensor:
+    """Softmax over option scores under the mean-mode LoRA ``params`` (None: the base model)."""
+    return torch.softmax(option_logits(adapter, params, batch, likelihood), -1)
+
+
+def option_nll(adapter: BayesLoRA, params: Params, batch: OptionBatch,
+               likelihood: OptionLikelihood | None = None) -> Tensor:
     """Mean −log p(gold | x) of a plain (deterministic) LoRA: the cross-entropy over options."""
-    with adapter.use(adapter.mean_deltas(params)):
-        scores = _LIKELIHOOD.scores(adapter.lm, batch)
-    logp = torch.log_softmax(scores.float(), -1)
+    logp = torch.log_softmax(option_logits(adapter, params, batch, likelihood).float(), -1)
     gold = batch.gold.to(logp.device)
     return -logp.gather(1, gold[:, None]).mean()
 

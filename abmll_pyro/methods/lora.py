@@ -21,14 +21,16 @@ from ..config import InnerLoopConfig
 from ..data.scoring import OptionBatch
 from ..infer.inner import inner_loop
 from ..lora.adapter import BayesLoRA
+from ..models.likelihoods import OptionLikelihood
 from .base import Backward, LoRAFactors, Method, option_nll, option_probs
 
 __all__ = ["RegularLoRA", "finetune"]
 
 
-def finetune(adapter: BayesLoRA, start: dict[str, Tensor], support: OptionBatch, inner: InnerLoopConfig) -> dict[str, Tensor]:
+def finetune(adapter: BayesLoRA, start: dict[str, Tensor], support: OptionBatch, inner: InnerLoopConfig,
+             likelihood: OptionLikelihood | None = None) -> dict[str, Tensor]:
     """``inner.num_inner_steps`` steps of the inner optimizer on the support cross-entropy (detached)."""
-    refined = inner_loop(lambda p: option_nll(adapter, p, support), start, inner.num_inner_steps,
+    refined = inner_loop(lambda p: option_nll(adapter, p, support, likelihood), start, inner.num_inner_steps,
                          inner.inner_lr, inner.optimizer)
     return {k: v.detach() for k, v in refined.items()}
 
@@ -53,16 +55,16 @@ class RegularLoRA(Method):
         total, nll = sum(sizes), 0.0
         for ep in episodes:
             for batch in (ep.support, ep.query):
-                loss = option_nll(self.adapter, self.lora.params(), batch) * (len(batch) / total)
+                loss = option_nll(self.adapter, self.lora.params(), batch, self.likelihood) * (len(batch) / total)
                 backward(loss)
                 nll += float(loss.detach())
         return {"loss": nll, "nll": nll}
 
     def adapt(self, episode) -> dict[str, Tensor]:
-        return finetune(self.adapter, self.lora.params(), episode.support, self.inner)
+        return finetune(self.adapter, self.lora.params(), episode.support, self.inner, self.likelihood)
 
     def predict(self, state, episode) -> Tensor:
-        return option_probs(self.adapter, state, episode.query)
+        return option_probs(self.adapter, state, episode.query, self.likelihood)
 
     def state_tensors(self):
         return self.lora.state_tensors()

@@ -48,7 +48,8 @@ class Reptile(Method):
         n = len(support) + len(query)
 
         def loss_fn(p: dict[str, Tensor]) -> Tensor:
-            loss = (option_nll(self.adapter, p, support) * len(support) + option_nll(self.adapter, p, query) * len(query)) / n
+            loss = (option_nll(self.adapter, p, support, self.likelihood) * len(support)
+                    + option_nll(self.adapter, p, query, self.likelihood) * len(query)) / n
             seen.append(float(loss.detach()))
             return loss
 
@@ -75,10 +76,10 @@ class Reptile(Method):
                 "meta_shift_norm": float(torch.sqrt(sum((s * s).sum() for s in shift.values())))}
 
     def adapt(self, episode) -> dict[str, Tensor]:
-        return finetune(self.adapter, self.lora.params(), episode.support, self.inner)
+        return finetune(self.adapter, self.lora.params(), episode.support, self.inner, self.likelihood)
 
     def predict(self, state, episode) -> Tensor:
-        return option_probs(self.adapter, state, episode.query)
+        return option_probs(self.adapter, state, episode.query, self.likelihood)
 
     def state_tensors(self):
         return self.lora.state_tensors()

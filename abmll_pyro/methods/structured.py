@@ -23,12 +23,9 @@ from ..data.scoring import OptionBatch
 from ..infer.inner import inner_loop, pass_through
 from ..lora.adapter import BayesLoRA
 from ..lora.layer import LowRankDelta
-from ..models.likelihoods import OptionLikelihood
 from .base import Backward, LoRAFactors, Method
 
 __all__ = ["StructuredLoRA"]
-
-_LIKELIHOOD = OptionLikelihood()
 
 
 class StructuredLoRA(Method):
@@ -53,7 +50,7 @@ class StructuredLoRA(Method):
 
     def _nll(self, shared, task, batch: OptionBatch) -> Tensor:
         with self.adapter.use(self._deltas(shared, task)):
-            scores = _LIKELIHOOD.scores(self.adapter.lm, batch)
+            scores = self.likelihood.scores(self.adapter.lm, batch)
         logp = torch.log_softmax(scores.float(), -1)
         return -logp.gather(1, batch.gold.to(logp.device)[:, None]).mean()
 
@@ -79,7 +76,7 @@ class StructuredLoRA(Method):
     @torch.no_grad()
     def predict(self, state, episode) -> Tensor:
         with self.adapter.use(self._deltas(self.shared.params(), state)):
-            return torch.softmax(_LIKELIHOOD.scores(self.adapter.lm, episode.query), -1)
+            return torch.softmax(self.likelihood.scores(self.adapter.lm, episode.query), -1)
 
     def state_tensors(self):
         return {**self.shared.state_tensors(), **self.task_init.state_tensors()}

@@ -25,7 +25,7 @@ class Pretrained(Method):
         return None
 
     def predict(self, state, episode) -> Tensor:
-        return option_probs(self.adapter, None, episode.query)
+        return option_probs(self.adapter, None, episode.query, self.likelihood)
 
 
 class InContext(Pretrained):

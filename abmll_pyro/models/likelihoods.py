@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import sites
-from ..data.scoring import OptionBatch, TokenBatch, option_scores, token_log_probs
+from ..data.scoring import OptionBatch, TokenBatch, check_reduction, option_scores, token_log_probs
 
 __all__ = ["TaskData", "Likelihood", "OptionLikelihood", "TokenLikelihood"]
 
@@ -70,13 +70,14 @@ def _chunks(n: int, size: int | None) -> list[Tensor]:
 class OptionLikelihood(Likelihood):
     """gold_j ~ Categorical(softmax(score_j1, ..., score_jK)), score = option log-likelihood.
 
-    ``reduction``: ``"sum"`` (default) or ``"mean"`` over the option's tokens. ``chunk_size``: at most
+    ``reduction``: how token log-probs become an option's score — ``"sum"`` (default here; the run
+    config's ``score_reduction`` chooses for every method), ``"mean"`` per token (MetaICL) or ``"char"``
+    per character (lm-eval's ``acc_norm``); see :data:`~abmll_pyro.data.scoring.SCORE_REDUCTIONS`. ``chunk_size``: at most
     this many examples per LM call (memory), results concatenated.
     """
 
     def __init__(self, reduction: str = "sum", chunk_size: int | None = None):
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check_reduction(reduction)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
         self.reduction, self.chunk_size = reduction, chunk_size

@@ -1,9 +1,17 @@
-"""Every method on the same splits, shots, budgets and seeds; a table and reliability diagrams.
+"""Every method on the same splits, shots, budgets and seeds; tables, paired comparisons and plots.
 
 ``run_benchmark`` runs each (method, seed) into ``<out>/runs/<method>-seed<k>/`` (a finished run, one
 with ``results.json``, is reused, so an interrupted benchmark continues where it stopped), then writes
-``<out>/results.json`` (the list of run results), ``<out>/table.md`` (mean ± std over seeds of the
-macro metrics) and ``<out>/reliability-<method>.png`` (test examples of all seeds pooled).
+
+* ``<out>/results.json`` — the list of run results;
+* ``<out>/table.md`` — each method's pooled accuracy, NLL, Brier and ECE over all query examples of all
+  seeds, ± the bootstrap standard error, with the ECE floor (:func:`~abmll_pyro.eval.compare.summarize`);
+* ``<out>/comparison.md`` / ``comparison.json`` — paired differences against the reference method
+  (``abmll`` when it ran) with 95% bootstrap CIs (:func:`~abmll_pyro.eval.compare.paired_comparison`);
+* ``<out>/reliability-<method>.png`` — reliability diagrams (test examples of all seeds pooled).
+
+A method whose training is exactly another's (:data:`~abmll_pyro.methods.SAME_TRAINING`: ``lora-ts``
+trains as ``lora``) is evaluated from that method's checkpoint instead of being trained again.
 """
 
 from __future__ import annotations
@@ -17,26 +25,34 @@ from typing import Sequence
 
 import torch
 
+from ..eval.compare import format_comparison, format_summary, load_predictions, paired_comparison, summarize
 from ..eval.metrics import ReliabilityDiagram
-from ..methods import TRAINABLE
+from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run
 
-__all__ = ["run_benchmark", "format_table", "pooled_diagram"]
+__all__ = ["run_benchmark", "format_table", "pooled_diagram", "write_comparison"]
 
 
-def _run_one(config: RunConfig, run_dir: Path, progress: bool) -> dict:
+def _run_one(config: RunConfig, run_dir: Path, progress: bool, trained_by: Path | None = None) -> dict:
     done = run_dir / RESULTS
     if done.exists():
         return validate_result(json.loads(done.read_text()))
+    if trained_by is not None:  # the same training ran already: evaluate its checkpoint with this method
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+        result = evaluate_run(config, trained_by, progress=progress, out=done, split=config.eval_split)
+        (run_dir / "log.txt").write_text(f"{config.method}: trained as {trained_by} (same training); "
+                                         f"evaluated in {result['wall_time_s']:.1f} s\n")
+        return result
     if config.method in TRAINABLE:
         resume = (run_dir / CONFIG).exists() and (run_dir / "checkpoints" / "latest.json").exists()
         return train_run(config, run_dir, resume=resume, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
-    result = evaluate_run(config, None, progress=progress, out=done)
+    result = evaluate_run(config, None, progress=progress, out=done, split=config.eval_split)
     (run_dir / "log.txt").write_text(f"{config.method}: no training; evaluated in {result['wall_time_s']:.1f} s\n")
     return result
 
@@ -73,14 +89,33 @@ def format_table(results: Sequence[dict]) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(rs)} | {statistics.mean(r['wall_time_s'] for r in rs):.0f} |")
     first = results[0]
     lines.append("")
+    bins = first["pooled"]["ece_bins"] if "pooled" in first else first["reliability"]["num_bins"]
     lines.append(f"Macro averages over {first['macro']['num_tasks']} unseen tasks ({first['macro']['n']} query examples "
-                 f"per seed); ECE with 10 equal-width bins of top-class confidence, per task then averaged; "
-                 f"± is the sample std over seeds. Model {first['model']}, tasks {first['tasks']}.")
+                 f"per seed); ECE with {bins} equal-width bins of top-class confidence, per task then averaged "
+                 f"(biased upward at small n per task: prefer table.md's pooled ECE); ± is the sample std over "
+                 f"seeds. Model {first['model']}, tasks {first['tasks']}.")
     return "\n".join(lines) + "\n"
 
 
+def write_comparison(out: Path, paths: Sequence[Path], reference: str, num_bins: int, seed: int = 0,
+                     num_resamples: int = 1000) -> tuple[str, str]:
+    """Write ``table.md`` (pooled metrics ± bootstrap SE) and ``comparison.md``/``.json`` (paired
+    differences against ``reference``) for the predictions under ``paths``; return both texts."""
+    preds = load_predictions(paths)
+    summary = summarize(preds, num_bins, num_resamples, seed)
+    rows = paired_comparison(preds, reference, num_bins, num_resamples, seed) if reference in preds else []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    table, comparison = format_summary(summary, num_bins), format_comparison(rows)
+    atomic_write_text(out / "table.md", table)
+    atomic_write_text(out / "comparison.md", comparison)
+    atomic_write_text(out / "comparison.json", json.dumps({"reference": reference, "ece_bins": num_bins,
+                                                           "summary": summary, "paired": rows}, indent=1) + "\n")
+    return table, comparison
+
+
 def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
-                  progress: bool = True) -> tuple[list[dict], str]:
+                  progress: bool = True, reference: str = "abmll") -> tuple[list[dict], str]:
+    """Run every (method, seed); return the results and the printed text (table and comparison)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -88,10 +123,17 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     for seed in seeds:
         for method in methods:
             config = base.updated(method=method, seed=seed)
-            results.append(_run_one(config, out / "runs" / f"{method}-seed{seed}", progress))
+            source = SAME_TRAINING.get(method)
+            trained_by = out / "runs" / f"{source}-seed{seed}" if source in methods else None
+            if trained_by is not None and methods.index(source) > methods.index(method):
+                trained_by = None  # its twin runs later: train here instead
+            results.append(_run_one(config, out / "runs" / f"{method}-seed{seed}", progress, trained_by))
     atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")
-    table = format_table(results)
-    atomic_write_text(out / "table.md", table)
+    run_dirs = [out / "runs" / f"{r['method']}-seed{r['seed']}" for r in results]
+    ref = reference if reference in methods else methods[0]
+    table, comparison = write_comparison(out, run_dirs, ref, base.ece_bins)
+    atomic_write_text(out / "macro_table.md", format_table(results))
+    table = table + "\n" + comparison
     try:
         from ..eval.plots import plot_reliability
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
+from ..data.scoring import SCORE_REDUCTIONS
 
 __all__ = ["RunConfig", "load_config_file", "ConfigError"]
 
@@ -31,15 +32,20 @@ class RunConfig:
     ``train_tasks``/``dev_tasks``/``test_tasks`` name a folder's tasks by file stem, overriding its
     ``splits.json``),
     ``shots`` support and ``query_size`` query examples per training episode, ``eval_query_size``
-    query examples per test task, ``max_train_tasks``/``max_test_tasks`` (first N of each split),
-    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left; null: the model's context window; a value beyond
-    that window is clipped to it with a warning; with
+    query examples per test task (all examples not used as support, up to this many),
+    ``max_train_tasks``/``max_test_tasks`` (first N of each split),
+    ``max_examples`` (per task file), ``max_length`` (tokens, prompt cut from the left; null: the model's
+    context window; a value beyond that window is clipped to it with a warning; with
     ``drop_long_examples`` examples that do not fit are dropped instead, and tasks left too small); ``icl_max_length`` bounds prompts that carry demonstrations (default
     ``max_length·(shots + 1)``; demonstrations are cut from the left first).
     Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
     per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
     test alike); ``reptile_step_size`` is Reptile's outer ε. Prediction: ``num_samples`` draws of φ
-    (``predict_mode="sample"``) or the posterior mean (``"mean"``).
+    (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
+    (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
+    turns each option's token log-probs into its score, for every method alike. Evaluation:
+    ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
+    on at the end (``test``, or ``dev`` for tuning — never tune on test).
     """
 
     method: str = "abmll"
@@ -53,7 +59,7 @@ class RunConfig:
     # data
     shots: int = 4
     query_size: int = 4
-    eval_query_size: int = 16
+    eval_query_size: int = 64
     max_train_tasks: int | None = None
     max_test_tasks: int | None = None
     max_examples: int | None = None
@@ -61,6 +67,7 @@ class RunConfig:
     drop_long_examples: bool = False
     icl_max_length: int | None = None
     template: str = "direct"
+    score_reduction: str = "sum"
     # adapter
     rank: int = 8
     lora_alpha: float = 16.0
@@ -85,6 +92,9 @@ class RunConfig:
     # prediction
     num_samples: int = 8
     predict_mode: str = "sample"
+    # evaluation
+    ece_bins: int = 15
+    eval_split: str = "test"
     # machinery
     mixed_precision: str = "no"
     device: str = "auto"
@@ -102,7 +112,7 @@ class RunConfig:
             object.__setattr__(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
 
         for name in ("steps", "tasks_per_step", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "eval_query_size", "query_size", "num_samples"):
+                     "eval_query_size", "query_size", "num_samples", "ece_bins"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(isinstance(self.shots, int) and self.shots >= 1, f"shots must be an integer >= 1, got {self.shots!r}")
@@ -114,6 +124,9 @@ class RunConfig:
         check(self.kl_gamma is None or (math.isfinite(self.kl_gamma) and self.kl_gamma >= 0),
               f"kl_gamma must be finite and >= 0 (or null), got {self.kl_gamma!r}")
         check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
+        check(self.score_reduction in SCORE_REDUCTIONS,
+              f"score_reduction must be one of {list(SCORE_REDUCTIONS)}, got {self.score_reduction!r}")
+        check(self.eval_split in ("test", "dev"), f"eval_split must be 'test' or 'dev', got {self.eval_split!r}")
         check(self.predict_mode in ("sample", "mean"), f"predict_mode must be 'sample' or 'mean', got {self.predict_mode!r}")
         check(self.mixed_precision in ("no", "bf16", "fp16"),
               f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")

@@ -1,7 +1,19 @@
 """Evaluation on unseen tasks: adapt on each support set, score the query set, compute the metrics.
 
 Every method sees the same splits: :func:`~abmll_pyro.train.episodes.test_splits` draws one
-support/query split per test task from the run's seed alone.
+support/query split per test task from the run's seed alone (``shots`` support examples, then all
+remaining examples up to ``eval_query_size`` as the query set).
+
+Three views of one evaluation, all in results.json:
+
+* ``per_task`` and ``macro`` — each task's metrics and their unweighted mean over tasks;
+* ``pooled`` — the headline: accuracy, NLL, Brier and ECE over *all* query examples of the split
+  together (ECE on few examples per task is dominated by its own small-sample bias), with
+  ``ece_floor``, the ECE a perfectly calibrated predictor with the same confidences would score at
+  that n (:func:`~abmll_pyro.eval.metrics.ece_floor`);
+* ``predictions.jsonl`` beside results.json — one line per query example (task, example index in the
+  task, gold, option probabilities), so any comparison can be recomputed without a model
+  (``abmll compare``).
 
 Adaptation time: the wall-clock seconds of ``method.adapt(episode)`` alone (the guide's start, e.g. the
 amortized guide's LM pass over the support set, plus the K inner steps; not encoding, not prediction;
@@ -11,28 +23,44 @@ and their mean over the test tasks (``macro.adapt_time_s_per_task``).
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.tasks import Task
-from ..eval.metrics import compute_metrics, macro_average
+from ..eval.metrics import compute_metrics, ece_floor, macro_average, pad_probs
 from ..methods import Method
 from .config import RunConfig
 from .episodes import EpisodeEncoder, test_splits
 
-__all__ = ["evaluate_method", "pooled_reliability", "metrics_json", "TaskResults"]
+__all__ = ["evaluate_method", "pooled_reliability", "pooled_metrics", "pooled_json", "metrics_json", "TaskResults",
+           "write_predictions", "predictions_path"]
 
 
 class TaskResults(dict):
-    """Task name → :class:`~abmll_pyro.eval.metrics.TaskMetrics`, with ``adapt_time_s``: task name →
-    seconds spent in ``method.adapt`` (a dict, so existing callers read it as before)."""
+    """Task name → :class:`~abmll_pyro.eval.metrics.TaskMetrics`, with ``adapt_time_s`` (task name →
+    seconds spent in ``method.adapt``), ``probs``/``gold`` (task name → the query's option
+    probabilities ``[n, M]`` and gold ``[n]``) and ``example_index`` (task name → each query example's
+    index in the task's example list)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.adapt_time_s: dict[str, float] = {}
+        self.probs: dict[str, torch.Tensor] = {}
+        self.gold: dict[str, torch.Tensor] = {}
+        self.example_index: dict[str, list[int]] = {}
+
+    def predictions(self) -> list[dict]:
+        """One record per query example, in task order: ``task``, ``index``, ``gold``, ``probs``."""
+        rows = []
+        for name in self:
+            for idx, gold, p in zip(self.example_index[name], self.gold[name].tolist(), self.probs[name].tolist()):
+                rows.append({"task": name, "index": idx, "gold": gold, "probs": p})
+        return rows
 
 
 def _sync(device: torch.device) -> None:
@@ -40,7 +68,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pooled_reliability(probs: torch.Tensor, gold: torch.Tensor, num_bins: int = 10) -> dict:
+def pooled_reliability(probs: torch.Tensor, gold: torch.Tensor, num_bins: int = 15) -> dict:
     """Per-bin sums (count, confidence, correct) of top-class confidence: they add across tasks and seeds."""
     conf, pred = probs.double().max(1)
     bins = torch.clamp(torch.ceil(conf * num_bins).long() - 1, 0, num_bins - 1)
@@ -51,13 +79,26 @@ def pooled_reliability(probs: torch.Tensor, gold: torch.Tensor, num_bins: int = 
             "correct_sum": torch.bincount(bins, weights=correct, minlength=num_bins).tolist()}
 
 
+def pooled_metrics(probs: torch.Tensor, gold: torch.Tensor, num_bins: int = 15, seed: int = 0) -> dict:
+    """Accuracy, NLL, Brier and ECE over all examples together, with the ECE's noise floor."""
+    m = compute_metrics(probs, gold, num_bins)
+    return {"accuracy": m.accuracy, "nll": m.nll, "brier": m.brier, "ece": m.ece,
+            "ece_floor": ece_floor(probs, num_bins, seed=seed), "ece_bins": num_bins, "n": m.n}
+
+
+def _query_indices(task: Task, split) -> list[int]:
+    position = {id(ex): i for i, ex in enumerate(task.examples)}
+    return [position[id(ex)] for ex in split.query]
+
+
 def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncoder, config: RunConfig,
-                    progress: bool = True, autocast=None) -> tuple[dict, dict]:
-    """``(per_task metrics, pooled reliability sums)`` of ``method`` on ``tasks``' query sets."""
+                    progress: bool = True, autocast=None) -> tuple[TaskResults, dict]:
+    """``(per_task results, pooled reliability sums)`` of ``method`` on ``tasks``' query sets."""
     torch.manual_seed(config.seed)  # posterior draws independent of how much training consumed
-    per_task, all_probs, all_gold = TaskResults(), [], []
+    per_task = TaskResults()
     splits = test_splits(tasks, config.shots, config.eval_query_size, config.seed)
-    for split in tqdm(splits, desc=f"evaluate {method.name}", disable=not progress, leave=False):
+    for task, split in tqdm(list(zip(tasks, splits)), desc=f"evaluate {method.name}", disable=not progress,
+                            leave=False):
         episode = encoder(split)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             device = episode.query.gold.device
@@ -69,13 +110,11 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             with torch.no_grad():
                 probs = method.predict(state, episode).float().cpu()
         gold = episode.query.gold.cpu()
-        per_task[split.name] = compute_metrics(probs, gold)
-        all_probs.append(probs)
-        all_gold.append(gold)
-    width = max(p.shape[1] for p in all_probs)  # tasks differ in option count: pad with probability 0
-    pooled = pooled_reliability(torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in all_probs]),
-                                torch.cat(all_gold))
-    return per_task, pooled
+        per_task[split.name] = compute_metrics(probs, gold, config.ece_bins)
+        per_task.probs[split.name], per_task.gold[split.name] = probs, gold
+        per_task.example_index[split.name] = _query_indices(task, split)
+    all_probs, all_gold = pad_probs(list(per_task.probs.values())), torch.cat(list(per_task.gold.values()))
+    return per_task, pooled_reliability(all_probs, all_gold, config.ece_bins)
 
 
 def metrics_json(per_task: dict) -> tuple[dict, dict]:
@@ -91,3 +130,26 @@ def metrics_json(per_task: dict) -> tuple[dict, dict]:
             tasks[name]["adapt_time_s"] = seconds
         macro["adapt_time_s_per_task"] = sum(times.values()) / len(times)
     return tasks, macro
+
+
+def pooled_json(per_task: TaskResults, num_bins: int, seed: int) -> dict:
+    """results.json's ``pooled`` block from :func:`evaluate_method`'s results."""
+    probs = pad_probs([per_task.probs[t] for t in per_task])
+    gold = torch.cat([per_task.gold[t] for t in per_task])
+    return pooled_metrics(probs, gold, num_bins, seed)
+
+
+def predictions_path(results_path: str | Path) -> Path:
+    """Where the predictions of a results file go: ``predictions.jsonl`` beside ``results.json``, else
+    ``<stem>.predictions.jsonl``."""
+    results_path = Path(results_path)
+    name = "predictions.jsonl" if results_path.name == "results.json" else f"{results_path.stem}.predictions.jsonl"
+    return results_path.with_name(name)
+
+
+def write_predictions(path: str | Path, method: str, seed: int, rows: Sequence[dict]) -> None:
+    """Write ``rows`` (from :meth:`TaskResults.predictions`) as JSONL, each with ``method`` and ``seed``."""
+    from .checkpoint import atomic_write_text
+
+    text = "".join(json.dumps({"method": method, "seed": seed, **r}) + "\n" for r in rows)
+    atomic_write_text(Path(path), text)

@@ -7,6 +7,8 @@ One run's result is a JSON object::
                          [, "adapt_time_s": float]}},
      "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int
                [, "adapt_time_s_per_task": float]},
+     "pooled": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int,
+                "ece_floor": float, "ece_bins": int},
      "config": {...the resolved RunConfig...}, "wall_time_s": float, "train_time_s": float,
      "eval_time_s": float, "peak_memory_mb": float, "steps": int,
      "reliability": {"num_bins": int, "count": [int], "confidence_sum": [float], "correct_sum": [float]}}
@@ -21,9 +23,9 @@ from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "METRICS", "validate_result", "ResultsError"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METRICS = ("accuracy", "ece", "nll", "brier")
-_TOP = {"schema_version": int, "method": str, "model": str, "tasks": str, "seed": int, "per_task": dict, "macro": dict,
+_TOP = {"schema_version": int, "method": str, "model": str, "tasks": str, "seed": int, "per_task": dict, "macro": dict, "pooled": dict,
         "config": dict, "wall_time_s": (int, float), "train_time_s": (int, float), "eval_time_s": (int, float),
         "peak_memory_mb": (int, float), "steps": int, "reliability": dict}
 _RANGES = {"accuracy": (0.0, 1.0), "ece": (0.0, 1.0), "nll": (0.0, math.inf), "brier": (0.0, 2.0)}
@@ -64,6 +66,12 @@ def validate_result(result: Any) -> dict:
     for task, values in result["per_task"].items():
         _metrics(f"per_task[{task!r}]", values, ())
     _metrics("macro", result["macro"], ("num_tasks",))
+    _metrics("pooled", result["pooled"], ("ece_bins",))
+    floor = result["pooled"].get("ece_floor")
+    if not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ResultsError(f"pooled.ece_floor must be a number in [0, 1], got {floor!r}")
+    if result["pooled"]["n"] != sum(v["n"] for v in result["per_task"].values()):
+        raise ResultsError(f"pooled.n={result['pooled']['n']} is not the sum of per_task n")
     if result["macro"]["num_tasks"] != len(result["per_task"]):
         raise ResultsError(f"macro.num_tasks={result['macro']['num_tasks']} but per_task has {len(result['per_task'])}")
     rel = result["reliability"]

@@ -29,7 +29,7 @@ from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted
                      summarize_truncation)
 from .lock import RunLock
 from .episodes import EpisodeEncoder, EpisodeSampler
-from .evaluate import evaluate_method, metrics_json
+from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
 from .setup import build
@@ -151,33 +151,38 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
              f"seed {config.seed}, device {accelerator.device}")
     built, taskset = build(config, accelerator.device)
     config = built.config
-    if not taskset.test:
-        raise ConfigError(f"task source {config.tasks!r} has no test tasks: nothing to evaluate after training "
-                          f"(name them with --test-tasks, or in the folder's splits.json)")
+    if not taskset[config.eval_split]:  # before training, not after it
+        raise ConfigError(f"task source {config.tasks!r} has no {config.eval_split} tasks: nothing to evaluate after "
+                          f"training (name them with --{config.eval_split}-tasks, or in the folder's splits.json)")
     log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
              f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
     if built.method.trainable:
         _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
     train_time = time.perf_counter() - t0
-    result = _evaluate(config, built, taskset.test, accelerator, progress, log)
+    result, predictions = _evaluate(config, built, taskset[config.eval_split], accelerator, progress, log)
     result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
                   eval_time_s=time.perf_counter() - t0 - train_time,
                   peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)
+    write_predictions(run_dir / "predictions.jsonl", config.method, config.seed, predictions)
     atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
-    log.info(f"macro accuracy {result['macro']['accuracy']:.4f} ece {result['macro']['ece']:.4f}; "
-             f"wall time {result['wall_time_s']:.1f} s")
+    pooled = result["pooled"]
+    log.info(f"pooled accuracy {pooled['accuracy']:.4f} nll {pooled['nll']:.4f} ece {pooled['ece']:.4f} "
+             f"(floor {pooled['ece_floor']:.4f}, n={pooled['n']}); wall time {result['wall_time_s']:.1f} s")
     return result
 
 
-def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> dict:
+def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> tuple[dict, list]:
+    """``(result without timing fields, per-example prediction records)``."""
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
                              built.method.in_context, accelerator.device)
-    per_task, pooled = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
+    per_task, reliability = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
     tasks_json, macro = metrics_json(per_task)
-    return {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model, "tasks": str(config.tasks),
-            "seed": config.seed, "per_task": tasks_json, "macro": macro, "config": config.to_dict(),
-            "steps": config.steps if built.method.trainable else 0, "reliability": pooled}
+    result = {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model,
+              "tasks": str(config.tasks), "seed": config.seed, "per_task": tasks_json, "macro": macro,
+              "pooled": pooled_json(per_task, config.ece_bins, config.seed), "config": config.to_dict(),
+              "steps": config.steps if built.method.trainable else 0, "reliability": reliability}
+    return result, per_task.predictions()
 
 
 def load_trained(config: RunConfig, run_dir: Path, accelerator, with_tasks: bool = True):
@@ -208,7 +213,7 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
         config = built.config
         if not taskset[split]:
             raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
-        result = _evaluate(config, built, taskset[split], accelerator, progress, None)
+        result, predictions = _evaluate(config, built, taskset[split], accelerator, progress, None)
     if run_dir is not None and built.method.trainable:
         result["steps"] = built.trained_steps  # a partially trained run reports the step it was evaluated at
     wall = time.perf_counter() - t0
@@ -216,5 +221,6 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
     validate_result(result)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_predictions(predictions_path(out), config.method, config.seed, predictions)
         atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
     return result

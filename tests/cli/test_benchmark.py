@@ -24,7 +24,20 @@ def test_smoke_benchmark_end_to_end(tmp_path, capsys):
         assert set(r["per_task"]) == set(results[0]["per_task"])  # the same unseen tasks for every method
         assert r["macro"]["n"] == results[0]["macro"]["n"]  # and the same query sets
         assert f"| {r['method']} |" in table
+        pooled = r["pooled"]
+        assert pooled["n"] == r["macro"]["n"] and 0 <= pooled["ece_floor"] <= 1 and pooled["nll"] > 0
+        lines = (tmp_path / "runs" / f"{r['method']}-seed0" / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == pooled["n"]
+        rec = json.loads(lines[0])
+        assert set(rec) == {"method", "seed", "task", "index", "gold", "probs"} and rec["method"] == r["method"]
     assert (tmp_path / "table.md").read_text() in table
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert comparison in table and "| abmll − method |" in comparison
+    paired = json.loads((tmp_path / "comparison.json").read_text())["paired"]
+    assert {row["method"] for row in paired} == set(ALL_METHODS) - {"abmll"}
+    assert all(len(row["nll"]["ci95"]) == 2 for row in paired)
+    # lora-ts is evaluated from lora's checkpoint: the same trained factors, not a second training
+    assert "same training" in (tmp_path / "runs" / "lora-ts-seed0" / "log.txt").read_text()
     # a finished benchmark is reused, not rerun
     t1 = time.perf_counter()
     assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path), "--methods", "abmll"]) == 0

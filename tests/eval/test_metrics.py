@@ -75,9 +75,9 @@ def test_hand_computed_ece_three_bins():
     assert d.num_bins == 3 and d.n == 7 and d.ece == pytest.approx(0.9 / 7, abs=TOL)
 
 
-def test_default_ten_bins_leave_empty_bins_nan():
+def test_ten_bins_leave_empty_bins_nan():
     probs, gold = _three_bin_example()
-    d = reliability_diagram(probs, gold)
+    d = reliability_diagram(probs, gold, num_bins=10)
     assert d.num_bins == 10 and d.count.sum() == 7
     # conf .3 in (.2, .3] (bin 2), .5 in (.4, .5] (bin 4), .6 -> 5, .7 -> 6, .8 -> 7, .9 -> 8
     assert d.count.tolist() == [0, 0, 2, 0, 1, 1, 1, 1, 1, 0]
@@ -90,7 +90,7 @@ def test_bins_are_closed_on_the_right():
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     assert reliability_diagram(probs, torch.tensor([0, 0]), num_bins=2).count.tolist() == [1, 1]
     probs32 = torch.tensor([[0.3, 0.3, 0.2, 0.2]], dtype=torch.float32)
-    assert reliability_diagram(probs32, torch.tensor([0])).count.tolist()[2] == 1
+    assert reliability_diagram(probs32, torch.tensor([0]), num_bins=10).count.tolist()[2] == 1
 
 
 def test_one_bin_ece_is_mean_confidence_gap():

@@ -1,0 +1,237 @@
+"""Paired comparisons of methods on identical query examples, with bootstrap confidence intervals.
+
+Input: the ``predictions.jsonl`` files that every run writes (one line per query example: ``method``,
+``seed``, ``task``, ``index``, ``gold``, ``probs``). Two methods are compared on the examples both
+predicted — the same (seed, task, example index), so the same support/query split — and the
+difference ``reference − other`` of each pooled metric is reported with a 95% percentile interval
+from a two-level bootstrap (Davison & Hinkley 1997, §3.8):
+
+1. resample the test **tasks** with replacement (tasks are the unit of generalization);
+2. within each drawn task, resample its **examples** with replacement, separately per seed;
+3. recompute both methods' pooled accuracy, NLL, Brier and ECE on that resample — paired, because
+   both methods are evaluated on the same drawn examples — and take the difference.
+
+Seeds are combined: a task's examples of every seed travel together in step 1. The same bootstrap
+gives each method's own standard error (:func:`summarize`). ECE is top-label, ``num_bins`` equal-width
+bins, recomputed on each resample; its noise floor (:func:`~abmll_pyro.eval.metrics.ece_floor`) is
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .metrics import ece_floor
+
+__all__ = ["Predictions", "load_predictions", "find_prediction_files", "paired_comparison", "summarize",
+           "format_comparison", "format_summary", "PredictionsError"]
+
+METRICS = ("accuracy", "nll", "brier", "ece")
+BETTER = {"accuracy": "higher", "nll": "lower", "brier": "lower", "ece": "lower"}
+
+
+class PredictionsError(ValueError):
+    """A predictions file or directory that cannot be compared; the message names it."""
+
+
+@dataclass
+class Predictions:
+    """One method's predictions: ``keys`` (seed, task, index) → row, ``gold`` ``[n]``, ``probs`` ``[n, M]``."""
+
+    method: str
+    keys: list[tuple[int, str, int]]
+    gold: np.ndarray
+    probs: np.ndarray
+
+    def index(self) -> dict[tuple[int, str, int], int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def find_prediction_files(paths: Iterable[str | Path]) -> list[Path]:
+    """``predictions.jsonl`` files under each path: a run directory, a benchmark directory (its
+    ``runs/*/``), or the file itself."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif (path / "predictions.jsonl").is_file():
+            found.append(path / "predictions.jsonl")
+        elif path.is_dir() and sorted(path.glob("runs/*/predictions.jsonl")):
+            found.extend(sorted(path.glob("runs/*/predictions.jsonl")))
+        elif path.is_dir():
+            raise PredictionsError(f"{path} holds no predictions.jsonl (neither a run nor a benchmark directory)")
+        else:
+            raise PredictionsError(f"{path} does not exist")
+    return found
+
+
+def load_predictions(paths: Iterable[str | Path]) -> dict[str, Predictions]:
+    """Method name → its predictions, gathered from every file under ``paths``."""
+    rows: dict[str, dict[tuple[int, str, int], tuple[int, list[float]]]] = {}
+    for file in find_prediction_files(paths):
+        with open(file, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    key = (int(rec["seed"]), str(rec["task"]), int(rec["index"]))
+                    rows.setdefault(str(rec["method"]), {})[key] = (int(rec["gold"]), [float(p) for p in rec["probs"]])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise PredictionsError(f"{file}:{lineno}: not a prediction record ({err})") from None
+    out = {}
+    for method, recs in rows.items():
+        keys = sorted(recs)
+        width = max(len(recs[k][1]) for k in keys)
+        probs = np.zeros((len(keys), width))
+        for i, k in enumerate(keys):
+            probs[i, : len(recs[k][1])] = recs[k][1]
+        out[method] = Predictions(method, keys, np.array([recs[k][0] for k in keys]), probs)
+    if not out:
+        raise PredictionsError(f"no predictions found in {[str(p) for p in paths]}")
+    return out
+
+
+def _per_example(probs: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example terms whose means are the pooled metrics (ECE from conf/correct by bin)."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    p_gold = np.clip(probs[np.arange(len(gold)), gold], np.finfo(np.float32).tiny, None)
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(gold)), gold] = 1.0
+    return {"correct": (pred == gold).astype(float), "nll": -np.log(p_gold),
+            "brier": ((probs - onehot) ** 2).sum(1), "conf": conf}
+
+
+def _bins(conf: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin b holds (b/B, (b+1)/B]; the first also 0 (as :func:`~abmll_pyro.eval.metrics.reliability_diagram`)."""
+    return np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+
+
+def _metrics(terms: dict[str, np.ndarray], bins: np.ndarray, weights: np.ndarray, num_bins: int) -> np.ndarray:
+    """``[R, 4]`` pooled accuracy, NLL, Brier, ECE of each resample, given as example multiplicities
+    ``weights`` ``[R, n]`` (a resample's metric is the weighted pooled metric)."""
+    total = weights.sum(1)
+    acc, nll, brier = ((weights @ terms[k]) / total for k in ("correct", "nll", "brier"))
+    onehot = np.zeros((len(bins), num_bins))
+    onehot[np.arange(len(bins)), bins] = 1.0
+    per_bin = (weights * (terms["correct"] - terms["conf"])) @ onehot  # [R, B]
+    ece = np.abs(per_bin).sum(1) / total
+    return np.stack([acc, nll, brier, ece], 1)
+
+
+def _resamples(keys: Sequence[tuple[int, str, int]], num_resamples: int, seed: int) -> np.ndarray:
+    """``[R, n]`` multiplicities of each example in R two-level bootstrap resamples: draw the tasks
+    with replacement, then, within each drawn task and seed, its examples with replacement."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, dict[int, list[int]]] = {}
+    for i, (s, task, _) in enumerate(keys):
+        groups.setdefault(task, {}).setdefault(s, []).append(i)
+    members = [[np.asarray(m) for m in groups[t].values()] for t in sorted(groups)]
+    weights = np.zeros((num_resamples, len(keys)))
+    for r in range(num_resamples):
+        for t in rng.integers(0, len(members), len(members)):
+            for m in members[t]:
+                np.add.at(weights[r], m[rng.integers(0, len(m), len(m))], 1.0)
+    return weights
+
+
+def _ci(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_comparison(preds: dict[str, Predictions], reference: str, num_bins: int = 15,
+                      num_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """``reference − other`` for every other method, on their common examples, with 95% bootstrap CIs."""
+    if reference not in preds:
+        raise PredictionsError(f"reference method {reference!r} has no predictions; found {sorted(preds)}")
+    ref = preds[reference]
+    ref_index = ref.index()
+    out = []
+    for name, other in preds.items():
+        if name == reference:
+            continue
+        common = [k for k in other.keys if k in ref_index]
+        if not common:
+            raise PredictionsError(f"{reference} and {name} share no (seed, task, example): different splits")
+        oi = other.index()
+        a = np.array([ref_index[k] for k in common])
+        b = np.array([oi[k] for k in common])
+        if not np.array_equal(ref.gold[a], other.gold[b]):
+            raise PredictionsError(f"{reference} and {name} disagree on gold labels: not the same examples")
+        width = max(ref.probs.shape[1], other.probs.shape[1])
+        pa = np.pad(ref.probs[a], ((0, 0), (0, width - ref.probs.shape[1])))
+        pb = np.pad(other.probs[b], ((0, 0), (0, width - other.probs.shape[1])))
+        ta, tb = _per_example(pa, ref.gold[a]), _per_example(pb, other.gold[b])
+        ba, bb = _bins(ta["conf"], num_bins), _bins(tb["conf"], num_bins)
+        full = np.ones((1, len(common)))
+        point = _metrics(ta, ba, full, num_bins)[0] - _metrics(tb, bb, full, num_bins)[0]
+        idx = _resamples(common, num_resamples, seed)
+        diffs = _metrics(ta, ba, idx, num_bins) - _metrics(tb, bb, idx, num_bins)
+        row = {"reference": reference, "method": name, "n": len(common),
+               "num_tasks": len({k[1] for k in common}), "seeds": sorted({k[0] for k in common})}
+        for j, metric in enumerate(METRICS):
+            lo, hi = _ci(diffs[:, j])
+            row[metric] = {"diff": float(point[j]), "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
+        out.append(row)
+    return out
+
+
+def summarize(preds: dict[str, Predictions], num_bins: int = 15, num_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Each method's pooled metrics with their bootstrap standard error and the ECE floor."""
+    out = []
+    for name, p in preds.items():
+        terms = _per_example(p.probs, p.gold)
+        bins = _bins(terms["conf"], num_bins)
+        point = _metrics(terms, bins, np.ones((1, len(p.keys))), num_bins)[0]
+        boot = _metrics(terms, bins, _resamples(p.keys, num_resamples, seed), num_bins)
+        row = {"method": name, "n": len(p.keys), "num_tasks": len({k[1] for k in p.keys}),
+               "seeds": sorted({k[0] for k in p.keys}),
+               "ece_floor": ece_floor(torch.from_numpy(p.probs), num_bins, seed=seed)}
+        for j, metric in enumerate(METRICS):
+            row[metric] = {"value": float(point[j]), "se": float(boot[:, j].std(ddof=1))}
+        out.append(row)
+    return out
+
+
+def _cell(d: dict) -> str:
+    lo, hi = d["ci95"]
+    mark = " *" if d["excludes_zero"] else ""
+    return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
+
+
+def format_comparison(rows: Sequence[dict]) -> str:
+    """Markdown table of :func:`paired_comparison` rows."""
+    if not rows:
+        return "(nothing to compare: one method only)\n"
+    ref = rows[0]["reference"]
+    lines = [f"| {ref} − method | n | tasks | Δ accuracy ↑ | Δ NLL ↓ | Δ Brier ↓ | Δ ECE ↓ |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['n']} | {r['num_tasks']} | " + " | ".join(_cell(r[m]) for m in METRICS) + " |")
+    lines.append("")
+    lines.append(f"Paired differences ({ref} minus each method) of pooled metrics on identical query examples, "
+                 "95% percentile intervals from a two-level bootstrap (tasks, then examples within task and "
+                 "seed; seeds combined); * marks an interval excluding 0. Δ accuracy > 0 and Δ NLL/Brier/ECE < 0 "
+                 f"favour {ref}.")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(rows: Sequence[dict], num_bins: int = 15) -> str:
+    """Markdown table of :func:`summarize` rows (value ± bootstrap standard error)."""
+    lines = ["| method | accuracy ↑ | NLL ↓ | Brier ↓ | ECE ↓ | ECE floor | n | tasks | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = " | ".join(f"{r[m]['value']:.3f} ± {r[m]['se']:.3f}" for m in METRICS)
+        lines.append(f"| {r['method']} | {cells} | {r['ece_floor']:.3f} | {r['n']} | {r['num_tasks']} | {len(r['seeds'])} |")
+    lines.append("")
+    lines.append(f"Pooled over all query examples of all test tasks and seeds; ± is the bootstrap standard error "
+                 f"(tasks, then examples). ECE: top-label, {num_bins} equal-width bins, as a fraction; the ECE floor "
+                 "is the expected ECE of a perfectly calibrated predictor with the same confidences and n.")
+    return "\n".join(lines) + "\n"

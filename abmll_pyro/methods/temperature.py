@@ -1,0 +1,74 @@
+"""Regular LoRA with temperature scaling (``lora-ts``): the calibration baseline a user reaches for first.
+
+Training is Regular LoRA's (one LoRA on the training tasks pooled). At test time the factors are
+fine-tuned on the task's support set exactly as Regular LoRA does (same K, same learning rate), and the
+query's option logits are divided by a temperature T fitted on the same support set (Guo et al. 2017):
+
+    p(y | x) = softmax(score(x; W0 + ΔW_S) / T),   T = argmin_T Σ_{(x,y) ∈ S} −log softmax_y(score_oof(x) / T).
+
+The support examples are the only labelled data, and logits of examples the adapter was fine-tuned on
+are over-confident, so T is fitted on **out-of-fold** scores (two-fold cross-fitting): the support set
+is split into two halves (even and odd positions); for each half, a copy of the trained factors is
+fine-tuned on the other half with the same inner-loop budget and scores the held-out half. T minimizes
+the NLL of those held-out scores over a log-spaced grid (:data:`TEMPERATURES`, 0.05 to 20; a grid keeps
+the fit deterministic and bounded with 4–16 examples). The adaptation therefore costs three inner
+loops instead of one (two on half the support); ``adapt_time_s`` in results.json shows it. With fewer
+than 2 support examples T = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data.scoring import OptionBatch
+from .base import option_logits
+from .lora import RegularLoRA, finetune
+
+__all__ = ["TemperatureScaledLoRA", "fit_temperature", "TEMPERATURES"]
+
+#: candidate temperatures, log-spaced
+TEMPERATURES = torch.logspace(torch.log10(torch.tensor(0.05)), torch.log10(torch.tensor(20.0)), 121, dtype=torch.float64)
+
+
+def fit_temperature(logits: Tensor, gold: Tensor, grid: Tensor = TEMPERATURES) -> float:
+    """The grid temperature minimizing the mean NLL of ``gold`` under ``softmax(logits / T)``.
+
+    ``logits``: ``[n, M]`` (−inf in padded slots); ``gold``: ``[n]``. Ties go to the T closest to 1."""
+    logits = logits.double()
+    logits = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, -torch.inf))
+    scaled = logits.unsqueeze(0) / grid.view(-1, 1, 1)  # [G, n, M]
+    nll = -torch.log_softmax(scaled, -1).gather(2, gold.view(1, -1, 1).expand(len(grid), -1, 1)).squeeze(2).mean(1)
+    best = nll.min()
+    near = torch.isclose(nll, best, rtol=0.0, atol=1e-12)
+    candidates = grid[near]
+    return float(candidates[(candidates.log()).abs().argmin()])
+
+
+class TemperatureScaledLoRA(RegularLoRA):
+    name = "lora-ts"
+
+    def _out_of_fold_logits(self, support: OptionBatch) -> tuple[Tensor, Tensor]:
+        idx = torch.arange(len(support))
+        folds = [idx[0::2], idx[1::2]]
+        logits, gold = [], []
+        for held, fit in (folds, folds[::-1]):
+            params = finetune(self.adapter, self.lora.params(), support.select(fit), self.inner, self.likelihood)
+            with torch.no_grad():
+                held_batch = support.select(held)
+                scores = option_logits(self.adapter, params, held_batch, self.likelihood).float().cpu()
+            logits.append(scores)
+            gold.append(held_batch.gold.cpu())
+        width = max(s.shape[1] for s in logits)
+        logits = [torch.nn.functional.pad(s, (0, width - s.shape[1]), value=float("-inf")) for s in logits]
+        return torch.cat(logits), torch.cat(gold)
+
+    def adapt(self, episode) -> tuple[dict[str, Tensor], float]:
+        temperature = 1.0
+        if len(episode.support) >= 2:
+            temperature = fit_temperature(*self._out_of_fold_logits(episode.support))
+        return super().adapt(episode), temperature
+
+    def predict(self, state, episode) -> Tensor:
+        params, temperature = state
+        return torch.softmax(option_logits(self.adapter, params, episode.query, self.likelihood) / temperature, -1)

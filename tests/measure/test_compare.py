@@ -1,0 +1,83 @@
+"""Paired bootstrap comparisons: identities, power, and the ``abmll compare`` command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from abmll_pyro.cli import main
+from abmll_pyro.eval.compare import (PredictionsError, Predictions, load_predictions, paired_comparison,
+                                     summarize)
+
+
+def _preds(method: str, sharp: float, seed: int = 0, n_tasks: int = 8, n: int = 40) -> Predictions:
+    rng = np.random.default_rng(seed)
+    keys = [(0, f"t{t}", i) for t in range(n_tasks) for i in range(n)]
+    gold = np.random.default_rng(99).integers(0, 2, len(keys))
+    logits = rng.normal(size=(len(keys), 2))
+    logits[np.arange(len(keys)), gold] += sharp
+    p = np.exp(logits)
+    return Predictions(method, keys, gold, p / p.sum(1, keepdims=True))
+
+
+def test_a_method_against_itself_differs_by_exactly_zero():
+    a = _preds("a", 1.0)
+    b = Predictions("b", a.keys, a.gold, a.probs.copy())
+    row = paired_comparison({"a": a, "b": b}, "a", num_resamples=200)[0]
+    for m in ("accuracy", "nll", "brier", "ece"):
+        assert row[m]["diff"] == 0.0 and row[m]["ci95"] == [0.0, 0.0] and not row[m]["excludes_zero"]
+
+
+def test_a_clearly_better_method_is_resolved_and_a_noise_copy_is_not():
+    good, bad = _preds("good", 2.0, seed=1), _preds("bad", 0.0, seed=2)
+    row = paired_comparison({"good": good, "bad": bad}, "good", num_resamples=300)[0]
+    assert row["accuracy"]["excludes_zero"] and row["accuracy"]["diff"] > 0.2
+    assert row["nll"]["excludes_zero"] and row["nll"]["diff"] < 0
+    twin = _preds("twin", 2.0, seed=3)  # same quality, different noise: CI must cover 0
+    row = paired_comparison({"good": good, "twin": twin}, "good", num_resamples=300)[0]
+    lo, hi = row["accuracy"]["ci95"]
+    assert lo < 0 < hi
+
+
+def test_pairing_uses_only_common_examples_and_checks_gold():
+    a = _preds("a", 1.0)
+    sub = Predictions("b", a.keys[:50], a.gold[:50], a.probs[:50])
+    assert paired_comparison({"a": a, "b": sub}, "a", num_resamples=50)[0]["n"] == 50
+    wrong = Predictions("c", a.keys, 1 - a.gold, a.probs)
+    with pytest.raises(PredictionsError, match="disagree on gold"):
+        paired_comparison({"a": a, "c": wrong}, "a", num_resamples=50)
+
+
+def test_standard_error_shrinks_with_more_tasks():
+    few, many = summarize({"x": _preds("x", 1.0, n_tasks=4)})[0], summarize({"x": _preds("x", 1.0, n_tasks=64)})[0]
+    assert many["accuracy"]["se"] < few["accuracy"]["se"] / 2
+
+
+def _write_run(path, method, preds: Predictions):
+    path.mkdir(parents=True)
+    with open(path / "predictions.jsonl", "w") as fh:
+        for (seed, task, idx), g, p in zip(preds.keys, preds.gold, preds.probs):
+            fh.write(json.dumps({"method": method, "seed": seed, "task": task, "index": idx, "gold": int(g),
+                                 "probs": p.tolist()}) + "\n")
+
+
+def test_compare_command_on_two_run_directories(tmp_path, capsys):
+    _write_run(tmp_path / "r1", "abmll", _preds("abmll", 2.0, seed=1))
+    _write_run(tmp_path / "r2", "lora", _preds("lora", 0.0, seed=2))
+    assert main(["compare", str(tmp_path / "r1"), str(tmp_path / "r2"), "--resamples", "100",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "| abmll − method |" in out and "| lora | 320 | 8 |" in out and "ECE floor" in out
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["paired"][0]["method"] == "lora" and saved["paired"][0]["accuracy"]["excludes_zero"]
+    assert set(load_predictions([tmp_path / "r1", tmp_path / "r2"])) == {"abmll", "lora"}
+
+
+def test_compare_command_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no predictions.jsonl" in err[0]
+    _write_run(tmp_path / "r1", "lora", _preds("lora", 1.0))
+    assert main(["compare", str(tmp_path / "r1"), "--reference", "abmll"]) == 2
+    assert "has no predictions" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""One score setting for every method: ``score_reduction`` changes every method's scores, and is saved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from abmll_pyro.config import AdapterConfig
+from abmll_pyro.data.encoding import encode_options
+from abmll_pyro.data.scoring import option_scores
+from abmll_pyro.data.tasks import Example, TaskSplit
+from abmll_pyro.lms import tiny_model
+from abmll_pyro.lora import BayesLoRA
+from abmll_pyro.methods import METHODS, build_method
+from abmll_pyro.methods.temperature import fit_temperature
+from abmll_pyro.train.config import ConfigError, RunConfig
+from abmll_pyro.train.episodes import EpisodeEncoder
+
+# options of very different token and character lengths, so sum, mean and char disagree (the tiny models
+# tokenize bytes, so char != mean only where characters take several bytes)
+OPTIONS = ("no", "oui, très élégant à côté de lœuvre")  # multi-byte characters: bytes (tiny tokens) != chars
+EXAMPLES = tuple(Example(f"question {i}: is {w} blue?", OPTIONS, i % 2)
+                 for i, w in enumerate(["sky", "grass", "sea", "snow", "ink", "coal", "ice", "sun"]))
+
+
+def _probs(name: str, reduction: str) -> torch.Tensor:
+    lm, tok = tiny_model("llama", seed=0)
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0), generator=torch.Generator().manual_seed(0))
+    config = RunConfig(model="tiny-llama", rank=2, lora_alpha=4.0, num_inner_steps=1, inner_lr=1e-2, num_samples=2,
+                       kl_beta=1e-3, score_reduction=reduction)
+    method = build_method(name, adapter, config, num_train_tasks=2)
+    episode = EpisodeEncoder(tok, 128, in_context=method.in_context)(TaskSplit("t", EXAMPLES[:4], EXAMPLES[4:]))
+    torch.manual_seed(0)
+    with torch.no_grad() if not method.trainable and name != "bayes-lora" else torch.enable_grad():
+        return method.predict(method.adapt(episode), episode).detach()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_scores_with_the_configured_reduction(name):
+    by = {r: _probs(name, r) for r in ("sum", "mean", "char")}
+    assert not torch.allclose(by["sum"], by["mean"], atol=1e-4), f"{name}: mean reduction changed nothing"
+    assert not torch.allclose(by["mean"], by["char"], atol=1e-4), f"{name}: char reduction changed nothing"
+
+
+def test_char_reduction_divides_by_the_scored_text_length():
+    lm, tok = tiny_model("qwen2", seed=0)
+    batch = encode_options(tok, EXAMPLES[:2])
+    total, char = option_scores(lm, batch, "sum"), option_scores(lm, batch, "char")
+    # the direct template scores " " + option: its character count
+    assert torch.allclose(char[0, 1], total[0, 1] / len(" " + OPTIONS[1]))
+    assert torch.allclose(char[:, 0], total[:, 0] / len(" no"))
+    sub = batch.select(torch.tensor([1]))
+    assert torch.allclose(option_scores(lm, sub, "char"), char[1:])
+
+
+def test_the_saved_config_records_the_reduction(tmp_path):
+    RunConfig(score_reduction="char").save(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["score_reduction"] == "char"
+    with pytest.raises(ConfigError, match="score_reduction must be one of"):
+        RunConfig(score_reduction="max")
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 3, generator=g) * 3.0
+    for true_t in (0.5, 2.0):
+        gold = torch.multinomial(torch.softmax(logits / true_t, -1), 1, generator=g).squeeze(1)
+        assert fit_temperature(logits, gold) == pytest.approx(true_t, rel=0.1)
+    # padded option slots (-inf) are ignored
+    padded = torch.cat([logits, torch.full((4000, 1), float("-inf"))], 1)
+    gold = torch.multinomial(torch.softmax(logits / 2.0, -1), 1, generator=g).squeeze(1)
+    assert fit_temperature(padded, gold) == pytest.approx(fit_temperature(logits, gold))
+
+
+def test_eval_split_is_validated():
+    assert RunConfig(eval_split="dev").eval_split == "dev"
+    with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
+        RunConfig(eval_split="train")
