@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -64,6 +65,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> int | None:
     """Make ``run_dir`` ready for a writer that holds its lock; returns the step of the checkpoint a
     resumed run continues from (None for a fresh run, or a resumed run without a checkpoint)."""
     run_dir = Path(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher rank 0 alone changes the directory
+        ckpt = load_latest(run_dir) if resume else None
+        return ckpt.step if ckpt is not None else None
     clean_temporaries(run_dir)
     if resume:
         ckpt = load_latest(run_dir, repair=True)

@@ -6,6 +6,9 @@ naming the holder. A lock whose holder is a dead process on this host (a run kil
 machine that lost power) is stale: it is reported with a warning and taken over. A lock held from
 another host cannot be checked and is never broken automatically; the message says which file to
 delete once that run is known to be gone.
+
+Under a launcher (torchrun, accelerate launch) one run is several processes: rank 0 (``RANK``) holds
+the lock for all of them, and the other ranks' locks are no-ops.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the lock for the whole launch
+            return self
         for _ in range(3):  # a stale lock removed by a concurrent starter: try again
             if self._create():
                 self.held = True

@@ -303,3 +303,16 @@ def test_sigint_exits_130_keeps_the_checkpoint_and_resumes_to_the_uninterrupted_
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+def test_under_a_launcher_rank_0_holds_the_lock_for_every_rank(tmp_path, monkeypatch):
+    from abmll_pyro.train.lock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run" / ".lock").exists()
+        monkeypatch.setenv("RANK", "1")
+        with RunLock(tmp_path / "run"):  # another rank of the same launch: no second lock, no error
+            pass
+        assert (tmp_path / "run" / ".lock").exists()
+        monkeypatch.setenv("RANK", "0")
+    assert not (tmp_path / "run" / ".lock").exists()
