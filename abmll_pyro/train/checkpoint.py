@@ -91,7 +91,7 @@ def defer_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if pending and callable(previous):
             previous(*pending[0])
-        elif pending:
+        elif pending and previous == signal.SIG_DFL:
             raise KeyboardInterrupt
 
 
@@ -228,7 +228,8 @@ def load_latest(run_dir: Path, repair: bool = False) -> Checkpoint | None:
         except CheckpointError as err:
             bad.append(str(err))
             warnings.warn(f"{err}; falling back to an older checkpoint")
-            if repair:
+            if repair:  # kept for inspection, out of the way of pruning and of the next resume
+                shutil.rmtree(root / f"corrupt-{path.name}", ignore_errors=True)
                 os.replace(path, root / f"corrupt-{path.name}")
             continue
         if repair and (bad or not (root / LATEST).exists()):

@@ -316,3 +316,23 @@ def test_under_a_launcher_rank_0_holds_the_lock_for_every_rank(tmp_path, monkeyp
         assert (tmp_path / "run" / ".lock").exists()
         monkeypatch.setenv("RANK", "0")
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+    import abmll_pyro.train.checkpoint as checkpoint
+
+    p, opt = _opt()
+    real = checkpoint.save_file
+    calls = []
+
+    def interrupted_save(tensors, path):  # Ctrl-C arrives in the middle of writing the checkpoint
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, {"w": p.detach()}, opt, None, {})
+    assert len(calls) == 2  # both safetensors files were written after the signal
+    assert load_latest(tmp_path).step == 2  # and latest.json names the complete checkpoint
