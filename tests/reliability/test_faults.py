@@ -69,6 +69,7 @@ def _dead_pid() -> int:
 
 
 # ----------------------------------------------------------------------------- 1. one writer per run directory
+@pytest.mark.slow
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     # a first run long enough to still be writing when the second starts (stopped with Ctrl-C below)
@@ -274,6 +275,7 @@ def test_leftover_temporary_folders_are_removed_at_the_next_start(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 5. Ctrl-C
+@pytest.mark.slow
 def test_sigint_exits_130_keeps_the_checkpoint_and_resumes_to_the_uninterrupted_run(tmp_path, capsys):
     full, run = tmp_path / "full", tmp_path / "run"
     args = [*TINY, "--steps", "16", "--checkpoint-every", "4", "--keep-checkpoints", "50"]
