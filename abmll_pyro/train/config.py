@@ -67,7 +67,7 @@ class RunConfig:
     drop_long_examples: bool = False
     icl_max_length: int | None = None
     template: str = "direct"
-    score_reduction: str = "sum"
+    score_reduction: str = "char"  # chosen on dev tasks (docs/RESULTS.md, "Score reduction")
     # adapter
     rank: int = 8
     lora_alpha: float = 16.0
