@@ -27,7 +27,8 @@ class AdapterConfig:
     ΔW ~ N(μ, σ²) elementwise with μ = (lora_alpha / rank)·B_μ A_μ and σ = std_map(B_σ A_σ).
     ``target_modules=None`` picks a per-architecture default (``q_proj``, ``v_proj``; GPT-2: ``c_attn``).
     ``std_map`` is ``"softplus"`` (default: σ = floor + softplus(B_σ A_σ + ρ), σ = ``init_std`` at B = 0)
-    or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise).
+    or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise; B_σ starts non-zero so
+    the mean σ is ``init_std`` and |·| has a gradient, see :class:`~abmll_pyro.lora.positivity.AbsStd`).
     """
 
     rank: int = 8
