@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..infer.meta import Episode, MetaSVI
-from ..infer.predictive import posterior_predictive
+from ..infer.predictive import posterior_predictive, predictive_samples
 from ..models.likelihoods import TaskData
 from .base import Backward, Method
 
@@ -51,6 +51,11 @@ class ABMLL(Method):
 
     def predict(self, state, episode) -> Tensor:
         return posterior_predictive(self.svi, state, TaskData(episode.query), self.num_samples, self.predict_mode)
+
+    def predict_samples(self, state, episode) -> Tensor:
+        """``[S, n, max_options]`` float64: each posterior sample's probabilities (their mean is
+        :meth:`predict`'s output under the same seed); for the uncertainty split."""
+        return predictive_samples(self.svi, state, TaskData(episode.query), self.num_samples, self.predict_mode)
 
     def state_tensors(self):
         out = {f"theta/{k}": v.detach() for k, v in self.svi.adapter.global_params().items()}

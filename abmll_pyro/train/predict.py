@@ -2,7 +2,9 @@
 predictive option probabilities of each query example as JSONL.
 
 Query lines need ``input`` and ``options``; ``output`` is optional (when present, it is echoed with
-``correct``). Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"]}``.
+``correct``). Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"],
+"entropy", "aleatoric", "epistemic"}`` — the last three the predictive entropy (nats) and its split
+into expected entropy and mutual information over posterior samples (:mod:`abmll_pyro.eval.uncertainty`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from ..data.sources.folder import iter_jsonl, read_jsonl_examples
 from ..data.tasks import Example, TaskSplit
+from ..eval.uncertainty import example_fields, predict_with_uncertainty
 from .episodes import EpisodeEncoder
 from .run import load_run_config, load_trained, make_accelerator
 
@@ -57,14 +60,16 @@ def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num
     with accelerator.autocast():
         state = built.method.adapt(episode)
         with torch.no_grad():
-            probs = built.method.predict(state, episode).float().cpu()
+            split = predict_with_uncertainty(built.method, state, episode)
+    probs = split.probs.float()
     rows = []
-    for ex, p, has_label in zip(query_examples, probs, labelled):
+    for ex, p, has_label, unc in zip(query_examples, probs, labelled, example_fields(split)):
         p = p[: len(ex.options)].tolist()
         row = {"input": ex.input, "options": list(ex.options), "probs": p,
                "prediction": ex.options[max(range(len(p)), key=p.__getitem__)]}
         if has_label:
             row.update(output=ex.answer, correct=row["prediction"] == ex.answer)
+        row.update(unc)
         rows.append(row)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out:
