@@ -32,6 +32,7 @@ from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
 from .inner import NonFiniteLossError, inner_loop, pass_through
+from .kl_curvature import kl_curvature
 from .objective import global_loss, log_hyperprior, recorded, task_kl, task_loss
 
 __all__ = ["Episode", "StepResult", "MetaSVI", "mean_prior_std", "mean_task_std"]
@@ -144,8 +145,11 @@ class MetaSVI:
             support = TaskData(support.batch, inner.subsample_size, support.observed)
         fixed = theta if create_graph else {k: v.detach() for k, v in theta.items()}
         steps = inner.num_inner_steps if num_inner_steps is None else num_inner_steps
+        curvature = None
+        if inner.optimizer == "kl-precond":
+            curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
         return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
-                          inner.optimizer, create_graph=create_graph)
+                          inner.optimizer, create_graph=create_graph, curvature=curvature)
 
     def adapt(self, support: TaskData, num_inner_steps: int | None = None) -> dict[str, Tensor]:
         """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""
