@@ -27,7 +27,8 @@ class AdapterConfig:
     ΔW ~ N(μ, σ²) elementwise with μ = (lora_alpha / rank)·B_μ A_μ and σ = std_map(B_σ A_σ).
     ``target_modules=None`` picks a per-architecture default (``q_proj``, ``v_proj``; GPT-2: ``c_attn``).
     ``std_map`` is ``"softplus"`` (default: σ = floor + softplus(B_σ A_σ + ρ), σ = ``init_std`` at B = 0)
-    or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise).
+    or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise; B_σ starts non-zero so
+    the mean σ is ``init_std`` and |·| has a gradient, see :class:`~abmll_pyro.lora.positivity.AbsStd`).
     """
 
     rank: int = 8
@@ -62,6 +63,10 @@ class InnerLoopConfig:
     (differentiate through the inner loop; small models only). ``pass_through``: in first order, let the
     task factors' gradient reach θ (FOMAML style); off, θ learns only through the KL and hyperprior.
     ``subsample_size``: support examples per inner step (None: all).
+    ``optimizer``: ``"adam"`` (default), ``"sgd"``, or ``"kl-precond"`` — SGD preconditioned by the
+    β-KL's diagonal Gauss–Newton curvature, so the inner loop resolves the prior's scale σ at any β
+    (Adam's ~lr-sized steps put a floor of about n·(step/σ)²/2 under the KL that β cannot lower;
+    docs/posterior.md). Methods without a KL (LoRA, Reptile, Structured LoRA) run it as SGD.
     """
 
     num_inner_steps: int = 5
@@ -75,7 +80,8 @@ class InnerLoopConfig:
         _check(isinstance(self.num_inner_steps, int) and self.num_inner_steps >= 0,
                f"num_inner_steps must be an integer >= 0, got {self.num_inner_steps!r}")
         _check(self.inner_lr >= 0 and math.isfinite(self.inner_lr), f"inner_lr must be finite and >= 0, got {self.inner_lr!r}")
-        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        _check(self.optimizer in ("sgd", "adam", "kl-precond"),
+               f"optimizer must be 'sgd', 'adam' or 'kl-precond', got {self.optimizer!r}")
         _check(self.order in ("first", "second"), f"order must be 'first' or 'second', got {self.order!r}")
         _check(self.subsample_size is None or self.subsample_size >= 1,
                f"subsample_size must be >= 1 or None, got {self.subsample_size!r}")

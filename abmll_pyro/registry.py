@@ -2,7 +2,8 @@
 
 A *spec* names what to build:
 
-* a registered name: ``"hierarchical"``, ``"fixed"``, ``"student-t"``; ``"mean-field"``,
+* a registered name: ``"hierarchical"`` (hyperprior centred on the adapter's init_std),
+  ``"hierarchical-abml"`` (ABML's Gamma(1, 0.01)), ``"fixed"``, ``"student-t"``; ``"mean-field"``,
   ``"point-mass"``, ``"amortized"``;
 * an import path ``"package.module:Name"`` (``Name`` may be dotted: ``"mod:Outer.Inner"``);
 * a file path ``"path/to/file.py:Name"``, loaded with :mod:`importlib.util` (once per file);
@@ -215,6 +216,7 @@ PRIORS = Registry("prior", TaskPrior, ("hyperprior", "global_values", "task_dist
 GUIDES = Registry("guide", TaskGuide, ("init_task_params", "task_distribution"))
 
 PRIORS.register("hierarchical", HierarchicalPrior)
+PRIORS.register("hierarchical-abml", HierarchicalPrior.abml)
 PRIORS.register("fixed", FixedPrior)
 PRIORS.register("student-t", StudentTPrior)
 GUIDES.register("mean-field", MeanFieldGuide)

@@ -8,6 +8,11 @@ gone when the function returns.
   caller decides how gradients reach θ (see :func:`pass_through`).
 * second order (``create_graph=True``): the start keeps its history and every update is differentiable,
   so ∂(result)/∂θ is exact (memory grows with K: small models only).
+
+Optimizers: ``"sgd"`` (p ← p − lr·g), ``"adam"`` and ``"kl-precond"``: SGD preconditioned by a
+diagonal curvature H(p) ≥ 0 of the stiff part of the loss (the β-KL, see
+:mod:`abmll_pyro.infer.kl_curvature`), p ← p − lr·g / (1 + lr·H): a damped diagonal Newton step
+where H ≫ 1/lr, plain SGD where H ≪ 1/lr (H = 0, or no ``curvature``: exactly SGD).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["inner_loop", "pass_through", "NonFiniteLossError"]
+__all__ = ["inner_loop", "pass_through", "NonFiniteLossError", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adam", "kl-precond")
 
 Params = dict[str, Tensor]
 
@@ -43,14 +50,17 @@ def inner_loop(
     lr: float,
     optimizer: str = "adam",
     create_graph: bool = False,
+    curvature: Callable[[Params], Mapping[str, Tensor]] | None = None,
 ) -> Params:
     """Return the parameters after ``num_steps`` steps on ``loss_fn`` from ``start``.
 
     Adam keeps ε inside the square root, √(v̂ + ε²), so it stays differentiable at v = 0 (second order).
-    Zero steps return ``start`` itself (values unchanged; detached in first order).
+    ``curvature(params)`` (``"kl-precond"`` only): per-key diagonal curvature, same shapes, treated as
+    a constant (no gradient through it). Zero steps return ``start`` itself (values unchanged; detached
+    in first order).
     """
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     keys = list(start)
@@ -59,6 +69,7 @@ def inner_loop(
     v2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
     b1, b2 = _ADAM_BETAS
     for t in range(1, num_steps + 1):
+        curv = curvature(params) if optimizer == "kl-precond" and curvature is not None else {}
         loss = loss_fn(params)
         _check_finite(loss, f"inner step {t}")
         grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph, allow_unused=True)
@@ -70,6 +81,9 @@ def inner_loop(
                 continue
             if optimizer == "sgd":
                 step = g
+            elif optimizer == "kl-precond":
+                h = curv.get(k)
+                step = g if h is None else g / (1.0 + lr * h.detach())
             else:
                 m[k] = b1 * m[k] + (1 - b1) * g
                 v2[k] = b2 * v2[k] + (1 - b2) * g * g

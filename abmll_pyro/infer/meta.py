@@ -32,9 +32,34 @@ from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
 from .inner import NonFiniteLossError, inner_loop, pass_through
+from .kl_curvature import kl_curvature
 from .objective import global_loss, log_hyperprior, recorded, task_kl, task_loss
 
-__all__ = ["Episode", "StepResult", "MetaSVI"]
+__all__ = ["Episode", "StepResult", "MetaSVI", "mean_prior_std", "mean_task_std"]
+
+
+@torch.no_grad()
+def mean_prior_std(adapter: BayesLoRA, theta: dict[str, Tensor]) -> float:
+    """Mean of σ_θ = std_map(B_σθ A_σθ) over all elements of all adapted modules (float64 sum)."""
+    total, count = 0.0, 0
+    for m in adapter.shapes:
+        sd = adapter.std(theta, m)
+        total, count = total + float(sd.double().sum()), count + sd.numel()
+    return total / count
+
+
+@torch.no_grad()
+def mean_task_std(adapter: BayesLoRA, task_guide: TaskGuide, task: dict[str, Tensor]) -> float | None:
+    """Mean standard deviation of q(ΔW_i) over all elements and modules; None if q has none in
+    closed form (e.g. a guide whose distribution does not implement ``variance``)."""
+    total, count = 0.0, 0
+    for m in adapter.shapes:
+        try:
+            sd = task_guide.task_distribution(adapter, task, m).variance.sqrt()
+        except NotImplementedError:
+            return None
+        total, count = total + float(sd.double().sum()), count + sd.numel()
+    return total / count
 
 
 @dataclass(frozen=True)
@@ -48,19 +73,26 @@ class Episode:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The outer loss and its parts (means over the batch's tasks; log p(θ) unscaled)."""
+    """The outer loss and its parts (means over the batch's tasks; log p(θ) unscaled).
+
+    ``sigma_theta``: mean σ_θ over every element of every adapted module (the prior's scale);
+    ``sigma_q``: the mean over the batch's tasks of each task's mean σ of q after the inner loop
+    (None when the guide's q has no closed-form standard deviation).
+    """
 
     loss: float
     nll: float
     task_kl: float
     log_p_theta: float
     grad_norm: float | None = None  # before clipping; set by step(), None from loss_and_grads()
+    sigma_theta: float | None = None
+    sigma_q: float | None = None
 
 
 class MetaSVI:
     """The meta-learning loop: ``step(episodes)`` trains θ; ``adapt(support)`` gives a task posterior.
 
-    Pieces are passed in (TyXe style): ``prior`` (default :class:`HierarchicalPrior`), ``task_guide``
+    Pieces are passed in (TyXe style): ``prior`` (default :class:`HierarchicalPrior` centred on the adapter's ``init_std``), ``task_guide``
     (default :class:`MeanFieldGuide`), ``likelihood`` (default :class:`OptionLikelihood`), ``elbo``
     (default ``TraceMeanField_ELBO(max_plate_nesting=1)``: analytic KL). The optimizer covers θ's
     factors and any parameters of the task guide (an amortization network), nothing else.
@@ -78,7 +110,7 @@ class MetaSVI:
     ):
         self.adapter = adapter
         self.config = config or MetaConfig()
-        self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(), likelihood or OptionLikelihood())
+        self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood())
         self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
         self.elbo = elbo if elbo is not None else TraceMeanField_ELBO(max_plate_nesting=1)
         if num_tasks is not None and num_tasks < 1:
@@ -113,8 +145,11 @@ class MetaSVI:
             support = TaskData(support.batch, inner.subsample_size, support.observed)
         fixed = theta if create_graph else {k: v.detach() for k, v in theta.items()}
         steps = inner.num_inner_steps if num_inner_steps is None else num_inner_steps
+        curvature = None
+        if inner.optimizer == "kl-precond":
+            curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
         return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
-                          inner.optimizer, create_graph=create_graph)
+                          inner.optimizer, create_graph=create_graph, curvature=curvature)
 
     def adapt(self, support: TaskData, num_inner_steps: int | None = None) -> dict[str, Tensor]:
         """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""
@@ -141,6 +176,7 @@ class MetaSVI:
         second = inner.order == "second"
         theta = self.theta()
         total = nll = kl = 0.0
+        sigma_q: float | None = 0.0
         b = len(episodes)
         for ep in episodes:
             start = self.guide.task_guide.init_task_params(self.adapter, theta, ep.support)
@@ -160,12 +196,15 @@ class MetaSVI:
             total += float(loss.detach()) / b
             nll += -loglik / b
             kl += task_kl(self.model, self.guide, theta, task) / b
+            task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
+            sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
         g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
         self._check(g_loss, "global loss −γ·log p(θ)/M")
         if g_loss.requires_grad:
             backward(g_loss)
         total += float(g_loss.detach())
-        return StepResult(total, nll, kl, log_hyperprior(self.model, theta))
+        return StepResult(total, nll, kl, log_hyperprior(self.model, theta),
+                          sigma_theta=mean_prior_std(self.adapter, theta), sigma_q=sigma_q)
 
     def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
         """One outer step: zero the gradients, :meth:`loss_and_grads`, clip, optimizer step."""

@@ -6,10 +6,22 @@
 (``poutine.trace`` + ``poutine.replay``, one sample at a time: memory stays at one ΔW per module),
 reading the deterministic ``probs[0]`` site. ``"mean"`` mode uses the mean of q in low-rank form
 (no sampling, one pass). The query labels are never observed here.
+
+The uncertainty split (:func:`uncertainty_split`) of the per-sample probabilities p_s = p(y | x, ΔW_s)
+(:func:`predictive_samples`), per example, in nats:
+
+    total      H[(1/S) Σ_s p_s]                      entropy of the posterior predictive
+    aleatoric  (1/S) Σ_s H[p_s]                      expected entropy: the noise each model sees
+    epistemic  total − aleatoric = I(y; ΔW | x, S)   mutual information: disagreement between samples
+
+(Houlsby et al. 2011, "BALD"; Depeweg et al. 2018). Epistemic ≥ 0 by concavity of H; it is 0 when
+all samples agree (and in mean mode, one "sample"). Computed in float64 with 0·log 0 = 0 (padded
+option slots have probability 0).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import pyro.poutine as poutine
@@ -20,29 +32,68 @@ from .. import sites
 from ..models.likelihoods import TaskData
 from .meta import MetaSVI
 
-__all__ = ["posterior_predictive"]
+__all__ = ["posterior_predictive", "predictive_samples", "uncertainty_split", "UncertaintySplit", "entropy"]
 
 
 @torch.no_grad()
 def posterior_predictive(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData,
                          num_samples: int = 10, mode: str = "sample") -> Tensor:
-    """``[n, max_options]`` option probabilities for ``query`` (all its examples, labels unused)."""
+    """``[n, max_options]`` float32 option probabilities for ``query`` (all its examples, labels
+    unused): the mean over samples of :func:`predictive_samples`."""
+    return predictive_samples(svi, task_params, query, num_samples, mode).mean(0).float()
+
+
+@torch.no_grad()
+def predictive_samples(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData,
+                       num_samples: int = 10, mode: str = "sample") -> Tensor:
+    """``[S, n, max_options]`` float64: each posterior sample's option probabilities p_s
+    (S = ``num_samples``; S = 1 in ``"mean"`` mode)."""
     if mode not in ("sample", "mean"):
         raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
     if mode == "sample" and num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     query = TaskData(query.batch, subsample_size=None, observed=False)
-    theta = svi.theta()
-    args = (theta, [task_params], [query])
     if mode == "mean":
-        return _mean_probs(svi, task_params, query)
-    total = None
+        return _mean_probs(svi, task_params, query).double()[None]
+    args = (svi.theta(), [task_params], [query])
+    out = []
     for _ in range(num_samples):
         guide_trace = poutine.trace(svi.guide).get_trace(*args)
         model_trace = poutine.trace(poutine.replay(svi.model, trace=guide_trace)).get_trace(*args)
-        probs = model_trace.nodes[sites.probs(0)]["value"].double()
-        total = probs if total is None else total + probs
-    return (total / num_samples).float()
+        out.append(model_trace.nodes[sites.probs(0)]["value"].double())
+    return torch.stack(out)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """−Σ_k p_k log p_k over the last dimension, with 0·log 0 = 0."""
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+@dataclass(frozen=True)
+class UncertaintySplit:
+    """Per example ``[n]`` (float64, nats): ``entropy`` = ``aleatoric`` + ``epistemic``; ``probs``
+    ``[n, K]`` is the posterior predictive (the mean of the samples)."""
+
+    probs: Tensor
+    entropy: Tensor
+    aleatoric: Tensor
+    epistemic: Tensor
+
+
+def uncertainty_split(sample_probs: Tensor) -> UncertaintySplit:
+    """Split the predictive entropy of ``sample_probs`` ``[S, n, K]`` (or ``[n, K]``: one sample).
+
+    The mutual information is clamped at 0 against float64 rounding (it is ≥ 0 mathematically).
+    """
+    if sample_probs.dim() == 2:
+        sample_probs = sample_probs[None]
+    if sample_probs.dim() != 3:
+        raise ValueError(f"sample_probs must be [S, n, K] or [n, K], got shape {tuple(sample_probs.shape)}")
+    p = sample_probs.double()
+    mean = p.mean(0)
+    total = entropy(mean)
+    aleatoric = entropy(p).mean(0)
+    return UncertaintySplit(mean, total, aleatoric, (total - aleatoric).clamp_min(0.0))
 
 
 def _mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData) -> Tensor:

@@ -44,7 +44,7 @@ def _safe(name: str) -> str:
 
 def _std_map(config: AdapterConfig) -> StdMap:
     if config.std_map == "paper":
-        return AbsStd(config.std_floor)
+        return AbsStd(config.std_floor, init_std=config.init_std)
     return SoftplusStd(config.init_std, config.std_floor)
 
 
@@ -74,7 +74,7 @@ class BayesLoRA(nn.Module):
             self._replace(lm, name, layer)
             self.layers[name] = layer
             self.shapes[name] = (layer.out_features, layer.in_features)
-            for kind, value in self._init_factors(layer, config.rank, generator).items():
+            for kind, value in self._init_factors(layer, config.rank, generator, self.std_map).items():
                 self.factors[self.key(name, kind)] = nn.Parameter(value.to(device))
 
     # ----------------------------------------------------------------- discovery and surgery
@@ -101,14 +101,19 @@ class BayesLoRA(nn.Module):
         setattr(parent, child, new)
 
     @staticmethod
-    def _init_factors(layer: BayesLoRALayer, rank: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-        """A ~ U(±1/√in) (LoRA's Kaiming-uniform), B = 0: μ = 0 and σ = the std map's start."""
+    def _init_factors(layer: BayesLoRALayer, rank: int, generator: torch.Generator | None,
+                      std_map: StdMap | None = None) -> dict[str, Tensor]:
+        """A ~ U(±1/√in) (LoRA's Kaiming-uniform); B_μ = 0 (μ = 0); B_σ = ``std_map.init_B(A_σ)``
+        (zeros for the softplus map, whose σ(0) = init_std; non-zero for the abs map, see
+        :class:`~abmll_pyro.lora.positivity.AbsStd`)."""
         bound = 1.0 / math.sqrt(layer.in_features)
         out = {}
         for pair in ("mu", "sigma"):
             a = torch.empty(rank, layer.in_features, dtype=torch.float32)
             out[f"{pair}_A"] = a.uniform_(-bound, bound, generator=generator)
             out[f"{pair}_B"] = torch.zeros(layer.out_features, rank, dtype=torch.float32)
+        if std_map is not None:
+            out["sigma_B"] = std_map.init_B(out["sigma_A"], layer.out_features, generator)
         return out
 
     def detach(self) -> nn.Module:

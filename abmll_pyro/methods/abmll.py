@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..infer.meta import Episode, MetaSVI
-from ..infer.predictive import posterior_predictive
+from ..infer.predictive import posterior_predictive, predictive_samples
 from ..models.likelihoods import TaskData
 from .base import Backward, Method
 
@@ -41,13 +41,21 @@ class ABMLL(Method):
     def train_step(self, episodes: Sequence, backward: Backward) -> dict[str, float]:
         core = [Episode(ep.name, TaskData(ep.support), TaskData(ep.query)) for ep in episodes]
         r = self.svi.loss_and_grads(core, num_tasks=self.num_train_tasks, backward=backward)
-        return {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta}
+        parts = {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta}
+        # the posterior's scale in metrics.jsonl: mean σ of θ's prior and of the tasks' q
+        parts.update({k: v for k, v in (("sigma_theta", r.sigma_theta), ("sigma_q", r.sigma_q)) if v is not None})
+        return parts
 
     def adapt(self, episode):
         return self.svi.adapt(TaskData(episode.support))
 
     def predict(self, state, episode) -> Tensor:
         return posterior_predictive(self.svi, state, TaskData(episode.query), self.num_samples, self.predict_mode)
+
+    def predict_samples(self, state, episode) -> Tensor:
+        """``[S, n, max_options]`` float64: each posterior sample's probabilities (their mean is
+        :meth:`predict`'s output under the same seed); for the uncertainty split."""
+        return predictive_samples(self.svi, state, TaskData(episode.query), self.num_samples, self.predict_mode)
 
     def state_tensors(self):
         out = {f"theta/{k}": v.detach() for k, v in self.svi.adapter.global_params().items()}

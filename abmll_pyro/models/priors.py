@@ -45,15 +45,55 @@ class HierarchicalPrior(TaskPrior):
     """The paper's prior (PAPER.md §1): ΔW_i ~ N(μ_θ, 1/τ_θ) elementwise, with hyperprior
     μ_θ ~ N(0, ``mean_scale``²) and precision τ_θ = 1/σ_θ² ~ Gamma(``a0``, ``b0``) (rate b0).
 
-    Defaults follow ABML re-implementations (N(0, 1), Gamma(1, 0.01)); the paper's exact a0, b0 are
-    unknown. The precision's point value enters as a density on τ (no Jacobian), as in ABML's MAP θ.
+    **Default: centred on the starting scale.** With ``b0=None`` the rate is derived,
+
+        b0 = (a0 − 1) · init_std²,   so   mode(τ) = (a0 − 1) / b0 = 1 / init_std²,
+
+    the *mode* (not the mean, which is a0/b0): θ is a MAP point estimate and its precision enters
+    as a density on τ without a Jacobian (ABML's MAP θ), so the hyperprior alone holds σ_θ at
+    ``init_std`` instead of pushing it anywhere. ``init_std`` comes from the argument, else from
+    ``adapter.config.init_std`` (the registry passes the adapter), else AdapterConfig's default 1e-3.
+
+    **Width** (``a0``, default 2): as a function of u = log τ the log density is
+    (a0 − 1)·u − b0·e^u + const, with curvature −(a0 − 1) at the mode, so (Laplace) the prior's
+    standard deviation of log τ is 1/√(a0 − 1) and of log σ_θ is 1/(2√(a0 − 1)): a0 = 2 lets σ_θ
+    range over about ×e^±0.5 at one standard deviation; larger a0 tightens it.
+
+    **ABML's prior** (N(0, 1), Gamma(1, 0.01); mode at τ = 0, so its MAP inflates σ_θ without bound):
+    pass ``b0`` explicitly, or use :meth:`abml` (registered as ``"hierarchical-abml"``).
     """
 
-    def __init__(self, mean_scale: float = 1.0, a0: float = 1.0, b0: float = 0.01):
-        for name, v in (("mean_scale", mean_scale), ("a0", a0), ("b0", b0)):
+    DEFAULT_A0 = 2.0
+    DEFAULT_INIT_STD = 1e-3  # AdapterConfig.init_std's default
+
+    def __init__(self, mean_scale: float = 1.0, a0: float = DEFAULT_A0, b0: float | None = None,
+                 init_std: float | None = None, adapter=None):
+        if not mean_scale > 0:
+            raise ValueError(f"mean_scale must be > 0, got {mean_scale!r}")
+        if b0 is None:
+            if not a0 > 1:
+                raise ValueError(f"a0 must be > 1 for a prior centred on init_std (b0 derived), got {a0!r}; "
+                                 f"pass b0 explicitly for a0 <= 1")
+            if init_std is None:
+                config = getattr(adapter, "config", None)
+                init_std = getattr(config, "init_std", self.DEFAULT_INIT_STD)
+            if not init_std > 0:
+                raise ValueError(f"init_std must be > 0, got {init_std!r}")
+            b0 = (a0 - 1.0) * float(init_std) ** 2
+        for name, v in (("a0", a0), ("b0", b0)):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         self.mean_scale, self.a0, self.b0 = float(mean_scale), float(a0), float(b0)
+
+    @classmethod
+    def abml(cls, mean_scale: float = 1.0) -> "HierarchicalPrior":
+        """ABML re-implementations' hyperprior: μ_θ ~ N(0, mean_scale²), τ_θ ~ Gamma(1, 0.01)."""
+        return cls(mean_scale=mean_scale, a0=1.0, b0=0.01)
+
+    @property
+    def precision_mode(self) -> float:
+        """argmax of the Gamma(a0, b0) density: (a0 − 1)/b0 (0 when a0 <= 1)."""
+        return max(self.a0 - 1.0, 0.0) / self.b0
 
     def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
         event = len(shape)
@@ -102,8 +142,8 @@ class StudentTPrior(HierarchicalPrior):
     hierarchical prior. KL(Normal ‖ StudentT) has no closed form, so TraceMeanField_ELBO falls back
     to its Monte Carlo estimate (as Trace_ELBO does)."""
 
-    def __init__(self, df: float = 3.0, **kwargs: float):
-        super().__init__(**kwargs)
+    def __init__(self, df: float = 3.0, adapter=None, **kwargs: float):
+        super().__init__(adapter=adapter, **kwargs)
         if not df > 0:
             raise ValueError(f"df must be > 0, got {df!r}")
         self.df = float(df)

@@ -15,6 +15,11 @@ Three views of one evaluation, all in results.json:
   task, gold, option probabilities), so any comparison can be recomputed without a model
   (``abmll compare``).
 
+Uncertainty split (:mod:`abmll_pyro.eval.uncertainty`): every predictions line also carries
+``entropy``, ``aleatoric`` and ``epistemic`` (nats; total = expected entropy over posterior samples +
+mutual information), and ``per_task[t]`` and ``pooled`` carry their means (0 epistemic for methods
+without posterior samples).
+
 Adaptation time: the wall-clock seconds of ``method.adapt(episode)`` alone (the guide's start, e.g. the
 amortized guide's LM pass over the support set, plus the K inner steps; not encoding, not prediction;
 CUDA is synchronized around it). :func:`metrics_json` writes them per task (``per_task[t].adapt_time_s``)
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..data.tasks import Task
 from ..eval.metrics import compute_metrics, ece_floor, macro_average, pad_probs
+from ..eval.uncertainty import example_fields, predict_with_uncertainty, uncertainty_means
 from ..methods import Method
 from .config import RunConfig
 from .episodes import EpisodeEncoder, test_splits
@@ -53,13 +59,17 @@ class TaskResults(dict):
         self.probs: dict[str, torch.Tensor] = {}
         self.gold: dict[str, torch.Tensor] = {}
         self.example_index: dict[str, list[int]] = {}
+        self.uncertainty: dict = {}  # task name → UncertaintySplit of its query set
 
     def predictions(self) -> list[dict]:
         """One record per query example, in task order: ``task``, ``index``, ``gold``, ``probs``."""
         rows = []
         for name in self:
-            for idx, gold, p in zip(self.example_index[name], self.gold[name].tolist(), self.probs[name].tolist()):
-                rows.append({"task": name, "index": idx, "gold": gold, "probs": p})
+            split = self.uncertainty.get(name)
+            extra = example_fields(split) if split is not None else [{}] * len(self.gold[name])
+            for idx, gold, p, unc in zip(self.example_index[name], self.gold[name].tolist(), self.probs[name].tolist(),
+                                         extra):
+                rows.append({"task": name, "index": idx, "gold": gold, "probs": p, **unc})
         return rows
 
 
@@ -108,7 +118,9 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             _sync(device)
             per_task.adapt_time_s[split.name] = time.perf_counter() - start
             with torch.no_grad():
-                probs = method.predict(state, episode).float().cpu()
+                uncertainty = predict_with_uncertainty(method, state, episode)
+        probs = uncertainty.probs.float()  # = method.predict(state, episode) (the mean over its samples)
+        per_task.uncertainty[split.name] = uncertainty
         gold = episode.query.gold.cpu()
         per_task[split.name] = compute_metrics(probs, gold, config.ece_bins)
         per_task.probs[split.name], per_task.gold[split.name] = probs, gold
@@ -124,6 +136,9 @@ def metrics_json(per_task: dict) -> tuple[dict, dict]:
              for name, m in per_task.items()}
     macro = macro_average(per_task)
     macro = {k: macro[k] for k in ("accuracy", "ece", "nll", "brier", "n", "num_tasks")}
+    means = uncertainty_means(getattr(per_task, "uncertainty", {}))["per_task"]
+    for name, values in means.items():
+        tasks[name].update(values)
     times = getattr(per_task, "adapt_time_s", None)
     if times and set(times) == set(tasks):
         for name, seconds in times.items():
@@ -136,7 +151,11 @@ def pooled_json(per_task: TaskResults, num_bins: int, seed: int) -> dict:
     """results.json's ``pooled`` block from :func:`evaluate_method`'s results."""
     probs = pad_probs([per_task.probs[t] for t in per_task])
     gold = torch.cat([per_task.gold[t] for t in per_task])
-    return pooled_metrics(probs, gold, num_bins, seed)
+    pooled = pooled_metrics(probs, gold, num_bins, seed)
+    if per_task.uncertainty:
+        unc = uncertainty_means(per_task.uncertainty)["pooled"]
+        pooled.update({k: v for k, v in unc.items() if k != "n"})
+    return pooled
 
 
 def predictions_path(results_path: str | Path) -> Path:

@@ -3,7 +3,9 @@ predictive option probabilities of each query example as JSONL.
 
 Query lines need ``input`` and ``options``; ``output`` is optional (when present, it is echoed with
 ``correct``). Both files are validated exactly like task files (every fault names ``file:line``).
-Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"]}``.
+Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"],
+"entropy", "aleatoric", "epistemic"}`` — the last three the predictive entropy (nats) and its split
+into expected entropy and mutual information over posterior samples (:mod:`abmll_pyro.eval.uncertainty`).
 
 Prediction loads the run's model and trained state, never its training tasks. A run directory's
 config that names a plug-in *file* is refused unless ``trust_plugins`` (it would run that file's code).
@@ -19,6 +21,7 @@ import torch
 
 from ..data.sources.folder import iter_jsonl, parse_example, read_jsonl_examples
 from ..data.tasks import DataError, Example, TaskSplit
+from ..eval.uncertainty import example_fields, predict_with_uncertainty
 from ..registry import check_trusted
 from .episodes import EpisodeEncoder
 from .faults import summarize_truncation
@@ -62,14 +65,16 @@ def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num
         with accelerator.autocast():
             state = built.method.adapt(episode)
             with torch.no_grad():
-                probs = built.method.predict(state, episode).float().cpu()
+                split = predict_with_uncertainty(built.method, state, episode)
+    probs = split.probs.float()
     rows = []
-    for ex, p, has_label in zip(query_examples, probs, labelled):
+    for ex, p, has_label, unc in zip(query_examples, probs, labelled, example_fields(split)):
         p = p[: len(ex.options)].tolist()
         row = {"input": ex.input, "options": list(ex.options), "probs": p,
                "prediction": ex.options[max(range(len(p)), key=p.__getitem__)]}
         if has_label:
             row.update(output=ex.answer, correct=row["prediction"] == ex.answer)
+        row.update(unc)
         rows.append(row)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out:

@@ -17,5 +17,5 @@ def toy_svi(kl_beta=1.0, kl_gamma=None, init_std=1.0, noise=0.5, prior=None, tas
     adapter = BayesLoRA(lm, config, generator=torch.Generator().manual_seed(seed))
     meta = MetaConfig(kl_beta=kl_beta, kl_gamma=kl_gamma, outer_lr=1e-2, grad_clip=None,
                       inner=InnerLoopConfig(**inner))
-    return MetaSVI(adapter, meta, prior=prior or HierarchicalPrior(), task_guide=task_guide,
+    return MetaSVI(adapter, meta, prior=prior or HierarchicalPrior(adapter=adapter), task_guide=task_guide,
                    likelihood=GaussianLikelihood(noise), elbo=elbo)

@@ -74,6 +74,9 @@ def test_predict_writes_probabilities(tmp_path, handwritten, tiny):
     for row in rows:
         assert math.isclose(sum(row["probs"]), 1.0, abs_tol=1e-5)  # float32 softmax averaged over samples
         assert row["prediction"] in row["options"]
+        # the uncertainty split (nats): total = aleatoric + epistemic, epistemic >= 0, total <= log K
+        assert math.isclose(row["entropy"], row["aleatoric"] + row["epistemic"], abs_tol=1e-9)
+        assert row["epistemic"] >= 0 and row["entropy"] <= math.log(len(row["options"])) + 1e-9
     assert "correct" in rows[1] and "correct" not in rows[0]
 
 

@@ -67,3 +67,17 @@ def test_neuron_masks_zero_the_smallest_rows():
         assert int((mask == 0).sum()) == k
         assert norms[mask == 0].max() <= norms[mask == 1].min()
     assert all(bool((m == 1).all()) for m in neuron_masks(adapter, 0.0).values())
+
+
+def test_uncertainty(tmp_path):
+    out = _run("uncertainty.py", tmp_path, "--set", "steps=1", "--methods", "abmll", "bayes-lora", "--shots", "0", "1", "4")
+    assert set(out) == {"abmll", "bayes-lora"} and all(list(v) == ["0", "1", "4"] for v in out.values())
+    assert all(e >= 0 for v in out.values() for e in v.values())
+    result = json.loads((tmp_path / "uncertainty.json").read_text())
+    for entry in result["methods"].values():
+        for row in entry["curve"]:
+            assert row["entropy"] == pytest.approx(row["aleatoric"] + row["epistemic"], abs=1e-9)
+        assert entry["selective"]["shots"] == 4 and len(entry["selective"]["by_total"]) == 10
+        assert entry["selective"]["by_total"][-1] == pytest.approx(entry["curve"][-1]["accuracy"])  # 100% coverage
+    for name in ("epistemic_vs_shots", "selective_total", "selective_epistemic"):
+        assert (tmp_path / f"{name}.png").exists()
