@@ -5,6 +5,8 @@ A :class:`Method` has three verbs (learn2learn's vocabulary):
 * ``train_step(episodes) -> dict`` — one meta-training micro-step on a batch of training episodes:
   compute the method's own loss, back-propagate through ``backward`` (the accelerator's), and return
   the logged loss components (floats). The harness owns the optimizer step, accumulation and clipping.
+  The harness calls it with one episode at a time and a ``backward`` that weighs the episode in
+  the global batch (see :meth:`Method.episode_weight` and :mod:`abmll_pyro.train.distributed`).
 * ``adapt(episode) -> state`` — a test task's adapted state, from its support set only.
 * ``predict(state, episode) -> probs`` — ``[n, max_options]`` option probabilities of the query set.
 
@@ -51,6 +53,11 @@ class Method:
 
     def train_step(self, episodes: Sequence[Any], backward: Backward) -> dict[str, float]:
         raise NotImplementedError(f"{self.name} has no training")
+
+    def episode_weight(self, split: Any) -> float:
+        """Episode ``split``'s weight ω in a batch's loss; the harness scales the episode's
+        ``train_step`` loss by ω / Σ ω over the global batch (default 1: every task weighs the same)."""
+        return 1.0
 
     def adapt(self, episode: Any) -> Any:
         raise NotImplementedError

@@ -60,6 +60,10 @@ class RegularLoRA(Method):
                 nll += float(loss.detach())
         return {"loss": nll, "nll": nll}
 
+    def episode_weight(self, split) -> float:
+        """Its example count: one-episode steps weighted by it pool the batch's examples as above."""
+        return float(len(split.support) + len(split.query))
+
     def adapt(self, episode) -> dict[str, Tensor]:
         return finetune(self.adapter, self.lora.params(), episode.support, self.inner, self.likelihood)
 

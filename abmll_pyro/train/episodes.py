@@ -18,6 +18,7 @@ from ..data.scoring import OptionBatch
 from ..data.tasks import Example, Task, TaskSplit, split_task
 from ..data.templates import DirectTemplate, make_template
 from ..models.likelihoods import TaskData
+from .distributed import episode_seed
 
 __all__ = ["EncodedEpisode", "EpisodeEncoder", "EpisodeSampler", "with_demonstrations"]
 
@@ -70,10 +71,13 @@ class EpisodeEncoder:
 
 
 class EpisodeSampler:
-    """Draws batches of training episodes with its own generator (its state is checkpointed).
+    """The global batches of training episodes, each a pure function of ``(seed, draw)``.
 
-    Each draw picks ``tasks_per_step`` distinct tasks uniformly, then a fresh ``shots``/``query_size``
-    split of each (smaller tasks give a smaller query set).
+    Draw ``d`` picks ``tasks_per_step`` distinct tasks uniformly with a generator seeded from
+    ``(seed, d)``, then episode j's ``shots``/``query_size`` split (smaller tasks give a smaller query
+    set) with one seeded from ``(seed, d, j)``. Every rank of a multi-process run therefore sees the
+    same batch and any rank can draw any episode of it; a resumed run needs only the draw index.
+    :meth:`draw` walks ``d = 0, 1, …`` (its counter is :meth:`get_state`).
     """
 
     def __init__(self, tasks: Sequence[Task], shots: int, query_size: int, tasks_per_step: int, seed: int):
@@ -84,18 +88,34 @@ class EpisodeSampler:
             raise ValueError(f"training task(s) {too_small} have at most shots={shots} examples")
         self.tasks, self.shots, self.query_size = list(tasks), shots, query_size
         self.tasks_per_step = min(tasks_per_step, len(self.tasks))
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.count = 0
+
+    def _generator(self, *keys: int | str) -> torch.Generator:
+        return torch.Generator().manual_seed(episode_seed(self.seed, "train", *keys))
+
+    def task_indices(self, draw: int) -> list[int]:
+        """The training tasks of global batch ``draw`` (indices into ``tasks``)."""
+        return torch.randperm(len(self.tasks), generator=self._generator(draw))[: self.tasks_per_step].tolist()
+
+    def split(self, draw: int, j: int, task_index: int) -> TaskSplit:
+        """Episode ``j`` of batch ``draw``: the split of task ``task_index``, from ``(seed, draw, j)``."""
+        return split_task(self.tasks[task_index], self.shots, self.query_size, self._generator(draw, j),
+                          allow_smaller_query=True)
+
+    def batch(self, draw: int) -> list[TaskSplit]:
+        """All ``tasks_per_step`` episodes of global batch ``draw``."""
+        return [self.split(draw, j, i) for j, i in enumerate(self.task_indices(draw))]
 
     def draw(self) -> list[TaskSplit]:
-        idx = torch.randperm(len(self.tasks), generator=self.generator)[: self.tasks_per_step].tolist()
-        return [split_task(self.tasks[i], self.shots, self.query_size, self.generator, allow_smaller_query=True)
-                for i in idx]
+        self.count += 1
+        return self.batch(self.count - 1)
 
     def get_state(self) -> torch.Tensor:
-        return self.generator.get_state()
+        return torch.tensor([self.count], dtype=torch.int64)
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        self.count = int(state.reshape(-1)[0])
 
 
 def test_splits(tasks: Sequence[Task], shots: int, query_size: int, seed: int) -> list[TaskSplit]:

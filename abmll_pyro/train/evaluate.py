@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +42,7 @@ from ..eval.metrics import compute_metrics, ece_floor, macro_average, pad_probs
 from ..eval.uncertainty import example_fields, predict_with_uncertainty, uncertainty_means
 from ..methods import Method
 from .config import RunConfig
+from .distributed import Ranks, seed_rng
 from .episodes import EpisodeEncoder, test_splits
 
 __all__ = ["evaluate_method", "pooled_reliability", "pooled_metrics", "pooled_json", "metrics_json", "TaskResults",
@@ -102,13 +104,18 @@ def _query_indices(task: Task, split) -> list[int]:
 
 
 def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncoder, config: RunConfig,
-                    progress: bool = True, autocast=None) -> tuple[TaskResults, dict]:
-    """``(per_task results, pooled reliability sums)`` of ``method`` on ``tasks``' query sets."""
-    torch.manual_seed(config.seed)  # posterior draws independent of how much training consumed
-    per_task = TaskResults()
+                    progress: bool = True, autocast=None, ranks: Ranks | None = None) -> tuple[TaskResults, dict]:
+    """``(per_task results, pooled reliability sums)`` of ``method`` on ``tasks``' query sets.
+
+    With ``ranks`` (a multi-process run) each rank adapts to its share of the tasks (task i on rank
+    i mod W) and the results are gathered on every rank in task order; task i's randomness
+    (posterior draws) is seeded from ``(seed, i)`` alone, so the metrics equal a one-process run's."""
+    ranks = ranks or Ranks()
+    mine = []  # (task index, name, uncertainty split, gold, adapt seconds, example indices) of this rank's tasks
     splits = test_splits(tasks, config.shots, config.eval_query_size, config.seed)
-    for task, split in tqdm(list(zip(tasks, splits)), desc=f"evaluate {method.name}", disable=not progress,
-                            leave=False):
+    for i in tqdm(ranks.shard(len(splits)), desc=f"evaluate {method.name}", disable=not progress, leave=False):
+        task, split = tasks[i], splits[i]
+        seed_rng(config.seed, "evaluate", i)  # posterior draws independent of training and of other tasks
         episode = encoder(split)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             device = episode.query.gold.device
@@ -116,15 +123,18 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             start = time.perf_counter()
             state = method.adapt(episode)
             _sync(device)
-            per_task.adapt_time_s[split.name] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             with torch.no_grad():
                 uncertainty = predict_with_uncertainty(method, state, episode)
+        uncertainty = replace(uncertainty, **{f.name: getattr(uncertainty, f.name).cpu() for f in fields(uncertainty)})
+        mine.append((i, split.name, uncertainty, episode.query.gold.cpu(), seconds, _query_indices(task, split)))
+    per_task = TaskResults()
+    gathered = sorted((r for part in ranks.all_gather(mine) for r in part), key=lambda r: r[0])  # task order
+    for _, name, uncertainty, gold, seconds, index in gathered:
         probs = uncertainty.probs.float()  # = method.predict(state, episode) (the mean over its samples)
-        per_task.uncertainty[split.name] = uncertainty
-        gold = episode.query.gold.cpu()
-        per_task[split.name] = compute_metrics(probs, gold, config.ece_bins)
-        per_task.probs[split.name], per_task.gold[split.name] = probs, gold
-        per_task.example_index[split.name] = _query_indices(task, split)
+        per_task[name] = compute_metrics(probs, gold, config.ece_bins)
+        per_task.adapt_time_s[name], per_task.uncertainty[name] = seconds, uncertainty
+        per_task.probs[name], per_task.gold[name], per_task.example_index[name] = probs, gold, index
     all_probs, all_gold = pad_probs(list(per_task.probs.values())), torch.cat(list(per_task.gold.values()))
     return per_task, pooled_reliability(all_probs, all_gold, config.ece_bins)
 

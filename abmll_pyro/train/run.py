@@ -28,6 +28,7 @@ from .config import ConfigError, RunConfig
 from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
                      summarize_truncation)
 from .lock import RunLock
+from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .results import SCHEMA_VERSION, validate_result
@@ -50,7 +51,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    check_supported(accelerator)
+    return accelerator
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -69,49 +72,75 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(json.loads(path.read_text()), where=str(path))
 
 
-def _restore(ckpt, method, optimizer, sampler) -> int:
+def _restore(ckpt, method, optimizer) -> int:
+    """The step of ``ckpt`` after loading its tensors, optimizer and RNG states (the sampler needs none:
+    a batch is a function of ``(seed, draw)``, so a checkpoint resumes under any world size)."""
     method.load_state_tensors(ckpt.tensors)
     if optimizer is not None and ckpt.optimizer is not None:
         optimizer.load_state_dict(ckpt.optimizer)
     torch.set_rng_state(ckpt.torch_rng)
     random.setstate(ckpt.python_rng)
-    if ckpt.sampler_rng is not None:
-        sampler.set_state(ckpt.sampler_rng)
     return ckpt.step
 
 
+def _micro_batch(method, sampler, encoder, ranks: Ranks, draw: int, seed: int, backward) -> dict[str, float]:
+    """This rank's share of global batch ``draw``: episode j (j ∈ ``ranks.shard(B)``) seeded from
+    ``(seed, draw, j)``, its loss weighted by w_j = ω_j / Σ ω over the global batch. Returns the
+    rank's Σ_j w_j·(logged part of episode j); summed over ranks that is the batch's weighted mean."""
+    tasks = sampler.task_indices(draw)
+    splits = {j: sampler.split(draw, j, i) for j, i in enumerate(tasks)}
+    omega = [method.episode_weight(splits[j]) for j in range(len(tasks))]
+    parts: dict[str, float] = {}
+    for j in ranks.shard(len(tasks)):
+        w = omega[j] / sum(omega)
+        seed_rng(seed, "train", draw, j)
+        out = method.train_step([encoder(splits[j])], lambda loss, w=w: backward(loss * w))
+        for k, v in out.items():
+            parts[k] = parts.get(k, 0.0) + w * v
+    return parts
+
+
 def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, progress: bool) -> int:
-    method = built.method
+    method, ranks = built.method, Ranks.of(accelerator)
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
     start = 0
     ckpt = load_latest(run_dir) if resume else None
     if ckpt is not None:
-        start = _restore(ckpt, method, optimizer, sampler)
-        log.info(f"resumed from step {start}")
+        start = _restore(ckpt, method, optimizer)
+        log.info(f"resumed from step {start} on {ranks.world} process(es)")
     params = method.parameters()
+    ranks.broadcast_(params)  # identical replicas (they are built from one seed; this makes it certain)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {method.name}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and ranks.local_main), dynamic_ncols=True)
     for step in bar:
         parts: dict[str, float] = {}
-        for _ in range(config.grad_accum):
+        for micro in range(config.grad_accum):
             with accelerator.accumulate(), accelerator.autocast():
-                episodes = [encoder(s) for s in sampler.draw()]
-                for k, v in method.train_step(episodes, accelerator.backward).items():
+                mine = _micro_batch(method, sampler, encoder, ranks, step * config.grad_accum + micro, config.seed,
+                                    accelerator.backward)
+                for k, v in mine.items():
                     parts[k] = parts.get(k, 0.0) + v / config.grad_accum
-                if accelerator.sync_gradients and config.grad_clip:
-                    parts["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
+                if accelerator.sync_gradients:
+                    ranks.sum_grads(params)  # before clipping: every rank clips and steps the same gradient
+                    if config.grad_clip:
+                        grad_norm = float(accelerator.clip_grad_norm_(params, config.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        parts = ranks.sum_values(parts)
+        if config.grad_clip:
+            parts["grad_norm"] = grad_norm
         if not all(math.isfinite(v) for k, v in parts.items() if k != "grad_norm"):
             raise FloatingPointError(f"step {step + 1}: non-finite loss components {parts}")
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             log.scalars(step + 1, parts)
         bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k in ("loss", "nll", "task_kl")})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(run_dir, step + 1, method.state_tensors(), optimizer, sampler.get_state(),
-                            config.to_dict(), config.keep_checkpoints)
+            if ranks.main:
+                save_checkpoint(run_dir, step + 1, method.state_tensors(), optimizer, None,
+                                config.to_dict(), config.keep_checkpoints)
+            ranks.barrier()  # nobody runs ahead of (or resumes before) the checkpoint on disk
     return config.steps - start
 
 
@@ -131,8 +160,9 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
         step = prepare_run_dir(run_dir, resume, overwrite)
         if saved is not None:
             config = check_resume(saved, config, step)
-        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
-        log = RunLog(run_dir)
+        if is_main_process():  # one writer per run directory (rank 0 of a torchrun/accelerate launch)
+            atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+        log = RunLog(run_dir) if is_main_process() else NullLog()
         try:
             with summarize_truncation(log, f"; details in {run_dir / 'log.txt'}"):
                 return _train_and_evaluate(config, run_dir, log, resume, progress)
@@ -164,8 +194,9 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
                   eval_time_s=time.perf_counter() - t0 - train_time,
                   peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)
-    write_predictions(run_dir / "predictions.jsonl", config.method, config.seed, predictions)
-    atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
+    if is_main_process():  # one writer per run directory
+        write_predictions(run_dir / "predictions.jsonl", config.method, config.seed, predictions)
+        atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
     pooled = result["pooled"]
     log.info(f"pooled accuracy {pooled['accuracy']:.4f} nll {pooled['nll']:.4f} ece {pooled['ece']:.4f} "
              f"(floor {pooled['ece_floor']:.4f}, n={pooled['n']}); wall time {result['wall_time_s']:.1f} s")
@@ -176,7 +207,9 @@ def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log:
     """``(result without timing fields, per-example prediction records)``."""
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
                              built.method.in_context, accelerator.device)
-    per_task, reliability = evaluate_method(built.method, tasks, encoder, config, progress, accelerator.autocast)
+    ranks = Ranks.of(accelerator)
+    per_task, reliability = evaluate_method(built.method, tasks, encoder, config, progress and ranks.local_main,
+                                            accelerator.autocast, ranks)
     tasks_json, macro = metrics_json(per_task)
     result = {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model,
               "tasks": str(config.tasks), "seed": config.seed, "per_task": tasks_json, "macro": macro,
@@ -219,7 +252,7 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
     wall = time.perf_counter() - t0
     result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall, peak_memory_mb=peak_memory_mb(accelerator.device))
     validate_result(result)
-    if out is not None:
+    if out is not None and is_main_process():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_predictions(predictions_path(out), config.method, config.seed, predictions)
         atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
