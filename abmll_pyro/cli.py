@@ -246,7 +246,9 @@ def _cmd_benchmark(args) -> int:
     preset = get_preset(args.preset)
     base = dict(preset.config)
     if preset.synthetic is not None and not getattr(args, "tasks", None):
-        base["tasks"] = str(synthetic_task_folder(Path(args.out) / "tasks", **preset.synthetic))
+        from .train.distributed import main_writes
+
+        base["tasks"] = str(main_writes(synthetic_task_folder, Path(args.out) / "tasks", **preset.synthetic))
     config = _config(args, base)
     seeds = range(args.seeds if args.seeds is not None else preset.seeds)
     if args.seeds is not None and args.seeds < 1:

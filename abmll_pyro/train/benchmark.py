@@ -30,6 +30,7 @@ from ..eval.metrics import ReliabilityDiagram
 from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
+from .distributed import is_main_process
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run
 
@@ -42,18 +43,22 @@ def _run_one(config: RunConfig, run_dir: Path, progress: bool, trained_by: Path 
         return validate_result(json.loads(done.read_text()))
     if trained_by is not None:  # the same training ran already: evaluate its checkpoint with this method
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+        if is_main_process():  # one writer under torchrun / accelerate launch
+            atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
         result = evaluate_run(config, trained_by, progress=progress, out=done, split=config.eval_split)
-        (run_dir / "log.txt").write_text(f"{config.method}: trained as {trained_by} (same training); "
-                                         f"evaluated in {result['wall_time_s']:.1f} s\n")
+        if is_main_process():
+            (run_dir / "log.txt").write_text(f"{config.method}: trained as {trained_by} (same training); "
+                                             f"evaluated in {result['wall_time_s']:.1f} s\n")
         return result
     if config.method in TRAINABLE:
         resume = (run_dir / CONFIG).exists() and (run_dir / "checkpoints" / "latest.json").exists()
         return train_run(config, run_dir, resume=resume, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
+    if is_main_process():
+        atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
     result = evaluate_run(config, None, progress=progress, out=done, split=config.eval_split)
-    (run_dir / "log.txt").write_text(f"{config.method}: no training; evaluated in {result['wall_time_s']:.1f} s\n")
+    if is_main_process():
+        (run_dir / "log.txt").write_text(f"{config.method}: no training; evaluated in {result['wall_time_s']:.1f} s\n")
     return result
 
 
@@ -128,6 +133,8 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
             if trained_by is not None and methods.index(source) > methods.index(method):
                 trained_by = None  # its twin runs later: train here instead
             results.append(_run_one(config, out / "runs" / f"{method}-seed{seed}", progress, trained_by))
+    if not is_main_process():  # one writer: the main process writes the summary files and plots
+        return results, format_table(results)
     atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")
     run_dirs = [out / "runs" / f"{r['method']}-seed{r['seed']}" for r in results]
     ref = reference if reference in methods else methods[0]

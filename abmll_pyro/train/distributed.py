@@ -23,12 +23,13 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Ranks", "episode_seed", "seed_rng", "is_main_process", "check_supported", "NullLog", "UNSUPPORTED"]
+__all__ = ["Ranks", "episode_seed", "seed_rng", "is_main_process", "world_size", "wait_for_everyone", "main_writes",
+           "check_supported", "NullLog", "UNSUPPORTED"]
 
 # accelerate's DistributedType values whose engines own the backward pass or shard parameters: the
 # inner loop's torch.autograd.grad through a frozen, wrapped LM is not supported by them (see
@@ -46,6 +47,33 @@ def is_main_process() -> bool:
     """Rank 0 of the launch (``RANK`` from torchrun / accelerate launch), usable before any process
     group exists; True without a launcher."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """The number of processes of the launch (``WORLD_SIZE``), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_for_everyone(cpu: bool = False) -> None:
+    """A barrier across the launch usable before any ``Accelerator`` exists (it starts the process
+    group as the Accelerator would, which then reuses it); nothing without a launcher."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=cpu).wait_for_everyone()
+
+
+def main_writes(fn: Callable[..., Any], *args: Any, cpu: bool = False, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (something that writes files) on the main process only; every rank
+    waits for it and gets its (picklable) return value."""
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    from accelerate import PartialState
+
+    PartialState(cpu=cpu)  # the process group
+    box = [fn(*args, **kwargs) if is_main_process() else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def episode_seed(seed: int, *keys: int | str) -> int:

@@ -8,6 +8,11 @@ Accelerate gives device placement, mixed precision (``bf16``: autocast around th
 KL and prior terms in float32) and gradient accumulation (``grad_accum`` micro-batches per optimizer
 step; ABMLL's ``MetaSVI.step`` sees an accelerator-wrapped optimizer whose ``step``/``zero_grad`` wait
 for the last micro-batch).
+
+Under ``torchrun`` / ``accelerate launch`` the ranks split every global batch of episodes and every
+evaluation, sum gradients before clipping, and rank 0 alone writes the run directory
+(:mod:`abmll_pyro.train.distributed`, docs/distributed.md). Each episode is trained on by itself,
+seeded from ``(seed, draw, j)`` and weighted ω_j/Σω in the global batch, in one process too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .config import ConfigError, RunConfig
 from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
                      summarize_truncation)
 from .lock import RunLock
-from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng
+from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng, wait_for_everyone
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .results import SCHEMA_VERSION, validate_result
@@ -41,8 +46,12 @@ CONFIG = "config.json"
 RESULTS = "results.json"
 
 
+def wants_cpu(config: RunConfig) -> bool:
+    return config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+
+
 def make_accelerator(config: RunConfig) -> Accelerator:
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    cpu = wants_cpu(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     # Accelerate keeps process-wide singletons; runs in one process (benchmark, tests) may differ in
@@ -157,7 +166,11 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
     config = absolute_sources(config)
     saved = load_run_config(run_dir) if resume else None  # (a clear error before anything is created)
     with RunLock(run_dir):
+        if not is_main_process():  # rank 0 prepares (cleans, repairs) the directory before the others read it
+            wait_for_everyone(cpu=wants_cpu(config))
         step = prepare_run_dir(run_dir, resume, overwrite)
+        if is_main_process():
+            wait_for_everyone(cpu=wants_cpu(config))
         if saved is not None:
             config = check_resume(saved, config, step)
         if is_main_process():  # one writer per run directory (rank 0 of a torchrun/accelerate launch)

@@ -1,5 +1,5 @@
 """Two gloo processes (torchrun) on the smoke settings against one process with the same seed and
-global batch B: the ranks split each batch, end with identical θ equal to the one-process θ, write
+global batch B (and gradient accumulation): the ranks split each batch, end with identical θ equal to the one-process θ, write
 every file once, resume in one process, and report the one-process evaluation metrics."""
 
 from __future__ import annotations
@@ -54,12 +54,12 @@ def _assert_same_metrics(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [2, 3])  # 3: B not a multiple of the world size
-def test_two_processes_equal_one_process(tmp_path, batch):
+@pytest.mark.parametrize("batch, accum", [(2, 1), (3, 2)])  # B = 3: not a multiple of the world size
+def test_two_processes_equal_one_process(tmp_path, batch, accum):
     tasks = synthetic_task_folder(tmp_path / "tasks", **PRESETS["smoke"].synthetic)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**PRESETS["smoke"].config, "tasks": str(tasks), "method": "abmll",
-                                  "tasks_per_step": batch, "steps": STEPS, "checkpoint_every": 2,
+                                  "tasks_per_step": batch, "grad_accum": accum, "steps": STEPS, "checkpoint_every": 2,
                                   "keep_checkpoints": 10}))
     _launch(1, config, tmp_path / "one", tmp_path / "trace1")
     _launch(2, config, tmp_path / "two", tmp_path / "trace2")
@@ -67,7 +67,7 @@ def test_two_processes_equal_one_process(tmp_path, batch):
     # every rank trains on its own episodes; together they are the one-process batches
     one = json.loads((tmp_path / "trace1" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "trace2" / f"rank{r}.json").read_text()) for r in range(2)]
-    for draw in range(STEPS):
+    for draw in range(STEPS * accum):
         mine = [{e[1]: e[2] for e in r["trained"] if e[0] == draw} for r in ranks]
         assert mine[0] and mine[1] and not (mine[0].keys() & mine[1].keys())
         assert {**mine[0], **mine[1]} == {e[1]: e[2] for e in one["trained"] if e[0] == draw}

@@ -152,3 +152,39 @@ def test_plain_data_parallel_is_supported():
 
         check_supported(Fake())
     assert os.environ.get("RANK", "0") == "0"
+
+
+def _append(path: str) -> str:
+    with open(path, "a") as f:
+        f.write(f"written by rank {os.environ['RANK']}\n")
+    return path.upper()
+
+
+def _writer(rank: int, world: int, port: int, path: str, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from abmll_pyro.train.distributed import main_writes, wait_for_everyone
+
+    got = main_writes(_append, path, cpu=True)
+    wait_for_everyone(cpu=True)
+    queue.put((rank, got, open(path).read()))
+    torch.distributed.destroy_process_group()
+
+
+def test_main_writes_runs_once_and_every_rank_gets_its_value(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    path = str(tmp_path / "out.txt")
+    procs = [ctx.Process(target=_writer, args=(r, 2, port, path, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert out == [(0, path.upper(), "written by rank 0\n"), (1, path.upper(), "written by rank 0\n")]
