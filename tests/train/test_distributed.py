@@ -42,8 +42,9 @@ def _assert_close(a: dict, b: dict, tol: float) -> None:
 
 
 def _macro(run: Path) -> dict:
-    macro = json.loads((run / "results.json").read_text())["macro"]
-    return {k: v for k, v in macro.items() if k != "adapt_time_s_per_task"}  # seconds: not deterministic
+    result = json.loads((run / "results.json").read_text())
+    macro = {k: v for k, v in result["macro"].items() if k != "adapt_time_s_per_task"}  # seconds: not deterministic
+    return {**macro, **{f"pooled_{k}": v for k, v in result["pooled"].items()}}
 
 
 def _assert_same_metrics(a: Path, b: Path) -> None:
@@ -88,6 +89,9 @@ def test_two_processes_equal_one_process(tmp_path, batch, accum):
     assert (two / "log.txt").read_text().count(" start abmll") == 1
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["latest.json", "step-000002", "step-000004"]
     assert not [p for p in two.rglob("*") if ".tmp" in p.name]
+    predictions = [json.loads(line) for line in (two / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["index"]) for r in predictions] == \
+        [(r["task"], r["index"]) for r in map(json.loads, (tmp_path / "one" / "predictions.jsonl").read_text().splitlines())]
 
     # resume the 2-process run from its step-2 checkpoint (as if killed after it) in one process
     resumed = tmp_path / "resumed"
