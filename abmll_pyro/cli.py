@@ -255,7 +255,10 @@ def _cmd_benchmark(args) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     _, table = run_benchmark(config, args.methods or preset.methods, list(seeds), args.out, progress=not args.quiet,
                              reference=args.reference)
-    print(table)
+    from .train.distributed import is_main_process
+
+    if is_main_process():  # one copy of the table under torchrun / accelerate launch
+        print(table)
     return 0
 
 
@@ -285,6 +288,10 @@ def _cmd_compare(args) -> int:
 
 
 def _print_summary(result: dict) -> None:
+    from .train.distributed import is_main_process
+
+    if not is_main_process():  # one summary line under torchrun / accelerate launch
+        return
     m = result["pooled"]
     print(json.dumps({"method": result["method"], "accuracy": round(m["accuracy"], 4), "nll": round(m["nll"], 4),
                       "brier": round(m["brier"], 4), "ece": round(m["ece"], 4), "ece_floor": round(m["ece_floor"], 4),
