@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare task data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="fetch and convert a task suite into the cache")
-    prep.add_argument("suite", choices=["bigbench"])
+    prep.add_argument("suite", choices=["bigbench", "debian-cls"])
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="meta-train a method; evaluates on the test tasks at the end")
     train.add_argument("--method", choices=list(TRAINABLE))
     train.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-qwen2, tiny-gpt2, or a HF id/path")
-    train.add_argument("--tasks", help="bigbench, a task-folder path, or a CrossFit/MetaICL split name")
+    train.add_argument("--tasks", help="bigbench, debian-cls, a task-folder path, or a CrossFit/MetaICL split name")
     train.add_argument("--out", help="the new run directory")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest intact "
                        "checkpoint (may change only: steps to extend it, num_threads, checkpoint_every, "
@@ -166,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 def _cmd_data(args) -> int:
     if args.data_command == "prepare":
-        from .data.sources import prepare_bigbench
+        from .data.sources import prepare_bigbench, prepare_debian_cls
 
-        print(prepare_bigbench(force=args.force))
+        prepare = {"bigbench": prepare_bigbench, "debian-cls": prepare_debian_cls}[args.suite]
+        print(prepare(force=args.force))
     else:
         from .presets import synthetic_task_folder
 

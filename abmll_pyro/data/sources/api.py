@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from abmll_pyro.data.sources.bigbench import packaged_split, prepare_bigbench
+from abmll_pyro.data.sources import debian_cls
 from abmll_pyro.data.sources.crossfit import crossfit_splits, load_metaicl_split
 from abmll_pyro.data.sources.folder import load_task_folder
 from abmll_pyro.data.sources.taskset import TaskSet
@@ -26,6 +27,8 @@ def load_tasks(
 
     * ``"bigbench"``: the embedded default, prepared into the user cache on first use, split by the
       packaged ``bigbench_split.json`` (``train``/``dev``/``test`` override it);
+    * ``"debian-cls"``: real label-word classification tasks from Debian packages' data, prepared into
+      the user cache on first use, split by family (``debian_cls_split.json``);
     * a CrossFit/MetaICL split name (see :func:`crossfit_splits`), read from ``data_dir`` in MetaICL's
       layout (``options`` go to :func:`load_metaicl_split`: ``k``, ``seed``, ``train_k``);
     * a task-folder path (``splits.json``, or ``train``/``dev``/``test`` naming file stems).
@@ -39,6 +42,12 @@ def load_tasks(
             split = packaged_split()
             train, dev, test = split["train"], split["dev"], split["test"]
         return load_task_folder(folder, train, dev, test, max_examples=max_examples)
+    if name == "debian-cls":
+        folder = debian_cls.prepare_debian_cls(**options)
+        if train is None and dev is None and test is None:
+            split = debian_cls.packaged_split()
+            train, dev, test = split["train"], split["dev"], split["test"]
+        return load_task_folder(folder, train, dev, test, max_examples=max_examples)
     if name in crossfit_splits():
         if data_dir is None:
             raise ValueError(f"split {name!r} needs data_dir, a MetaICL-format data directory")
@@ -46,6 +55,6 @@ def load_tasks(
     if Path(name).is_dir():
         return load_task_folder(name, train, dev, test, max_examples=max_examples)
     raise ValueError(
-        f"unknown task source {name!r}: not 'bigbench', not a CrossFit/MetaICL split "
+        f"unknown task source {name!r}: not 'bigbench' or 'debian-cls', not a CrossFit/MetaICL split "
         f"{sorted(crossfit_splits())}, and not an existing folder"
     )
