@@ -1,0 +1,143 @@
+"""Headroom of a task: zero-shot accuracy vs per-task Regular LoRA fitted on k shots.
+
+For a task, a seeded split gives ``shots`` support and up to ``query_size`` query examples. Under a
+score reduction r (``sum``/``mean``/... of :class:`~abmll_pyro.models.likelihoods.OptionLikelihood`):
+
+* zero-shot: ŷ = argmax_o score_r(o | x) of the base model;
+* LoRA: plain factors (the adapter's own start: A Kaiming-uniform, B = 0, the same for every task) trained by ``steps`` full-batch Adam steps at ``lr`` on
+  the support cross-entropy  −(1/k) Σ log softmax_y score_r(· | x; W0 + (α/r) B A), then ŷ as above.
+
+gain = acc_lora − acc_zero on the same query examples; its 95% interval is the paired bootstrap: draw
+query indices with replacement ``num_boot`` times, take the 2.5/97.5% quantiles of the mean of
+``correct_lora − correct_zero`` over the draw. One JSON per task (so a long run resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..data.encoding import encode_options
+from ..data.scoring import OptionBatch
+from ..data.tasks import Task, split_task
+from ..infer.inner import inner_loop
+from ..lora.adapter import BayesLoRA
+from ..methods.base import LoRAFactors
+from ..models.likelihoods import OptionLikelihood
+
+__all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table"]
+
+
+@dataclass(frozen=True)
+class HeadroomConfig:
+    shots: int = 16
+    query_size: int = 64
+    steps: int = 30
+    lr: float = 3e-3
+    reductions: tuple[str, ...] = ("mean", "sum")
+    max_length: int | None = 256
+    num_boot: int = 2000
+    seed: int = 0
+
+
+def paired_bootstrap(diff: Tensor, num_boot: int, seed: int) -> tuple[float, float]:
+    """95% interval of mean(diff) by resampling its entries (``diff``: ``[n]``, paired differences)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (num_boot, len(diff)), generator=g)
+    means = diff.double()[idx].mean(1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def _scores(adapter: BayesLoRA, params: dict[str, Tensor] | None, batch: OptionBatch, lik: OptionLikelihood) -> Tensor:
+    deltas = adapter.mean_deltas(params) if params is not None else {m: None for m in adapter.module_names}
+    with adapter.use(deltas):
+        return lik.scores(adapter.lm, batch)
+
+
+def _correct(scores: Tensor, batch: OptionBatch) -> Tensor:
+    return (scores.argmax(-1).cpu() == batch.gold.cpu()).float()
+
+
+def _task_seed(name: str, seed: int) -> int:
+    return (int(hashlib.sha256(name.encode()).hexdigest(), 16) + seed) % 2**31
+
+
+def task_headroom(adapter: BayesLoRA, tokenizer: Any, task: Task, config: HeadroomConfig) -> dict:
+    """Zero-shot and LoRA accuracy, gain and its paired-bootstrap 95% CI, per reduction (module doc)."""
+    seed = _task_seed(task.name, config.seed)
+    split = split_task(task, config.shots, config.query_size, torch.Generator().manual_seed(seed),
+                       allow_smaller_query=True)
+    support = encode_options(tokenizer, split.support, max_length=config.max_length, name=f"{task.name} support")
+    query = encode_options(tokenizer, split.query, max_length=config.max_length, name=f"{task.name} query")
+    options = max(len(ex.options) for ex in task.examples)
+    result = {"task": task.name, "shots": len(split.support), "query": len(split.query),
+              "chance": sum(1 / len(ex.options) for ex in split.query) / len(split.query),
+              "num_options": options, "config": asdict(config), "reductions": {}}
+    for reduction in config.reductions:
+        lik, started = OptionLikelihood(reduction), time.perf_counter()
+        with torch.no_grad():
+            zero = _correct(_scores(adapter, None, query, lik), query)
+        start = {k: v.detach().clone() for k, v in LoRAFactors(adapter).params().items()}  # B = 0: ΔW = 0
+
+        def loss_fn(p: dict[str, Tensor]) -> Tensor:
+            logp = torch.log_softmax(_scores(adapter, p, support, lik).float(), -1)
+            return -logp.gather(1, support.gold.to(logp.device)[:, None]).mean()
+
+        fitted = inner_loop(loss_fn, start, config.steps, config.lr, "adam")
+        with torch.no_grad():
+            support_loss = float(loss_fn(fitted))
+            lora = _correct(_scores(adapter, fitted, query, lik), query)
+        lo, hi = paired_bootstrap(lora - zero, config.num_boot, seed)
+        result["reductions"][reduction] = {
+            "zero_shot": float(zero.mean()), "lora": float(lora.mean()), "gain": float((lora - zero).mean()),
+            "gain_ci95": [lo, hi], "support_loss_end": support_loss, "seconds": time.perf_counter() - started,
+        }
+    return result
+
+
+def run_headroom(adapter: BayesLoRA, tokenizer: Any, tasks: Iterable[tuple[str, Task]], out: Path,
+                 config: HeadroomConfig, log=print) -> list[dict]:
+    """Every ``(split, task)``: its JSON ``<out>/<task>.json`` if already there (resume), else measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for split_name, task in tasks:
+        path = out / f"{task.name}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        result = {"split": split_name, **task_headroom(adapter, tokenizer, task, config)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+        log(f"{task.name}: " + ", ".join(
+            f"{r} zero {v['zero_shot']:.3f} lora {v['lora']:.3f} gain {v['gain']:+.3f}"
+            for r, v in result["reductions"].items()))
+        results.append(result)
+    return results
+
+
+def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) -> str:
+    """A markdown table (one row per task, then the means) for one reduction; ``*`` marks learnable
+    headroom: gain ≥ ``min_gain``."""
+    rows = ["| split | task | options | n query | zero-shot | LoRA | gain [95% CI] |",
+            "|---|---|---|---|---|---|---|"]
+    kept = [r for r in results if reduction in r["reductions"]]
+    for r in sorted(kept, key=lambda r: ({"test": 0, "dev": 1, "train": 2}.get(r["split"], 3), r["task"])):
+        v = r["reductions"][reduction]
+        mark = " *" if v["gain"] >= min_gain else ""
+        lo, hi = v["gain_ci95"]
+        rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | {v['zero_shot']:.3f} | "
+                    f"{v['lora']:.3f} | {v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} |")
+    if kept:
+        mean = lambda key: sum(r["reductions"][reduction][key] for r in kept) / len(kept)
+        wins = sum(r["reductions"][reduction]["gain"] >= min_gain for r in kept)
+        rows.append(f"| | **mean of {len(kept)}** | | | {mean('zero_shot'):.3f} | {mean('lora'):.3f} | "
+                    f"{mean('gain'):+.3f} ({wins}/{len(kept)} with gain ≥ {min_gain:.2f}) |")
+    return "\n".join(rows)
