@@ -17,7 +17,8 @@ foldoc-domain          a FOLDOC sense                     its subject tag (``<ne
 =====================  =================================  ==========================================
 
 Per task: texts of 15-300 characters (fortunes also at least 60% letters, which drops ASCII art;
-dictionary senses not a bare cross-reference such as ``See Hypermetropia.``),
+dictionary senses not a bare cross-reference such as ``See Hypermetropia.``; none with undecodable
+bytes),
 deduplicated, a text filed under two of the task's labels dropped; then the same number of texts per
 label, ``min(MAX_EXAMPLES // k, smallest label's count)``, drawn and shuffled with a seed from the
 task name, so chance is exactly 1/k. A task with fewer than :data:`MIN_EXAMPLES` is an error.
@@ -153,7 +154,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def _usable(text: str, family: str) -> bool:
-    if not MIN_CHARS <= len(text) <= MAX_CHARS:
+    if not MIN_CHARS <= len(text) <= MAX_CHARS or "\ufffd" in text:  # U+FFFD: undecodable bytes
         return False
     if family.startswith("fortune"):
         return sum(c.isalpha() or c.isspace() for c in text) >= 0.6 * len(text)
