@@ -25,6 +25,11 @@ from abmll_pyro.lora.adapter import BayesLoRA
 from abmll_pyro.presets import synthetic_task_folder
 from abmll_pyro.train.setup import last_layer_targets, seed_everything
 
+try:  # the frozen-trunk cache (issue 8): exact, and it skips the frozen lower blocks on every pass
+    from abmll_pyro.data.trunk import attach_trunk_cache
+except ImportError:
+    attach_trunk_cache = None
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,6 +65,8 @@ def main(argv=None) -> None:
                             reductions=tuple(args.reductions), max_length=args.max_length, seed=args.seed)
     seed_everything(args.seed)
     lm, tokenizer = load_lm(args.model, seed=args.seed)
+    if attach_trunk_cache is not None:
+        attach_trunk_cache(lm)
     targets = last_layer_targets(lm, None, args.last_layers)
     adapter = BayesLoRA(lm, AdapterConfig(rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets))
     taskset = load_tasks(args.tasks)

@@ -112,9 +112,10 @@ def run_headroom(adapter: BayesLoRA, tokenizer: Any, tasks: Iterable[tuple[str, 
         if path.exists():
             results.append(json.loads(path.read_text()))
             continue
-        result = {"split": split_name, **task_headroom(adapter, tokenizer, task, config)}
+        text = json.dumps({"split": split_name, **task_headroom(adapter, tokenizer, task, config)}, indent=1)
+        result = json.loads(text)  # as a resumed run reads it back
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
+        tmp.write_text(text)
         tmp.replace(path)
         log(f"{task.name}: " + ", ".join(
             f"{r} zero {v['zero_shot']:.3f} lora {v['lora']:.3f} gain {v['gain']:+.3f}"

@@ -1,0 +1,74 @@
+"""Headroom measurement: bootstrap oracles, the zero-step identity, resume, the table and the script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from abmll_pyro.config import AdapterConfig
+from abmll_pyro.data.tasks import Example, Task
+from abmll_pyro.eval import headroom as hr
+from abmll_pyro.lms.tiny import tiny_model
+from abmll_pyro.lora.adapter import BayesLoRA
+
+
+def test_paired_bootstrap_oracles():
+    assert hr.paired_bootstrap(torch.full((20,), 0.25), 200, 0) == pytest.approx((0.25, 0.25))
+    diff = torch.tensor([1.0] * 30 + [0.0] * 70)
+    lo, hi = hr.paired_bootstrap(diff, 2000, 0)
+    # the mean's standard error is sqrt(.3 * .7 / 100) ≈ 0.046: the 95% interval spans about ±0.09
+    assert 0.18 < lo < 0.24 and 0.36 < hi < 0.42
+
+
+@pytest.fixture
+def setup():
+    lm, tok = tiny_model("llama", seed=0)
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0))
+    words = ["cat", "dog", "sun", "rain", "tree", "stone"]
+    examples = [Example(f"{w} number {i}", ["yes", "no"], i % 2) for i, w in enumerate(words * 4)]
+    return adapter, tok, Task("toy", tuple(examples))
+
+
+def test_zero_steps_lora_equals_zero_shot(setup):
+    adapter, tok, task = setup
+    config = hr.HeadroomConfig(shots=4, query_size=8, steps=0, reductions=("sum", "mean"), num_boot=50)
+    result = hr.task_headroom(adapter, tok, task, config)
+    assert result["shots"] == 4 and result["query"] == 8 and result["chance"] == 0.5
+    for v in result["reductions"].values():  # B = 0 and no step: the base model's predictions
+        assert v["lora"] == v["zero_shot"] and v["gain"] == 0.0 and v["gain_ci95"] == [0.0, 0.0]
+
+
+def test_training_fits_the_support(setup):
+    adapter, tok, task = setup
+    before = hr.task_headroom(adapter, tok, task, hr.HeadroomConfig(shots=4, query_size=4, steps=0, reductions=("sum",)))
+    after = hr.task_headroom(adapter, tok, task, hr.HeadroomConfig(shots=4, query_size=4, steps=15, lr=5e-2, reductions=("sum",)))
+    assert after["reductions"]["sum"]["support_loss_end"] < before["reductions"]["sum"]["support_loss_end"] - 0.05
+
+
+def test_resume_reads_finished_tasks(setup, tmp_path, monkeypatch):
+    adapter, tok, task = setup
+    config = hr.HeadroomConfig(shots=4, query_size=4, steps=1, reductions=("sum",), num_boot=20)
+    first = hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None)
+    monkeypatch.setattr(hr, "task_headroom", lambda *a: pytest.fail("a finished task was measured again"))
+    assert hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None) == first
+    table = hr.headroom_table(first, "sum")
+    assert "| test | toy | 2 | 4 |" in table and "mean of 1" in table
+
+
+def test_script_smoke_and_table(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).parents[2] / "scripts" / "headroom.py"
+    run = lambda *extra: subprocess.run([sys.executable, str(script), "--out", str(tmp_path), *extra],
+                                        capture_output=True, text=True, env=env, timeout=300)
+    done = run("--smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(results) == 4 and all(set(r["reductions"]) == {"mean", "sum"} for r in results)
+    table = run("--table")
+    assert table.returncode == 0 and table.stdout.count("mean of 4") == 2
