@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from abmll_pyro.config import AdapterConfig
+from abmll_pyro.data.scoring import SCORE_REDUCTIONS
 from abmll_pyro.data.sources import load_tasks
 from abmll_pyro.eval.headroom import HeadroomConfig, headroom_table, run_headroom
 from abmll_pyro.lms import load_lm
@@ -44,7 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--query-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--reductions", nargs="+", default=["mean", "sum"])
+    p.add_argument("--reductions", nargs="+", default=["mean", "sum"], choices=list(SCORE_REDUCTIONS),
+                   help="score reductions (the config key score_reduction); LoRA is fitted once per reduction")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-tasks", type=int, help="at most N tasks per split (the split's first N)")
     p.add_argument("--num-threads", type=int, default=1)
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.num_threads)
     if args.smoke:
         args.model, args.last_layers, args.steps, args.shots, args.query_size = "tiny-llama", 1, 3, 4, 8
-        args.tasks = str(synthetic_task_folder(args.out / "tasks", num_train=2, num_test=2, examples=16))
+        args.tasks = str(synthetic_task_folder(args.out / "tasks", num_train=1, num_test=1, examples=12))
     config = HeadroomConfig(shots=args.shots, query_size=args.query_size, steps=args.steps, lr=args.lr,
                             reductions=tuple(args.reductions), max_length=args.max_length, seed=args.seed)
     seed_everything(args.seed)

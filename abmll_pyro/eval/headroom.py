@@ -1,7 +1,8 @@
 """Headroom of a task: zero-shot accuracy vs per-task Regular LoRA fitted on k shots.
 
 For a task, a seeded split gives ``shots`` support and up to ``query_size`` query examples. Under a
-score reduction r (``sum``/``mean``/... of :class:`~abmll_pyro.models.likelihoods.OptionLikelihood`):
+score reduction r (``sum``/``mean``/``char``, the runs' ``score_reduction``; see
+:class:`~abmll_pyro.models.likelihoods.OptionLikelihood`):
 
 * zero-shot: ŷ = argmax_o score_r(o | x) of the base model;
 * LoRA: plain factors (the adapter's own start: A Kaiming-uniform, B = 0, the same for every task) trained by ``steps`` full-batch Adam steps at ``lr`` on
@@ -29,7 +30,7 @@ from ..data.scoring import OptionBatch
 from ..data.tasks import Task, split_task
 from ..infer.inner import inner_loop
 from ..lora.adapter import BayesLoRA
-from ..methods.base import LoRAFactors
+from ..methods.base import LoRAFactors, option_logits, option_nll
 from ..models.likelihoods import OptionLikelihood
 
 __all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table"]
@@ -55,12 +56,6 @@ def paired_bootstrap(diff: Tensor, num_boot: int, seed: int) -> tuple[float, flo
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
-def _scores(adapter: BayesLoRA, params: dict[str, Tensor] | None, batch: OptionBatch, lik: OptionLikelihood) -> Tensor:
-    deltas = adapter.mean_deltas(params) if params is not None else {m: None for m in adapter.module_names}
-    with adapter.use(deltas):
-        return lik.scores(adapter.lm, batch)
-
-
 def _correct(scores: Tensor, batch: OptionBatch) -> Tensor:
     return (scores.argmax(-1).cpu() == batch.gold.cpu()).float()
 
@@ -83,17 +78,16 @@ def task_headroom(adapter: BayesLoRA, tokenizer: Any, task: Task, config: Headro
     for reduction in config.reductions:
         lik, started = OptionLikelihood(reduction), time.perf_counter()
         with torch.no_grad():
-            zero = _correct(_scores(adapter, None, query, lik), query)
+            zero = _correct(option_logits(adapter, None, query, lik), query)
         start = {k: v.detach().clone() for k, v in LoRAFactors(adapter).params().items()}  # B = 0: ΔW = 0
 
         def loss_fn(p: dict[str, Tensor]) -> Tensor:
-            logp = torch.log_softmax(_scores(adapter, p, support, lik).float(), -1)
-            return -logp.gather(1, support.gold.to(logp.device)[:, None]).mean()
+            return option_nll(adapter, p, support, lik)
 
         fitted = inner_loop(loss_fn, start, config.steps, config.lr, "adam")
         with torch.no_grad():
             support_loss = float(loss_fn(fitted))
-            lora = _correct(_scores(adapter, fitted, query, lik), query)
+            lora = _correct(option_logits(adapter, fitted, query, lik), query)
         lo, hi = paired_bootstrap(lora - zero, config.num_boot, seed)
         result["reductions"][reduction] = {
             "zero_shot": float(zero.mean()), "lora": float(lora.mean()), "gain": float((lora - zero).mean()),
