@@ -49,6 +49,7 @@ def main(argv=None) -> None:
                    help="score reductions (the config key score_reduction); LoRA is fitted once per reduction")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-tasks", type=int, help="at most N tasks per split (the split's first N)")
+    p.add_argument("--reverse", action="store_true", help="last task first (a second worker on the same --out)")
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="print the tables of the finished tasks and stop")
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
     adapter = BayesLoRA(lm, AdapterConfig(rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets))
     taskset = load_tasks(args.tasks)
     tasks = [(s, t) for s in args.splits for t in taskset[s][: args.max_tasks]]
+    tasks = tasks[::-1] if args.reverse else tasks
     run_headroom(adapter, tokenizer, tasks, args.out, config,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
 
