@@ -293,6 +293,12 @@ def _print_summary(result: dict) -> None:
 
     if not is_main_process():  # one summary line under torchrun / accelerate launch
         return
+    if result.get("kind") == "generative":
+        m = result["macro"]
+        print(json.dumps({"method": result["method"], "token_nll": round(m["token_nll"], 4),
+                          "exact_match": round(m["exact_match"], 4), "agreement": round(m["agreement"], 4),
+                          "num_tasks": m["num_tasks"], "wall_time_s": round(result["wall_time_s"], 1)}))
+        return
     m = result["pooled"]
     print(json.dumps({"method": result["method"], "accuracy": round(m["accuracy"], 4), "nll": round(m["nll"], 4),
                       "brier": round(m["brier"], 4), "ece": round(m["ece"], 4), "ece_floor": round(m["ece_floor"], 4),

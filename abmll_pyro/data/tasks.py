@@ -25,6 +25,7 @@ class Example:
     """One multiple-choice example: ``options[gold]`` is the answer.
 
     ``target`` is the text a token-level (generative) likelihood scores; it defaults to the gold option.
+    A generative example has a ``target`` and no options (``options=()``, ``gold=0``).
     """
 
     input: str
@@ -34,6 +35,11 @@ class Example:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", tuple(self.options))
+        if not self.options and self.target is not None:  # generative: the target is the answer
+            if not isinstance(self.target, str) or not self.target.strip():
+                raise ValueError(f"a generative example needs a non-empty target string, got {self.target!r} "
+                                 f"(input {self.input[:80]!r})")
+            return
         if len(self.options) < 2:
             raise ValueError(
                 f"an example needs at least 2 options, got {len(self.options)}: {list(self.options)!r} "
@@ -55,8 +61,13 @@ class Example:
         return cls(input=input, options=options, gold=options.index(output))
 
     @property
+    def is_generative(self) -> bool:
+        """True for a target-only example (no options)."""
+        return not self.options
+
+    @property
     def answer(self) -> str:
-        return self.options[self.gold]
+        return self.options[self.gold] if self.options else self.target
 
     @property
     def target_text(self) -> str:

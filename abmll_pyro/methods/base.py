@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data.scoring import OptionBatch
+from ..data.scoring import OptionBatch, TokenBatch
 from ..lora.adapter import BayesLoRA
 from ..models.likelihoods import OptionLikelihood
 
@@ -90,7 +90,12 @@ def option_probs(adapter: BayesLoRA, params: Params | None, batch: OptionBatch,
 
 def option_nll(adapter: BayesLoRA, params: Params, batch: OptionBatch,
                likelihood: OptionLikelihood | None = None) -> Tensor:
-    """Mean −log p(gold | x) of a plain (deterministic) LoRA: the cross-entropy over options."""
+    """Mean −log p(gold | x) of a plain (deterministic) LoRA: the cross-entropy over options (for a
+    :class:`TokenBatch`, the per-token NLL of its targets: :func:`~abmll_pyro.methods.tokens.token_nll`)."""
+    if isinstance(batch, TokenBatch):
+        from .tokens import token_nll
+
+        return token_nll(adapter, adapter.mean_deltas(params), batch)
     logp = torch.log_softmax(option_logits(adapter, params, batch, likelihood).float(), -1)
     gold = batch.gold.to(logp.device)
     return -logp.gather(1, gold[:, None]).mean()

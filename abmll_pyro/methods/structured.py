@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from ..config import InnerLoopConfig
-from ..data.scoring import OptionBatch
+from ..data.scoring import OptionBatch, TokenBatch
 from ..infer.inner import inner_loop, pass_through
 from ..lora.adapter import BayesLoRA
 from ..lora.layer import LowRankDelta
 from .base import Backward, LoRAFactors, Method
+from .tokens import token_nll
 
 __all__ = ["StructuredLoRA"]
 
@@ -49,6 +50,8 @@ class StructuredLoRA(Method):
         return {m: LowRankDelta(torch.cat([g[m].A, t[m].A], 0), torch.cat([g[m].B, t[m].B], 1), g[m].scaling) for m in g}
 
     def _nll(self, shared, task, batch: OptionBatch) -> Tensor:
+        if isinstance(batch, TokenBatch):  # generative tasks: per-token NLL of the targets
+            return token_nll(self.adapter, self._deltas(shared, task), batch)
         with self.adapter.use(self._deltas(shared, task)):
             scores = self.likelihood.scores(self.adapter.lm, batch)
         logp = torch.log_softmax(scores.float(), -1)

@@ -43,7 +43,8 @@ class RunConfig:
     test alike); ``reptile_step_size`` is Reptile's outer ε. Prediction: ``num_samples`` draws of φ
     (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
     (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
-    turns each option's token log-probs into its score, for every method alike. Evaluation:
+    turns each option's token log-probs into its score, for every method alike. ``init_from_peft``:
+    a PEFT LoRA adapter folder whose factors start θ's mean (same rank and target modules, checked). Evaluation:
     ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
     on at the end (``test``, or ``dev`` for tuning — never tune on test).
     """
@@ -75,6 +76,7 @@ class RunConfig:
     last_layers: int | None = None
     std_map: str = "softplus"
     init_std: float = 1e-3
+    init_from_peft: str | None = None  # a PEFT LoRA folder: θ's mean factors start from it
     # objective and optimization
     kl_beta: float = 1e-8
     kl_gamma: float | None = None

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.encoding import encode_options
-from ..data.scoring import OptionBatch
+from ..data.encoding import encode_options, encode_tokens
+from ..data.scoring import OptionBatch, TokenBatch
 from ..data.tasks import Example, Task, TaskSplit, split_task
 from ..data.templates import DirectTemplate, make_template
 from ..models.likelihoods import TaskData
@@ -29,8 +29,8 @@ class EncodedEpisode:
 
     name: str
     split: TaskSplit
-    support: OptionBatch
-    query: OptionBatch
+    support: OptionBatch | TokenBatch
+    query: OptionBatch | TokenBatch
 
     def task_data(self) -> tuple[TaskData, TaskData]:
         return TaskData(self.support), TaskData(self.query)
@@ -57,7 +57,11 @@ class EpisodeEncoder:
         self.tokenizer, self.max_length, self.in_context, self.device = tokenizer, max_length, in_context, device
         self.template = make_template(template, tokenizer)
 
-    def encode(self, examples: Sequence[Example], name: str) -> OptionBatch:
+    def encode(self, examples: Sequence[Example], name: str) -> OptionBatch | TokenBatch:
+        """An :class:`OptionBatch`; a :class:`TokenBatch` when every example is generative (target only)."""
+        if examples and all(ex.is_generative for ex in examples):
+            tokens = encode_tokens(self.tokenizer, examples, self.template, self.max_length, name=name)
+            return TokenBatch(*(t.to(self.device) for t in (tokens.input_ids, tokens.attention_mask, tokens.target_mask)))
         batch = encode_options(self.tokenizer, examples, self.template, self.max_length, name=name)
         return batch.to(self.device)
 

@@ -36,6 +36,7 @@ from .lock import RunLock
 from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng, wait_for_everyone
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
+from .generative import evaluate_generative_run, is_generative
 from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
 from .setup import build
@@ -202,6 +203,16 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
     if built.method.trainable:
         _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
     train_time = time.perf_counter() - t0
+    if is_generative(taskset):  # target-only tasks: per-token NLL and exact match (train/generative.py)
+        result = evaluate_generative_run(config, built, taskset[config.eval_split], accelerator, progress)
+        result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
+                      eval_time_s=time.perf_counter() - t0 - train_time,
+                      peak_memory_mb=peak_memory_mb(accelerator.device))
+        if is_main_process():
+            atomic_write_text(run_dir / RESULTS, json.dumps(result, indent=1) + "\n")
+        log.info(f"macro token NLL {result['macro']['token_nll']:.4f} exact match "
+                 f"{result['macro']['exact_match']:.4f}; wall time {result['wall_time_s']:.1f} s")
+        return result
     result, predictions = _evaluate(config, built, taskset[config.eval_split], accelerator, progress, log)
     result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
                   eval_time_s=time.perf_counter() - t0 - train_time,
@@ -259,6 +270,15 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
         config = built.config
         if not taskset[split]:
             raise ValueError(f"task source {config.tasks!r} has no {split} tasks")
+        if is_generative(taskset):  # target-only tasks (train/generative.py)
+            result = evaluate_generative_run(config, built, taskset[split], accelerator, progress)
+            wall = time.perf_counter() - t0
+            result.update(wall_time_s=wall, train_time_s=0.0, eval_time_s=wall,
+                          peak_memory_mb=peak_memory_mb(accelerator.device))
+            if out is not None:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
+            return result
         result, predictions = _evaluate(config, built, taskset[split], accelerator, progress, None)
     if run_dir is not None and built.method.trainable:
         result["steps"] = built.trained_steps  # a partially trained run reports the step it was evaluated at

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from ..data.sources import TaskSet, load_tasks
+from ..export.peft import init_from_peft
 from ..lms import load_lm
 from ..lora.adapter import DEFAULT_TARGETS, FALLBACK_TARGETS, BayesLoRA
 from ..lora.layer import is_linear
 from ..methods import Method, build_method
+from ..models.by_batch import with_tokens
 from .config import RunConfig
 
 __all__ = ["Built", "seed_everything", "load_taskset", "build", "last_layer_targets", "context_length", "fit_context"]
@@ -70,7 +72,8 @@ def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_exam
 
     def fits(ex) -> bool:
         prompt = len(tokenizer(ex.input).input_ids)
-        return prompt + max(len(tokenizer(" " + o, add_special_tokens=False).input_ids) for o in ex.options) <= max_length
+        answers = ex.options or (ex.target,)  # a generative example: its target
+        return prompt + max(len(tokenizer(" " + o, add_special_tokens=False).input_ids) for o in answers) <= max_length
 
     splits = {}
     for name in ("train", "dev", "test"):
@@ -142,5 +145,10 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     if config.last_layers is not None:
         targets = last_layer_targets(lm, targets, config.last_layers)
     adapter = BayesLoRA(lm, config.adapter_config(targets))
+    if config.init_from_peft:  # θ's mean factors from an existing PEFT LoRA adapter (σ keeps its start)
+        init_from_peft(adapter, config.init_from_peft)
     method = build_method(config.method, adapter, config, len(taskset.train))
+    svi = getattr(method, "svi", None)
+    if svi is not None:  # generative (token) episodes beside option episodes, one model
+        svi.model.likelihood = with_tokens(svi.model.likelihood)
     return Built(lm, tokenizer, adapter, method, config), taskset

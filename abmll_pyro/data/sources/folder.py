@@ -2,7 +2,8 @@
 
 A folder holds one ``<task>.jsonl`` per task; each line is MetaICL's
 ``{"input": str, "options": [str, ...], "output": str}`` with ``output`` one of ``options``
-(an optional ``"target"`` string is the generative target text). An optional ``splits.json``
+(an optional ``"target"`` string is the generative target text; a generative line may be just
+``{"input": str, "target": str}``). An optional ``splits.json``
 ``{"train": [...], "dev": [...], "test": [...]}`` names tasks by file stem; without it the caller
 names the train and test tasks (``--train-tasks`` / ``--test-tasks``).
 
@@ -103,8 +104,20 @@ def read_jsonl_examples(path: Path, limit: int | None = None) -> list[Example]:
     for where, record in iter_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
+        if "target" in record and "options" not in record:  # a generative line
+            examples.append(_generative(record, where))
+            continue
         examples.append(parse_example(where, record))
     return examples
+
+
+def _generative(record: dict, where: str) -> Example:
+    if not isinstance(record.get("input"), str) or not isinstance(record["target"], str):
+        raise DataError(f"{where}: a generative line needs string 'input' and 'target', got {record!r}"[:300])
+    try:
+        return Example(record["input"], (), 0, record["target"])
+    except ValueError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def read_task_file(path: str | Path, max_examples: int | None = None) -> Task:
@@ -194,7 +207,8 @@ def write_task_folder(
         seen.add(task.name)
         with open(root / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
             for ex in task.examples:
-                record = {"input": ex.input, "options": list(ex.options), "output": ex.answer}
+                record = ({"input": ex.input} if ex.is_generative else
+                          {"input": ex.input, "options": list(ex.options), "output": ex.answer})
                 if ex.target is not None:
                     record["target"] = ex.target
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
