@@ -1,4 +1,4 @@
-"""The ``abmll`` command: data, train, evaluate, predict, benchmark (usage: docs/cli.md).
+"""The ``abmll`` command: data, train, evaluate, predict, generate, export, benchmark (usage: docs/cli.md).
 
 Settings come from, lowest to highest precedence: the defaults of :class:`RunConfig` (or the
 benchmark preset), ``--config FILE`` (YAML or JSON), then flags (every config key is a flag:
@@ -143,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
 
+    gen = sub.add_parser("generate", help="adapt to a support set and sample answers per prompt from the posterior")
+    gen.add_argument("--run", metavar="RUN_DIR", required=True)
+    gen.add_argument("--support", required=True, help="JSONL task lines (input, target) or (input, options, output)")
+    gen.add_argument("--prompts", required=True, help="JSONL of prompts (input; target optional)")
+    gen.add_argument("--num-samples", dest="num_samples", type=int, default=8, help="posterior draws per prompt")
+    gen.add_argument("--out", help="output JSONL (default: stdout)")
+    gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    gen.add_argument("--do-sample", dest="do_sample", type=_bool, default=False, help="sample tokens (default greedy)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    gen.add_argument("--stop", nargs="*", default=["\n"], help="stop strings (default: newline)")
+    gen.add_argument("--seed", type=int, help="default: the run's seed")
+
+    ex = sub.add_parser("export", help="write θ's mean, or a support set's adapted mean, as a PEFT LoRA adapter")
+    ex.add_argument("--run", metavar="RUN_DIR", required=True)
+    ex.add_argument("--support", help="JSONL task lines: export this task's adapted posterior mean")
+    ex.add_argument("--format", dest="fmt", choices=["peft"], default="peft")
+    ex.add_argument("--out", required=True, help="the adapter folder")
+    ex.add_argument("--seed", type=int, help="default: the run's seed")
+
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
     bench.add_argument("--out", required=True)
@@ -240,6 +260,23 @@ def _stored_config(run_dir: Path, args):
     return config
 
 
+def _cmd_generate(args) -> int:
+    from .infer.generate import GenerationConfig
+    from .train.generate_run import generate_file
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                           top_p=args.top_p, stop_strings=tuple(args.stop))
+    generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export.run import export_run
+
+    print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed))
+    return 0
+
+
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
     from .train.benchmark import run_benchmark
@@ -307,7 +344,7 @@ def _print_summary(result: dict) -> None:
 
 
 COMMANDS = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "benchmark": _cmd_benchmark, "compare": _cmd_compare}
+            "generate": _cmd_generate, "export": _cmd_export, "benchmark": _cmd_benchmark, "compare": _cmd_compare}
 
 
 @contextlib.contextmanager

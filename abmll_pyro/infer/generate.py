@@ -225,7 +225,7 @@ def summarize_answers(answers: Sequence[str], target: str | None = None) -> dict
     out: dict[str, Any] = {
         "majority": answers[norm.index(winner)],
         "agreement": top / n,
-        "entropy": -sum((c / n) * math.log(c / n) for c in counts.values()),
+        "entropy": 0.0 - sum((c / n) * math.log(c / n) for c in counts.values()),  # 0.0, never -0.0
     }
     if target is not None:
         out["exact_match"] = winner == normalize_answer(target)
