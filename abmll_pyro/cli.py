@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare task data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="fetch and convert a task suite into the cache")
-    prep.add_argument("suite", choices=["bigbench", "debian-cls"])
+    prep.add_argument("suite", choices=["bigbench", "debian-cls", "bigbench-gen"])
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True)
@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- commands
 def _cmd_data(args) -> int:
+    if args.data_command == "prepare" and args.suite == "bigbench-gen":
+        from .data.sources.bigbench_generative import prepare_bigbench_generative
+
+        print(prepare_bigbench_generative(force=args.force))
+        return 0
     if args.data_command == "prepare":
         from .data.sources import prepare_bigbench, prepare_debian_cls
 

@@ -43,3 +43,21 @@ def test_episode_encoder_gives_token_batches_for_generative_examples():
     assert int(episode.query.target_mask.sum()) == len(" out2")
     mc = (Example("q", ("a", "b"), 1),) * 2
     assert isinstance(EpisodeEncoder(tok)(TaskSplit("m", mc[:1], mc[1:])).support, OptionBatch)
+
+
+def test_bigbench_generative_conversion_rules():
+    from abmll_pyro.data.sources.bigbench_generative import MAX_TARGET_WORDS, convert_generative_task
+
+    examples = [{"input": f"{i} + 1", "target": str(i + 1)} for i in range(5)]
+    examples += [{"input": "long", "target": "a much longer answer than allowed"},
+                 {"input": "list", "target": ["first", "second"]}]
+    data = {"metrics": ["exact_str_match"], "examples": examples, "keywords": ["arithmetic"]}
+    kept, skipped = convert_generative_task(data, "arith")
+    assert skipped == 1 and len(kept) == 6 and all(ex.is_generative for ex in kept)
+    assert {ex.target for ex in kept} == {"1", "2", "3", "4", "5", "first"}
+    assert all(ex.input.startswith("Q:") and ex.input.endswith("A:") for ex in kept)
+    assert len("a much longer answer than allowed".split()) > MAX_TARGET_WORDS
+    assert convert_generative_task({**data, "metrics": ["bleu"]}, "arith") is None  # not exact match
+    assert convert_generative_task({**data, "keywords": ["non-English"]}, "arith") is None
+    mc = {"metrics": ["exact_str_match"], "examples": [{"input": "x", "target_scores": {"a": 1, "b": 0}}]}
+    assert convert_generative_task(mc, "mc") is None

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from abmll_pyro.data.sources.bigbench import packaged_split, prepare_bigbench
 from abmll_pyro.data.sources import debian_cls
+from abmll_pyro.data.sources.bigbench_generative import SUITE as BIGBENCH_GEN, prepare_bigbench_generative
 from abmll_pyro.data.sources.crossfit import crossfit_splits, load_metaicl_split
 from abmll_pyro.data.sources.folder import load_task_folder
 from abmll_pyro.data.sources.taskset import TaskSet
@@ -29,6 +30,8 @@ def load_tasks(
       packaged ``bigbench_split.json`` (``train``/``dev``/``test`` override it);
     * ``"debian-cls"``: real label-word classification tasks from Debian packages' data, prepared into
       the user cache on first use, split by family (``debian_cls_split.json``);
+    * ``"bigbench-gen"``: BIG-bench's generative tasks with short targets, prepared likewise, split by
+      the same hash rule (the folder's splits.json);
     * a CrossFit/MetaICL split name (see :func:`crossfit_splits`), read from ``data_dir`` in MetaICL's
       layout (``options`` go to :func:`load_metaicl_split`: ``k``, ``seed``, ``train_k``);
     * a task-folder path (``splits.json``, or ``train``/``dev``/``test`` naming file stems).
@@ -48,6 +51,8 @@ def load_tasks(
             split = debian_cls.packaged_split()
             train, dev, test = split["train"], split["dev"], split["test"]
         return load_task_folder(folder, train, dev, test, max_examples=max_examples)
+    if name == BIGBENCH_GEN:  # BIG-bench's generative exact-match tasks (target-only lines)
+        return load_task_folder(prepare_bigbench_generative(**options), train, dev, test, max_examples=max_examples)
     if name in crossfit_splits():
         if data_dir is None:
             raise ValueError(f"split {name!r} needs data_dir, a MetaICL-format data directory")
