@@ -11,7 +11,10 @@ the Pyro guide, or its mean with ``predict_mode="mean"``; a deterministic LoRA o
   majority of the D answers (normalised) is compared with the normalised target; ``agreement`` is the
   mean share of the majority.
 
-Macro averages are over tasks. The result is written as results.json with ``"kind": "generative"``.
+Macro averages are over tasks. The result is written as results.json with ``"kind": "generative"``;
+``per_task[t]["examples"]`` keeps each query example's target, majority answer, exact match, agreement,
+predictive log-probability of the target and its token count (for paired comparisons:
+:mod:`abmll_pyro.eval.generative_compare`).
 """
 
 from __future__ import annotations
@@ -84,9 +87,12 @@ def _score_task(method: Method, state: Any, episode, tokenizer, config: RunConfi
         answers.append(decode_answers(tokenizer, ids, prompts.pad_id, gen.stop_strings))
     mixture = torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(draws))  # [n]
     summaries = [summarize_answers([a[p] for a in answers], ex.target) for p, ex in enumerate(query)]
+    examples = [{"target": ex.target, "majority": sm["majority"], "exact_match": sm["exact_match"],
+                 "agreement": sm["agreement"], "log_prob": float(lp), "num_tokens": int(c)}
+                for ex, sm, lp, c in zip(query, summaries, mixture.tolist(), count.tolist())]
     return {"token_nll": float(-mixture.sum() / count.sum()), "n": len(query), "num_tokens": int(count.sum()),
             "exact_match": sum(s["exact_match"] for s in summaries) / len(query),
-            "agreement": sum(s["agreement"] for s in summaries) / len(query)}
+            "agreement": sum(s["agreement"] for s in summaries) / len(query), "examples": examples}
 
 
 def evaluate_generative(method: Method, tasks: Sequence[Task], encoder: EpisodeEncoder, tokenizer, config: RunConfig,

@@ -136,3 +136,20 @@ def test_init_from_peft_starts_theta_and_mismatch_is_one_line(runs, tmp_path, ca
                  "--steps", "1", *TINY, "--rank", "4", "--init-from-peft", str(good)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "rank r=2, this run's rank is 4" in err
+
+
+def test_generative_comparison_pairs_examples(runs):
+    from abmll_pyro.eval.generative_compare import format_generative, generative_comparison, load_generative
+
+    loaded = load_generative([runs["abmll"] / "results.json", runs["lora"] / "results.json"])
+    rows = generative_comparison(loaded, "abmll", num_resamples=50)
+    assert len(rows) == 1 and rows[0]["n"] == 6 and rows[0]["num_tasks"] == 2
+    result = json.loads((runs["abmll"] / "results.json").read_text())
+    total = sum(t["token_nll"] * t["num_tokens"] for t in result["per_task"].values())
+    tokens = sum(t["num_tokens"] for t in result["per_task"].values())
+    assert rows[0]["token_nll"]["reference"] == pytest.approx(total / tokens)  # pooled = token-weighted task NLLs
+    r = rows[0]["token_nll"]
+    assert r["diff"] == pytest.approx(r["reference"] - r["other"])
+    same = generative_comparison({"a": loaded["abmll"], "b": loaded["abmll"]}, "a", num_resamples=20)[0]
+    assert same["token_nll"]["ci95"] == (0.0, 0.0) and same["exact_match"]["diff"] == 0.0
+    assert "abmll − lora" in format_generative(rows)
