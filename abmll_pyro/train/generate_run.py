@@ -48,14 +48,12 @@ class Adapted:
 
 def load_adapted(run_dir: Path, support: Path | None, seed: int | None = None) -> Adapted:
     """Load the run's trained method; with ``support``, adapt it (seeded by ``seed`` or the run's)."""
-    config = load_run_config(run_dir)
-    if seed is not None:
-        config = config.updated(seed=seed)
+    config = load_run_config(run_dir)  # built with the run's own seed (a tiny random LM's weights depend on it)
     if support is not None and not Path(support).is_file():
         raise FileNotFoundError(f"{support} does not exist")
     accelerator = make_accelerator(config)
     built, _ = load_trained(config, run_dir, accelerator)
-    pyro.set_rng_seed(config.seed)
+    pyro.set_rng_seed(config.seed if seed is None else seed)
     if support is None:
         return Adapted(config, built, None, accelerator.device)
     examples = read_jsonl_examples(Path(support))

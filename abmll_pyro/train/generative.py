@@ -33,7 +33,7 @@ from ..infer.generate import (GenerationConfig, continuations, decode_answers, d
 from ..methods import ABMLL, InContext, Method, Pretrained, StructuredLoRA
 from ..methods.tokens import target_log_probs
 from .config import RunConfig
-from .episodes import EpisodeEncoder, test_splits
+from .episodes import EpisodeEncoder, test_splits, with_demonstrations
 
 __all__ = ["is_generative", "adapted_draws", "evaluate_generative", "generative_result"]
 
@@ -75,7 +75,9 @@ def adapted_draws(method: Method, state: Any, prompts, num_samples: int, mode: s
 def _score_task(method: Method, state: Any, episode, tokenizer, config: RunConfig, gen: GenerationConfig) -> dict:
     adapter = getattr(method, "adapter", None) or method.svi.adapter
     query = episode.split.query
-    prompts = encode_prompts(tokenizer, [ex.input for ex in query], config.template, config.max_length)
+    shown = with_demonstrations(query, episode.split.support, leave_one_out=False) if method.in_context else query
+    prompts = encode_prompts(tokenizer, [ex.input for ex in shown], config.template,
+                             config.prompt_length(method.in_context))
     prompts = prompts.to(episode.query.input_ids.device)
     draws = adapted_draws(method, state, prompts, config.num_samples, config.predict_mode)
     log_probs, answers = [], []
