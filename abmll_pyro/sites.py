@@ -36,6 +36,11 @@ def probs(task: int) -> str:
     return f"probs[{task}]"
 
 
+def generated(task: int) -> str:
+    """A deterministic site: the continuations' token ids of task ``task``'s prompts under the sampled ΔW."""
+    return f"generated[{task}]"
+
+
 def is_theta(name: str) -> bool:
     return name.startswith(THETA_PREFIX)
 

@@ -41,15 +41,7 @@ from ..models.likelihoods import Likelihood, TaskData, data_plate
 from .meta import MetaSVI
 
 __all__ = ["GenerationConfig", "PromptBatch", "encode_prompts", "GenerationLikelihood", "generation_model",
-           "draw_deltas", "sample_answers", "normalize_answer", "summarize_answers", "GENERATED"]
-
-GENERATED = "generated"
-
-
-def generated_site(index: int) -> str:
-    """The deterministic site of task ``index``'s generated token ids ``[n, max_new_tokens]``."""
-    return f"{GENERATED}[{index}]"
-
+           "draw_deltas", "sample_answers", "normalize_answer", "summarize_answers"]
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -134,7 +126,7 @@ class GenerationLikelihood(Likelihood):
             raise TypeError(f"GenerationLikelihood needs a PromptBatch, got {type(task.batch).__name__}")
         with data_plate(task, index) as batch:
             new = continuations(lm, batch, self.tokenizer, self.config)
-            pyro.deterministic(generated_site(index), new, event_dim=1)
+            pyro.deterministic(sites.generated(index), new, event_dim=1)
 
 
 @torch.no_grad()
@@ -197,7 +189,7 @@ def sample_answers(svi: MetaSVI, task_params: Mapping[str, Tensor], prompts: Pro
         for _ in range(num_samples):
             guide_trace = poutine.trace(svi.guide).get_trace(*args)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
-            draws.append(model_trace.nodes[generated_site(0)]["value"])
+            draws.append(model_trace.nodes[sites.generated(0)]["value"])
     per_draw = [decode_answers(tokenizer, d, prompts.pad_id, config.stop_strings) for d in draws]
     return [[answers[p] for answers in per_draw] for p in range(len(prompts))]
 
