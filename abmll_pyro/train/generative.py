@@ -94,7 +94,8 @@ def _score_task(method: Method, state: Any, episode, tokenizer, config: RunConfi
                 for ex, sm, lp, c in zip(query, summaries, mixture.tolist(), count.tolist())]
     return {"token_nll": float(-mixture.sum() / count.sum()), "n": len(query), "num_tokens": int(count.sum()),
             "exact_match": sum(s["exact_match"] for s in summaries) / len(query),
-            "agreement": sum(s["agreement"] for s in summaries) / len(query), "examples": examples}
+            "agreement": sum(s["agreement"] for s in summaries) / len(query), "num_draws": len(draws),
+            "examples": examples}
 
 
 def evaluate_generative(method: Method, tasks: Sequence[Task], encoder: EpisodeEncoder, tokenizer, config: RunConfig,
@@ -128,7 +129,7 @@ def generative_result(config: RunConfig, per_task: dict[str, dict], steps: int) 
     macro.update(n=sum(t["n"] for t in per_task.values()), num_tasks=len(per_task))
     return {"kind": "generative", "method": config.method, "model": config.model, "tasks": str(config.tasks),
             "seed": config.seed, "per_task": per_task, "macro": macro, "config": config.to_dict(), "steps": steps,
-            "num_samples": config.num_samples if config.predict_mode == "sample" else 0}
+            "num_draws": max(t["num_draws"] for t in per_task.values())}  # 1: the mean or a deterministic method
 
 
 def evaluate_generative_run(config: RunConfig, built, tasks: Sequence[Task], accelerator, progress: bool) -> dict:
