@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.sources import TaskSet, load_tasks
+from ..data.trunk import attach_trunk_cache
 from ..lms import load_lm
 from ..lora.adapter import DEFAULT_TARGETS, FALLBACK_TARGETS, BayesLoRA
 from ..lora.layer import is_linear
@@ -133,7 +134,7 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     the training loss, so ``with_tasks=False``, for prediction, loads no tasks and uses M = 1).
     ``Built.config`` is ``config`` with ``max_length`` fitted to the LM (:func:`fit_context`)."""
     seed_everything(config.seed)
-    lm, tokenizer = load_lm(config.model, seed=config.seed)
+    lm, tokenizer = load_lm(config.model, dtype=config.dtype, seed=config.seed)
     config = fit_context(config, lm)
     taskset = load_taskset(config, tokenizer) if with_tasks else TaskSet(())
     seed_everything(config.seed)
@@ -142,5 +143,7 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     if config.last_layers is not None:
         targets = last_layer_targets(lm, targets, config.last_layers)
     adapter = BayesLoRA(lm, config.adapter_config(targets))
+    if config.trunk_cache:
+        attach_trunk_cache(lm)
     method = build_method(config.method, adapter, config, len(taskset.train))
     return Built(lm, tokenizer, adapter, method, config), taskset
