@@ -121,11 +121,14 @@ def packing_supported(lm: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", "eager") in PACKABLE_ATTENTION
 
 
-def log_prob_of(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log_softmax(logits)[..., tokens]`` in float32 without a vocab-sized log_softmax copy.
+def at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
-    ``logits``: ``[..., V]``; ``tokens``: ``[...]`` -> ``[...]``."""
-    logits = logits.float()
+
+def log_prob_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log_softmax(logits)[..., tokens]`` in float32 (float64 stays float64) without a vocab-sized
+    log_softmax copy. ``logits``: ``[..., V]``; ``tokens``: ``[...]`` -> ``[...]``."""
+    logits = at_least_float32(logits)
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -141,7 +144,7 @@ def packed_option_log_probs(lm: torch.nn.Module, packed: PackedOptions, num_opti
     n, max_opts = packed.first_token.shape
     rows = torch.arange(n, device=seg.device)
     # First option tokens: all predicted from the last prompt position.
-    end = at(rows, packed.prompt_len - 1).float().log_softmax(-1)  # [n, V]
+    end = at_least_float32(at(rows, packed.prompt_len - 1)).log_softmax(-1)  # [n, V]
     total = end.gather(1, packed.first_token)  # [n, M]
     slots = torch.arange(max_opts, device=seg.device)
     total = total.masked_fill(slots >= num_options.unsqueeze(-1), 0.0)
