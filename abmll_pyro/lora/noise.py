@@ -133,3 +133,27 @@ def normal_kl(mq: Tensor, sq: Tensor, mp: Tensor, sp: Tensor) -> Tensor:
 @register_kl(LeanNormal, dist.Normal)
 def _kl_lean_normal(q: LeanNormal, p: dist.Normal) -> Tensor:
     return normal_kl(q.loc, q.scale, p.loc, p.scale)
+
+
+def dense_saved_storages(loss: Tensor, shape: tuple[int, int], exclude: set[int] = frozenset()) -> set[int]:
+    """Distinct storages of ``[out, in]``-sized tensors that the autograd graph of ``loss`` keeps for
+    backward (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom functions), minus the
+    storages in ``exclude`` (e.g. the frozen weights). A measurement for tests and the cost script."""
+    found, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        values = [getattr(fn, a, None) for a in dir(fn) if a.startswith("_saved_")]
+        try:
+            values += list(getattr(fn, "saved_tensors", ()) or ())
+        except RuntimeError:  # already freed
+            pass
+        for v in values:
+            if torch.is_tensor(v) and v.dim() >= 2 and v.numel() == shape[0] * shape[1]:
+                ptr = v.untyped_storage().data_ptr()
+                if ptr not in exclude:
+                    found.add(ptr)
+        stack += [n for n, _ in fn.next_functions]
+    return found

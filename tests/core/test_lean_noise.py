@@ -8,7 +8,9 @@ from pyro.distributions.kl import kl_divergence
 
 from abmll_pyro import AdapterConfig, BayesLoRA, MetaConfig, MetaSVI
 from abmll_pyro.infer.objective import task_loss
-from abmll_pyro.lora.noise import LeanNormal, NormalSample, differentiable_twice, normal_kl, standard_normal
+from abmll_pyro.lora.noise import (
+    LeanNormal, NormalSample, dense_saved_storages, differentiable_twice, normal_kl, standard_normal,
+)
 from abmll_pyro.models import TaskData
 
 SHAPE = (5, 7)
@@ -80,28 +82,6 @@ def test_lean_normal_is_a_normal_with_the_fused_kl():
     assert "_NormalKLBackward" in names and "PowBackward0" not in names
 
 
-def dense_saved(loss: torch.Tensor, shape, exclude: set) -> set:
-    """Distinct storages of ``[out, in]``-sized tensors saved by the nodes of ``loss``'s graph."""
-    found, seen, stack = set(), set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        values = [getattr(fn, a, None) for a in dir(fn) if a.startswith("_saved_")]
-        try:
-            values += list(getattr(fn, "saved_tensors", ()) or ())
-        except RuntimeError:
-            pass
-        for v in values:
-            if torch.is_tensor(v) and v.numel() == shape[0] * shape[1] and v.dim() >= 2:
-                ptr = v.untyped_storage().data_ptr()
-                if ptr not in exclude:
-                    found.add(ptr)
-        stack += [n for n, _ in fn.next_functions]
-    return found
-
-
 @pytest.mark.parametrize("theta_grad", [False, True])
 def test_dense_buffers_saved_for_backward_per_module(theta_grad):
     """One adapted module at the lowest adapted block: the task loss keeps <= 3 dense ``[out, in]``
@@ -117,5 +97,5 @@ def test_dense_buffers_saved_for_backward_per_module(theta_grad):
     params = {k: v.detach().requires_grad_() for k, v in svi.guide.task_guide.init_task_params(adapter, theta).items()}
     loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(random_option_batch(4))], 0.1)
     frozen = {p.untyped_storage().data_ptr() for p in lm.parameters()}
-    count = len(dense_saved(loss, adapter.shapes[name], frozen))
+    count = len(dense_saved_storages(loss, adapter.shapes[name], frozen))
     assert 1 <= count <= (3 if not theta_grad else 7)
