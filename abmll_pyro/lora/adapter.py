@@ -158,8 +158,7 @@ class BayesLoRA(nn.Module):
         """One reparameterized draw ΔW = μ + σ ⊙ ε per module (outside Pyro, e.g. for ad-hoc use)."""
         out = {}
         for m, shape in self.shapes.items():
-            seed = int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64))
-            out[m] = NormalSample.apply(self.mean(params, m), self.std(params, m), seed)
+            out[m] = NormalSample.apply(self.mean(params, m), self.std(params, m), generator)
         return out
 
     # ----------------------------------------------------------------- forward modes

@@ -29,47 +29,50 @@ import torch
 from pyro.distributions.kl import register_kl
 from torch import Tensor
 
-__all__ = ["NormalSample", "LeanNormal", "normal_kl", "standard_normal", "differentiable_twice"]
+__all__ = ["NormalSample", "LeanNormal", "normal_kl", "differentiable_twice", "dense_saved_storages"]
 
 
-def standard_normal(shape: torch.Size, seed: int, like: Tensor) -> Tensor:
-    """ε ~ N(0, I) of ``shape`` drawn from a generator seeded with ``seed`` (same device/dtype as ``like``)."""
-    generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+def _generator(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 class NormalSample(torch.autograd.Function):
-    """``μ + σ ⊙ ε(seed)``; saves the seed only (see module docstring)."""
+    """``μ + ε ⊙ σ`` with ε drawn exactly as ``Normal.rsample`` draws it (``normal_()`` on the default
+    or given generator); saves that generator's state, not ε, and redraws ε in backward."""
 
     @staticmethod
-    def forward(ctx, loc: Tensor, scale: Tensor, seed: int) -> Tensor:
+    def forward(ctx, loc: Tensor, scale: Tensor, generator: torch.Generator | None = None) -> Tensor:
         shape = torch.broadcast_shapes(loc.shape, scale.shape)
-        ctx.seed, ctx.shapes = seed, (loc.shape, scale.shape, shape)
-        ctx.like = torch.empty((), dtype=torch.result_type(loc, scale), device=loc.device)
-        return loc + scale * standard_normal(shape, seed, ctx.like)
+        gen = _generator(loc.device, generator)
+        ctx.state, ctx.spec = gen.get_state(), (shape, loc.dtype, loc.device, loc.shape, scale.shape)
+        eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_(generator=gen)
+        return loc + eps * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        loc_shape, scale_shape, shape = ctx.shapes
+        shape, dtype, device, loc_shape, scale_shape = ctx.spec
         grad_loc = grad_scale = None
         if ctx.needs_input_grad[0]:
             grad_loc = grad.sum_to_size(loc_shape)
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * standard_normal(shape, ctx.seed, ctx.like)).sum_to_size(scale_shape)
+            replay = torch.Generator(device=device)
+            replay.set_state(ctx.state)
+            eps = torch.empty(shape, dtype=dtype, device=device).normal_(generator=replay)
+            grad_scale = (grad * eps).sum_to_size(scale_shape)
         return grad_loc, grad_scale, None
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
 class LeanNormal(dist.Normal):
-    """A Normal whose reparameterized sample keeps no dense noise for backward."""
+    """A Normal whose reparameterized sample keeps no dense noise for backward (same draws as Normal)."""
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        if len(sample_shape):
-            return super().rsample(sample_shape)  # several draws at once: the stock path
-        return NormalSample.apply(self.loc, self.scale, _seed())
+        if len(sample_shape) or torch._C._get_tracing_state():
+            return super().rsample(sample_shape)  # several draws at once / tracing: the stock path
+        return NormalSample.apply(self.loc, self.scale, None)
 
 
 _STATE = threading.local()
