@@ -136,13 +136,19 @@ class TrunkCache:
         return out
 
 
+def _bytes(t: Tensor) -> bytes:
+    """The raw bytes of ``t`` (any dtype, bf16 included: numpy has none, so view them as uint8)."""
+    t = t.detach().cpu().contiguous()
+    return (t.view(torch.uint8) if t.dtype != torch.bool and t.dim() else t).numpy().tobytes()
+
+
 def _row_key(j: int, dtype: torch.dtype, ids: Tensor, pos: Tensor, mask: Tensor | None, r: int, length: int) -> str:
     digest = hashlib.blake2b(f"{j}|{dtype}|{length}".encode(), digest_size=20)
     for part in (ids[:length], pos[:length]):
-        digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(_bytes(part))
     if mask is not None:
         row = mask[r, :, :length, :length] if mask.ndim == 4 else mask[r, :length]
-        digest.update(str(row.dtype).encode() + row.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(str(row.dtype).encode() + _bytes(row))
     return digest.hexdigest()
 
 
