@@ -118,13 +118,14 @@ class _NormalKL(torch.autograd.Function):
 
 
 def _kl_factors(mq: Tensor, sq: Tensor, mp: Tensor, sp: Tensor, need) -> tuple[Tensor, Tensor, Tensor]:
-    """``(a, b, c)`` of :class:`_NormalKL` (an empty tensor where no gradient needs it)."""
+    """``(a, b, c)`` of :class:`_NormalKL` (an empty tensor where no gradient needs it), written as
+    differences over products so that each is exactly 0 where q = p (no float32 drift at the prior)."""
     empty = mq.new_empty(0)
     diff = mq - mp
-    inv_var = (sp * sp).reciprocal()
-    a = diff * inv_var if need[0] or need[2] else empty
-    b = sq * inv_var - sq.reciprocal() if need[1] else empty
-    c = sp.reciprocal() - (sq * sq + diff * diff) * inv_var / sp if need[3] else empty
+    var_p, var_q = sp * sp, sq * sq
+    a = diff / var_p if need[0] or need[2] else empty
+    b = (var_q - var_p) / (sq * var_p) if need[1] else empty
+    c = (var_p - var_q - diff * diff) / (var_p * sp) if need[3] else empty
     return a, b, c
 
 
