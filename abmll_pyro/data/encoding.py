@@ -6,7 +6,8 @@
 task's support and query sets once and runs many inner steps over the same batches.
 
 Truncation keeps the right end of the prompt (the input closest to the answer; demonstrations go
-first) so that prompt + longest option fits ``max_length``; a warning counts truncated examples.
+first) so that prompt + longest option fits ``max_length``; a warning counts truncated examples. An
+input far longer than ``max_length`` is cut to a suffix before it is tokenized (:func:`clip_text`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,25 @@ def _continuation_ids(tokenizer: Any, text: str, where: str) -> list[int]:
     return ids
 
 
+CLIP_SLACK = 16  # tokens kept beyond the budget, so the cut's own edge never reaches the kept tokens
+
+
+def clip_text(tokenizer: Any, text: str, max_tokens: int | None) -> str:
+    """The right end of ``text`` long enough to hold its last ``max_tokens`` tokens (plus a slack of
+    :data:`CLIP_SLACK`), found by tokenizing growing suffixes (8 characters per token first, doubled
+    while too few tokens come out), so a huge input costs about its budget, never its length."""
+    if max_tokens is None:
+        return text
+    want = max_tokens + CLIP_SLACK
+    chars = 8 * want
+    while chars < len(text):
+        suffix = text[-chars:]
+        if len(tokenizer(suffix, add_special_tokens=False).input_ids) >= want:
+            return suffix
+        chars *= 2
+    return text
+
+
 def _fit(prompt: list[int], longest: int, max_length: int | None, where: str) -> tuple[list[int], bool]:
     """Cut ``prompt`` from the left so that ``len(prompt) + longest <= max_length`` (keep >= 1 token)."""
     if max_length is None or len(prompt) + longest <= max_length:
@@ -88,7 +108,8 @@ def encode_options(
     prompts, options, chars, truncated = [], [], [], 0
     for i, ex in enumerate(examples):
         where = f"{name} example {i}"
-        prompt = encode_prompt(tokenizer, template.prompt(ex.input, demonstrations), where)
+        text = clip_text(tokenizer, ex.input, max_length)
+        prompt = encode_prompt(tokenizer, template.prompt(text, demonstrations), where)
         texts = [template.continuation(o) for o in ex.options]
         opts = [_continuation_ids(tokenizer, t, f"{where} option {j}") for j, t in enumerate(texts)]
         chars.append([max(len(t), 1) for t in texts])
@@ -117,7 +138,8 @@ def encode_tokens(
     rows, targets, truncated = [], [], 0
     for i, ex in enumerate(examples):
         where = f"{name} example {i}"
-        prompt = encode_prompt(tokenizer, template.prompt(ex.input, demonstrations), where)
+        text = clip_text(tokenizer, ex.input, max_length)
+        prompt = encode_prompt(tokenizer, template.prompt(text, demonstrations), where)
         target = _continuation_ids(tokenizer, template.continuation(ex.target_text), f"{where} target")
         prompt, cut = _fit(prompt, len(target), max_length, where)
         truncated += cut

@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .trunk import scored_logits
+
 __all__ = ["PACKABLE_MODEL_TYPES", "PackedOptions", "packing_supported", "packed_option_log_probs", "log_prob_of"]
 
 # model_type -> verified by tests/data/test_packing.py to match per-option scoring.
@@ -119,38 +121,39 @@ def packing_supported(lm: torch.nn.Module) -> bool:
     return getattr(config, "_attn_implementation", "eager") in PACKABLE_ATTENTION
 
 
-def log_prob_of(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log_softmax(logits)[..., tokens]`` in float32 without a vocab-sized log_softmax copy.
+def at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
-    ``logits``: ``[..., V]``; ``tokens``: ``[...]`` -> ``[...]``."""
-    logits = logits.float()
+
+def log_prob_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log_softmax(logits)[..., tokens]`` in float32 (float64 stays float64) without a vocab-sized
+    log_softmax copy. ``logits``: ``[..., V]``; ``tokens``: ``[...]`` -> ``[...]``."""
+    logits = at_least_float32(logits)
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def packed_option_log_probs(lm: torch.nn.Module, packed: PackedOptions, num_options: Tensor) -> tuple[Tensor, Tensor]:
-    """``(summed log-prob [n, M], token count [n, M])`` of each option, from one LM pass per example."""
+    """``(summed log-prob [n, M], token count [n, M])`` of each option, from one LM pass per example.
+
+    The head runs at the scored positions only: the last prompt position (once per example, shared by
+    the first tokens of all its options) and every option position followed by a token of the same
+    option (:func:`~abmll_pyro.data.trunk.scored_logits`, which also uses the frozen-trunk cache)."""
     dtype = next(lm.parameters()).dtype
-    logits = lm(
-        input_ids=packed.input_ids,
-        attention_mask=packed.attention_mask(dtype),
-        position_ids=packed.position_ids,
-    ).logits  # [n, L, V]
-    n, max_opts = packed.first_token.shape
     seg = packed.segment
-    # First option tokens: all predicted from the last prompt position.
+    at = scored_logits(lm, packed.input_ids, packed.attention_mask(dtype), packed.position_ids, (seg >= 0).sum(-1))
+    n, max_opts = packed.first_token.shape
     rows = torch.arange(n, device=seg.device)
-    at_prompt_end = logits[rows, packed.prompt_len - 1].unsqueeze(1).expand(-1, max_opts, -1)  # [n, M, V]
-    total = log_prob_of(at_prompt_end, packed.first_token)  # [n, M]
+    # First option tokens: all predicted from the last prompt position.
+    end = at_least_float32(at(rows, packed.prompt_len - 1)).log_softmax(-1)  # [n, V]
+    total = end.gather(1, packed.first_token)  # [n, M]
     slots = torch.arange(max_opts, device=seg.device)
     total = total.masked_fill(slots >= num_options.unsqueeze(-1), 0.0)
     # Later option tokens: token t+1 predicted from t when both lie in the same option.
-    width = seg.shape[1]
-    if width > 1:
-        rest = log_prob_of(logits[:, :-1], packed.input_ids[:, 1:])  # [n, L-1]
-        same = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])
-        rest = torch.where(same, rest, torch.zeros_like(rest))
-        option_of = (seg[:, :-1] - 1).clamp_min(0)
-        total = total.scatter_add(1, option_of, rest)
+    same = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1])  # [n, L-1]
+    r, t = same.nonzero(as_tuple=True)
+    if r.numel():
+        rest = log_prob_of(at(r, t), packed.input_ids[r, t + 1])  # [P]
+        total = total.index_put((r, seg[r, t] - 1), rest, accumulate=True)
     counts = torch.zeros((n, max_opts), dtype=torch.float32, device=seg.device)
     counts = counts.scatter_add(1, (seg - 1).clamp_min(0), (seg > 0).float())
     return total, counts

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from abmll_pyro.data.packing import PackedOptions, log_prob_of, packed_option_log_probs, packing_supported
+from abmll_pyro.data.trunk import final_hidden, scored_logits
 
 __all__ = [
     "SCORE_REDUCTIONS", "check_reduction", "OptionBatch", "TokenBatch", "option_scores", "token_log_probs", "masked_fill_options", "packing_supported",
@@ -165,11 +166,14 @@ def pad_rows(rows: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]], p
 
 
 def _per_row_option_log_probs(lm: torch.nn.Module, batch: OptionBatch) -> tuple[Tensor, Tensor]:
-    """``(summed log-prob [R], token count [R])`` of each row's option: one sequence per option."""
-    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [R, L, V]
-    picked = log_prob_of(logits[:, :-1], batch.input_ids[:, 1:])  # [R, L-1]: token t+1 given <= t
-    mask = batch.target_mask[:, 1:]
-    per_row = torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)
+    """``(summed log-prob [R], token count [R])`` of each row's option: one sequence per option.
+
+    The head runs only at positions whose next token is an option token (``target_mask[:, t + 1]``)."""
+    at = scored_logits(lm, batch.input_ids, batch.attention_mask, None, batch.attention_mask.sum(-1))
+    mask = batch.target_mask[:, 1:]  # [R, L-1]: token t+1 given <= t
+    r, t = mask.nonzero(as_tuple=True)
+    picked = log_prob_of(at(r, t), batch.input_ids[r, t + 1])  # [P]
+    per_row = picked.new_zeros(mask.shape[0]).index_put((r,), picked, accumulate=True)
     return per_row, mask.sum(-1).float()
 
 
@@ -229,5 +233,9 @@ class TokenBatch:
 def token_log_probs(lm: torch.nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor]:
     """``(logits [n, L-1, V] float32, targets [n, L-1], mask [n, L-1])`` for next-token prediction,
     so a likelihood can observe one Categorical per target token."""
-    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[:, :-1].float(), batch.input_ids[:, 1:], batch.target_mask[:, 1:]
+    hidden = final_hidden(lm, batch.input_ids, batch.attention_mask, None, batch.attention_mask.sum(-1))
+    if hidden is None:
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    else:  # the last position predicts nothing: the head skips it
+        logits = lm.get_output_embeddings()(hidden[:, :-1])
+    return logits.float(), batch.input_ids[:, 1:], batch.target_mask[:, 1:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 
 from ..lora.adapter import BayesLoRA
+from ..lora.noise import LeanNormal
 from ..models.likelihoods import TaskData
 from .base import Params, TaskGuide
 
@@ -25,7 +26,8 @@ class MeanFieldGuide(TaskGuide):
         return {k: v * 1.0 for k, v in theta_params.items()}
 
     def task_distribution(self, adapter: BayesLoRA, task_params: Params, module: str) -> dist.Distribution:
-        return dist.Normal(adapter.mean(task_params, module), adapter.std(task_params, module)).to_event(2)
+        # LeanNormal: a Normal whose rsample keeps no dense noise for backward (lora/noise.py)
+        return LeanNormal(adapter.mean(task_params, module), adapter.std(task_params, module)).to_event(2)
 
 
 class PointMassGuide(MeanFieldGuide):

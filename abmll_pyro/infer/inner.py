@@ -7,7 +7,9 @@ gone when the function returns.
 * first order (``create_graph=False``): the start is detached; every step's result is detached; the
   caller decides how gradients reach θ (see :func:`pass_through`).
 * second order (``create_graph=True``): the start keeps its history and every update is differentiable,
-  so ∂(result)/∂θ is exact (memory grows with K: small models only).
+  so ∂(result)/∂θ is exact (memory grows with K: small models only). The steps then run under
+  :func:`twice_differentiable` (attention through the math SDPA kernel, whose backward is itself
+  differentiable, unlike the fused CPU/flash kernels; the fused KL keeping its inputs).
 
 Optimizers: ``"sgd"`` (p ← p − lr·g), ``"adam"`` and ``"kl-precond"``: SGD preconditioned by a
 diagonal curvature H(p) ≥ 0 of the stiff part of the loss (the β-KL, see
@@ -18,12 +20,16 @@ where H ≫ 1/lr, plain SGD where H ≪ 1/lr (H = 0, or no ``curvature``: exactl
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["inner_loop", "pass_through", "NonFiniteLossError", "OPTIMIZERS"]
+from ..lora.noise import differentiable_twice
+
+__all__ = ["inner_loop", "pass_through", "twice_differentiable", "NonFiniteLossError", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam", "kl-precond")
 
@@ -70,9 +76,10 @@ def inner_loop(
     b1, b2 = _ADAM_BETAS
     for t in range(1, num_steps + 1):
         curv = curvature(params) if optimizer == "kl-precond" and curvature is not None else {}
-        loss = loss_fn(params)
-        _check_finite(loss, f"inner step {t}")
-        grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph, allow_unused=True)
+        with twice_differentiable() if create_graph else nullcontext():
+            loss = loss_fn(params)
+            _check_finite(loss, f"inner step {t}")
+            grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph, allow_unused=True)
         new = {}
         for k, g in zip(keys, grads):
             p = params[k]
@@ -92,6 +99,14 @@ def inner_loop(
             new[k] = p - lr * step
         params = new if create_graph else {k: v.detach().requires_grad_(True) for k, v in new.items()}
     return params
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Forward passes whose backward can itself be differentiated: the math SDPA backend (the
+    default fused kernels implement no double backward) and the fused KL keeping its inputs."""
+    with sdpa_kernel([SDPBackend.MATH]), differentiable_twice():
+        yield
 
 
 def pass_through(refined: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> Params:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from .layer import BayesLoRALayer, LowRankDelta, is_linear
+from .noise import NormalSample
 from .positivity import AbsStd, SoftplusStd, StdMap
 
 __all__ = ["BayesLoRA", "FACTOR_KINDS", "DEFAULT_TARGETS"]
@@ -157,8 +158,7 @@ class BayesLoRA(nn.Module):
         """One reparameterized draw ΔW = μ + σ ⊙ ε per module (outside Pyro, e.g. for ad-hoc use)."""
         out = {}
         for m, shape in self.shapes.items():
-            eps = torch.randn(shape, generator=generator, device=params[self.key(m, "mu_A")].device)
-            out[m] = self.mean(params, m) + self.std(params, m) * eps
+            out[m] = NormalSample.apply(self.mean(params, m), self.std(params, m), generator)
         return out
 
     # ----------------------------------------------------------------- forward modes

@@ -47,6 +47,9 @@ class RunConfig:
     a PEFT LoRA adapter folder whose factors start θ's mean (same rank and target modules, checked). Evaluation:
     ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
     on at the end (``test``, or ``dev`` for tuning — never tune on test).
+    Machinery: ``dtype`` of the LM's weights (KL, prior and likelihood terms stay float32);
+    ``trunk_cache`` keeps the hidden states below the lowest adapted block per example, so passes
+    run only the adapted blocks (exact; off to measure the difference).
     """
 
     method: str = "abmll"
@@ -99,6 +102,8 @@ class RunConfig:
     eval_split: str = "test"
     # machinery
     mixed_precision: str = "no"
+    dtype: str = "float32"
+    trunk_cache: bool = True
     device: str = "auto"
     num_threads: int | None = None
     checkpoint_every: int = 50
@@ -132,6 +137,9 @@ class RunConfig:
         check(self.predict_mode in ("sample", "mean"), f"predict_mode must be 'sample' or 'mean', got {self.predict_mode!r}")
         check(self.mixed_precision in ("no", "bf16", "fp16"),
               f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        check(self.dtype in ("float32", "bfloat16", "float16"),
+              f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        check(isinstance(self.trunk_cache, bool), f"trunk_cache must be true or false, got {self.trunk_cache!r}")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         try:  # the core's own checks, run now so a bad value fails before any model is loaded
             self.adapter_config()

@@ -136,22 +136,80 @@ def pruning_robustness(base: RunConfig, out: Path, methods: Sequence[str] = ("ab
 
 
 # ----------------------------------------------------------------------------- cost and scaling
-def _probe(config: RunConfig, warmup: int = 1) -> dict:
+def _probe(config: RunConfig, warmup: int = 1, options: dict | None = None) -> dict:
     """Run :mod:`abmll_pyro.train.probe` in a fresh process (its ru_maxrss is its own peak)."""
-    cmd = [sys.executable, "-m", "abmll_pyro.train.probe", json.dumps(config.to_dict()), str(warmup)]
+    cmd = [sys.executable, "-m", "abmll_pyro.train.probe", json.dumps(config.to_dict()), str(warmup),
+           json.dumps(options or {})]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"cost probe for {config.method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cost_ratios(base: RunConfig, out: Path, steps: int = 3, warmup: int = 1) -> dict:
-    """Time per meta-step and peak memory of ABMLL and Regular LoRA on the same model and tasks."""
-    abmll = _probe(base.updated(method="abmll", steps=steps), warmup)
-    lora = _probe(base.updated(method="lora", steps=steps), warmup)
-    result = {"abmll": abmll, "lora": lora,
-              "time_ratio": abmll["seconds_per_step"] / lora["seconds_per_step"],
-              "memory_ratio": abmll["peak_memory_mb"] / lora["peak_memory_mb"]}
+# Llama-3-8B's adapted shapes [out, in] per block (GQA: 8 KV heads of 128) and its block count.
+LLAMA3_8B_QV = {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}
+LLAMA3_8B_BLOCKS = 32
+
+
+def dense_buffer_counts() -> dict:
+    """Dense ``[out, in]`` buffers one adapted module keeps for backward in ABMLL's task loss, measured
+    on a tiny Llama: an inner step (θ fixed) and the outer loss (θ's gradient too)."""
+    from ..config import AdapterConfig, MetaConfig
+    from ..data.scoring import OptionBatch
+    from ..infer.meta import MetaSVI
+    from ..infer.objective import task_loss
+    from ..lms import tiny_model
+    from ..lora.adapter import BayesLoRA
+    from ..lora.noise import dense_saved_storages
+    from ..models.likelihoods import TaskData
+
+    counts = {}
+    for where, theta_grad in (("inner_step", False), ("outer_loss", True)):
+        lm, _ = tiny_model("llama")
+        name = "model.layers.1.self_attn.q_proj"
+        adapter = BayesLoRA(lm, AdapterConfig(rank=2, target_modules=(name,)))
+        svi = MetaSVI(adapter, MetaConfig(kl_beta=0.1))
+        theta = svi.theta() if theta_grad else {k: v.detach() for k, v in svi.theta().items()}
+        start = svi.guide.task_guide.init_task_params(adapter, theta)
+        params = {k: v.detach().requires_grad_() for k, v in start.items()}
+        batch = OptionBatch.from_token_ids([[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9], [10]]], [0, 1])
+        loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(batch)], 0.1)
+        frozen = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+        counts[where] = len(dense_saved_storages(loss, adapter.shapes[name], frozen))
+    return counts
+
+
+def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1) -> dict:
+    """Issue 8's cost figures, each probe in its own process, on ``base``'s model, tasks and batch:
+
+    * ``speedup_trunk_cache``: ABMLL seconds per meta-step with the trunk cache off / on (warm), at
+      ``base``'s ``last_layers``; with them the adapt time of a test task and its S = 8 posterior
+      predictive, cache on and off;
+    * ``time_ratio_abmll_lora``: ABMLL / Regular LoRA seconds per 1k token-passes (forward + backward
+      over the same examples), all blocks' targets adapted (``last_layers`` unset);
+    * ``memory_ratio_abmll_lora``: peak resident memory above the loaded model, same two runs;
+    * the dense-buffer count per adapted module and its projection to Llama-3-8B's q/v shapes.
+    """
+    abmll = base.updated(method="abmll", steps=steps)
+    test = {"warm": True, "test_tasks": 1}
+    cache_on = _probe(abmll.updated(trunk_cache=True, num_samples=8), warmup, test)
+    cache_off = _probe(abmll.updated(trunk_cache=False, num_samples=8), warmup, test)
+    full = dict(last_layers=None, trunk_cache=False)
+    abmll_all = _probe(abmll.updated(**full), warmup)
+    lora_all = _probe(base.updated(method="lora", steps=steps, **full), warmup)
+    counts = dense_buffer_counts()
+    elements = LLAMA3_8B_BLOCKS * sum(o * i for o, i in LLAMA3_8B_QV.values())
+    result = {
+        "cache_on": cache_on, "cache_off": cache_off, "abmll_all_blocks": abmll_all, "lora_all_blocks": lora_all,
+        "speedup_trunk_cache": cache_off["seconds_per_step"] / cache_on["seconds_per_step"],
+        "speedup_trunk_cache_cold": cache_off["cold_seconds_per_step"] / cache_on["cold_seconds_per_step"],
+        "speedup_adapt": cache_off["adapt_seconds_per_task"] / cache_on["adapt_seconds_per_task"],
+        "speedup_predict_s8": cache_off["predict_seconds_per_task"] / cache_on["predict_seconds_per_task"],
+        "time_ratio": abmll_all["seconds_per_1k_token_passes"] / lora_all["seconds_per_1k_token_passes"],
+        "memory_ratio": abmll_all["peak_above_model_mb"] / max(lora_all["peak_above_model_mb"], 1e-9),
+        "dense_buffers_per_module": counts,
+        "llama3_8b_qv_dense_buffer_gb": {k: v * elements * 4 / 1e9 for k, v in counts.items()},
+    }
     atomic_write_text(out / "cost.json", json.dumps(result, indent=1) + "\n")
     return result
 

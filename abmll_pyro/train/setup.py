@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.sources import TaskSet, load_tasks
+from ..data.trunk import attach_trunk_cache
 from ..export.peft import init_from_peft
 from ..lms import load_lm
 from ..lora.adapter import DEFAULT_TARGETS, FALLBACK_TARGETS, BayesLoRA
@@ -136,7 +137,7 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     the training loss, so ``with_tasks=False``, for prediction, loads no tasks and uses M = 1).
     ``Built.config`` is ``config`` with ``max_length`` fitted to the LM (:func:`fit_context`)."""
     seed_everything(config.seed)
-    lm, tokenizer = load_lm(config.model, seed=config.seed)
+    lm, tokenizer = load_lm(config.model, dtype=config.dtype, seed=config.seed)
     config = fit_context(config, lm)
     taskset = load_taskset(config, tokenizer) if with_tasks else TaskSet(())
     seed_everything(config.seed)
@@ -147,6 +148,8 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     adapter = BayesLoRA(lm, config.adapter_config(targets))
     if config.init_from_peft:  # θ's mean factors from an existing PEFT LoRA adapter (σ keeps its start)
         init_from_peft(adapter, config.init_from_peft)
+    if config.trunk_cache:
+        attach_trunk_cache(lm)
     method = build_method(config.method, adapter, config, len(taskset.train))
     svi = getattr(method, "svi", None)
     if svi is not None:  # generative (token) episodes beside option episodes, one model

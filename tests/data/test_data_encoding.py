@@ -64,3 +64,25 @@ def test_no_examples_is_an_error():
     _, tok = tiny_model("llama")
     with pytest.raises(ValueError, match="support: no examples"):
         encode_options(tok, [], name="support")
+
+
+def test_huge_inputs_are_cut_before_tokenization_with_the_same_tokens():
+    import time
+
+    from abmll_pyro.data.encoding import clip_text, encode_prompt
+
+    _, tok = tiny_model("llama")
+    words = " ".join(f"w{i % 97}x" for i in range(4000))  # ~24k characters
+    assert words.endswith(clip_text(tok, words, 64)) and len(clip_text(tok, words, 64)) < len(words)
+    batch = encode_options(tok, [Example(words, ("yes", "no"), 0)], max_length=64)
+    # the oracle: tokenize the whole prompt, then cut from the left
+    template = make_template("direct", tok)
+    full = encode_prompt(tok, template.prompt(words, ()), "oracle")
+    longest = max(len(tok(template.continuation(o), add_special_tokens=False).input_ids) for o in ("yes", "no"))
+    expected = full[-(64 - longest):]
+    got = batch.input_ids[0][batch.attention_mask[0].bool() & ~batch.target_mask[0]].tolist()
+    assert got == expected
+    huge = Example("z" * 20_000_000 + " tail", ("yes", "no"), 0)
+    t0 = time.perf_counter()
+    encode_options(tok, [huge], max_length=64)
+    assert time.perf_counter() - t0 < 5.0  # the whole string: minutes and gigabytes

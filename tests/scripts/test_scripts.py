@@ -40,10 +40,20 @@ def test_pruning(tmp_path):
 
 
 def test_cost(tmp_path):
-    ratios = _run("cost.py", tmp_path, "--steps", "1")
-    assert ratios["time_ratio"] > 0 and ratios["memory_ratio"] > 0
+    import re
+
+    done = subprocess.run([sys.executable, str(SCRIPTS / "cost.py"), "--preset", "smoke", "--out", str(tmp_path),
+                           "--quiet", "--steps", "1", "--set", "last_layers=1"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"speedup_trunk_cache=(\S+) time_ratio_abmll_lora=(\S+) memory_ratio_abmll_lora=(\S+)", last)
+    assert match, last
+    assert all(float(x) > 0 for x in match.groups())
     cost = json.loads((tmp_path / "cost.json").read_text())
-    assert cost["abmll"]["method"] == "abmll" and cost["lora"]["method"] == "lora"
+    assert cost["cache_on"]["trunk_cache"] and not cost["cache_off"]["trunk_cache"]
+    assert cost["lora_all_blocks"]["method"] == "lora" and cost["abmll_all_blocks"]["last_layers"] is None
+    assert cost["dense_buffers_per_module"]["inner_step"] <= 3
 
 
 def test_scaling(tmp_path):
