@@ -75,7 +75,7 @@ PRESETS: dict[str, Preset] = {
         description="Llama-3-8B on CrossFit cls-45, the paper's settings (GPU; pass --data-dir DIR)",
         config=dict(model="meta-llama/Meta-Llama-3-8B", tasks="cls-45", rank=8, lora_alpha=16.0, num_inner_steps=5,
                     kl_beta=1e-8, tasks_per_step=2, shots=16, query_size=16, eval_query_size=64, steps=5000,
-                    inner_lr=1e-3, outer_lr=1e-4, num_samples=10, mixed_precision="bf16", max_length=1024,
+                    inner_lr=1e-3, outer_lr=1e-4, num_samples=10, mixed_precision="bf16", dtype="bfloat16", max_length=1024,
                     checkpoint_every=250, device="auto"),
         seeds=3,
     ),
