@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["LowRankDelta", "BayesLoRALayer", "linear_shape", "is_linear"]

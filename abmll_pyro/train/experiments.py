@@ -15,7 +15,6 @@ from typing import Sequence
 import torch
 
 from ..eval.metrics import compute_metrics, macro_average
-from ..lora.layer import BayesLoRALayer
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .episodes import EpisodeEncoder, test_splits

@@ -26,6 +26,7 @@ import random
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from abmll_pyro.data.cache import cache_dir
 from abmll_pyro.data.sources.bigbench_fetch import (
@@ -71,23 +72,30 @@ def _keep(text: str, scores: dict) -> Example | None:
     return Example(text, options, values.index(best))
 
 
-def convert_task(data: dict, name: str) -> tuple[list[Example], int] | None:
-    """``(kept examples, skipped count)`` of one BIG-bench JSON task, or None if it is not an English
-    multiple-choice task (see module docstring)."""
+def convert_examples(data: dict, name: str, of_kind: Callable[[list[dict]], bool],
+                     make: Callable[[str, dict], Example | None]) -> tuple[list[Example], int] | None:
+    """``(kept examples, skipped count)`` of one BIG-bench JSON task whose examples pass ``of_kind``
+    (else None; also None for excluded keywords or names). Each example's prompt is the task's input
+    prefix + input + output prefix; ``make(prompt, example)`` converts it or returns None to skip it.
+    The kept examples are shuffled by a seed derived from the task name (a fixed order per task)."""
     examples = data.get("examples") or []
-    if not examples or any("target_scores" not in e for e in examples):
+    if not examples or not of_kind(examples):
         return None
     if set(data.get("keywords", [])) & EXCLUDED_KEYWORDS or any(p in name for p in EXCLUDED_NAME_PARTS):
         return None
     before = data.get("example_input_prefix", "\nQ: ")
     after = data.get("example_output_prefix", "\nA: ")
-    kept = []
-    for ex in examples:
-        example = _keep(f"{before}{ex.get('input', '')}{after}".strip(), ex["target_scores"])
-        if example is not None:
-            kept.append(example)
+    made = (make(f"{before}{ex.get('input', '')}{after}".strip(), ex) for ex in examples)
+    kept = [ex for ex in made if ex is not None]
     random.Random(hashlib.sha256(name.encode()).hexdigest()).shuffle(kept)
     return kept, len(examples) - len(kept)
+
+
+def convert_task(data: dict, name: str) -> tuple[list[Example], int] | None:
+    """``(kept examples, skipped count)`` of one BIG-bench JSON task, or None if it is not an English
+    multiple-choice task (see module docstring)."""
+    return convert_examples(data, name, lambda examples: all("target_scores" in e for e in examples),
+                            lambda prompt, ex: _keep(prompt, ex["target_scores"]))
 
 
 def _convert_all(source: Path, out: Path) -> dict:

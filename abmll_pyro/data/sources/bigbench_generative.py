@@ -17,14 +17,12 @@ hash rule (:func:`~abmll_pyro.data.sources.bigbench.split_of`), written into the
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import shutil
 from pathlib import Path
 
 from abmll_pyro.data.cache import cache_dir
-from abmll_pyro.data.sources.bigbench import EXCLUDED_KEYWORDS, EXCLUDED_NAME_PARTS, MIN_EXAMPLES, split_of
+from abmll_pyro.data.sources.bigbench import MIN_EXAMPLES, convert_examples, split_of
 from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs
 from abmll_pyro.data.sources.folder import write_task_folder
 from abmll_pyro.data.tasks import Example, Task
@@ -52,22 +50,15 @@ def _target(ex: dict) -> str | None:
 def convert_generative_task(data: dict, name: str) -> tuple[list[Example], int] | None:
     """``(kept examples, skipped count)`` of one BIG-bench JSON task, or None when it is not an English
     generative exact-match task (see the module docstring)."""
-    examples = data.get("examples") or []
-    if not examples or "exact_str_match" not in (data.get("metrics") or []):
+    if "exact_str_match" not in (data.get("metrics") or []):
         return None
-    if any("target_scores" in e or "target" not in e for e in examples):
-        return None
-    if set(data.get("keywords", [])) & EXCLUDED_KEYWORDS or any(p in name for p in EXCLUDED_NAME_PARTS):
-        return None
-    before = data.get("example_input_prefix", "\nQ: ")
-    after = data.get("example_output_prefix", "\nA: ")
-    kept = []
-    for ex in examples:
-        target, text = _target(ex), f"{before}{ex.get('input', '')}{after}".strip()
-        if target is not None and text:
-            kept.append(Example(text, (), 0, target))
-    random.Random(hashlib.sha256(name.encode()).hexdigest()).shuffle(kept)
-    return kept, len(examples) - len(kept)
+
+    def make(prompt: str, ex: dict) -> Example | None:
+        target = _target(ex)
+        return Example(prompt, (), 0, target) if target is not None and prompt else None
+
+    return convert_examples(data, name, lambda examples: not any("target_scores" in e or "target" not in e
+                                                                 for e in examples), make)
 
 
 def _convert_all(source: Path, out: Path) -> dict:
