@@ -52,9 +52,9 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description="SmolLM2-135M (dequantized Q4_1) on BIG-bench, top 4 blocks' q/v adapted, every test task with "
-                    "up to 60 query examples each, 20-minute budget",
+                    "up to 32 query examples each, 20-minute budget",
         config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=24,
-                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=64, max_examples=64,
+                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=32, max_examples=64,
                     max_length=96, drop_long_examples=True, icl_max_length=192, num_inner_steps=2, inner_lr=1e-2,
                     outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-6, num_samples=4, checkpoint_every=12,
                     num_threads=2),
