@@ -63,3 +63,12 @@ def family_batch(n: int, task_seed: int, generator: torch.Generator, num_options
 def family_episode(task_seed: int, shots: int, query: int, generator: torch.Generator) -> Episode:
     return Episode(f"task{task_seed}", TaskData(family_batch(shots, task_seed, generator)),
                    TaskData(family_batch(query, task_seed, generator)))
+
+
+def stepped_adam():
+    """A 3-vector parameter and an Adam optimizer that has taken one step (non-empty state to checkpoint)."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    return p, opt

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from abmll_pyro.cli import main
 from abmll_pyro.train.checkpoint import CheckpointError, load_latest, save_checkpoint
+from _support.helpers import stepped_adam
 
 HANDWRITTEN = Path(__file__).parents[1] / "cli" / "handwritten"
 TINY = ["--model", "tiny-llama", "--tasks", str(HANDWRITTEN), "--rank", "2", "--lora-alpha", "4", "--shots", "2",
@@ -147,18 +148,10 @@ def _flip_inside_tensor_data(path: Path) -> None:
     load_file(str(path))  # still a valid safetensors file
 
 
-def _opt():
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = torch.optim.Adam([p], lr=0.1)
-    p.grad = torch.ones(3)
-    opt.step()
-    return p, opt
-
-
 @pytest.mark.parametrize("fault", ["flip adapter", "truncate rng", "flip optimizer", "garbage state",
                                    "delete adapter", "broken latest"])
 def test_load_falls_back_to_the_newest_intact_checkpoint(tmp_path, fault):
-    p, opt = _opt()
+    p, opt = stepped_adam()
     for step in (2, 4):
         save_checkpoint(tmp_path, step, {"w": p.detach() * step}, opt, None, {}, keep=5)
     newest = tmp_path / "checkpoints" / "step-000004"
@@ -187,7 +180,7 @@ def test_load_falls_back_to_the_newest_intact_checkpoint(tmp_path, fault):
 
 
 def test_no_intact_checkpoint_is_one_error(tmp_path):
-    p, opt = _opt()
+    p, opt = stepped_adam()
     save_checkpoint(tmp_path, 2, {"w": p.detach()}, opt, None, {})
     _flip_inside_tensor_data(tmp_path / "checkpoints" / "step-000002" / "adapter.safetensors")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no intact checkpoint in .*adapter.safetensors is corrupt"):
@@ -323,7 +316,7 @@ def test_under_a_launcher_rank_0_holds_the_lock_for_every_rank(tmp_path, monkeyp
 def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
     import abmll_pyro.train.checkpoint as checkpoint
 
-    p, opt = _opt()
+    p, opt = stepped_adam()
     real = checkpoint.save_file
     calls = []
 

@@ -8,18 +8,11 @@ import random
 import torch
 
 from abmll_pyro.train.checkpoint import load_latest, save_checkpoint
-
-
-def _opt():
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = torch.optim.Adam([p], lr=0.1)
-    p.grad = torch.ones(3)
-    opt.step()
-    return p, opt
+from _support.helpers import stepped_adam
 
 
 def test_round_trip_restores_tensors_optimizer_and_rng(tmp_path):
-    p, opt = _opt()
+    p, opt = stepped_adam()
     random.seed(3)
     torch.manual_seed(5)
     sampler = torch.Generator().manual_seed(7)
@@ -37,7 +30,7 @@ def test_round_trip_restores_tensors_optimizer_and_rng(tmp_path):
 
 
 def test_latest_points_at_the_newest_and_old_ones_are_pruned(tmp_path):
-    p, opt = _opt()
+    p, opt = stepped_adam()
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, step, {"w": p.detach() * step}, opt, None, {}, keep=2)
     names = sorted(x.name for x in (tmp_path / "checkpoints").iterdir())
@@ -47,7 +40,7 @@ def test_latest_points_at_the_newest_and_old_ones_are_pruned(tmp_path):
 
 
 def test_a_half_written_checkpoint_is_never_read(tmp_path):
-    p, opt = _opt()
+    p, opt = stepped_adam()
     save_checkpoint(tmp_path, 2, {"w": p.detach()}, opt, None, {})
     (tmp_path / "checkpoints" / ".step-000004.tmp-123").mkdir()  # what a kill mid-write leaves
     assert load_latest(tmp_path).step == 2

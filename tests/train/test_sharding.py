@@ -116,17 +116,22 @@ def _collectives(rank: int, world: int, init: str, queue) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_collectives_on_two_gloo_processes(tmp_path):
+def _run_two(target, args) -> list:
+    """Run ``target(rank, 2, *args, queue)`` in two spawned processes; return their sorted queue items."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_collectives, args=(r, 2, init, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
     out = sorted(queue.get(timeout=60) for _ in procs)
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
+    return out
+
+
+def test_collectives_on_two_gloo_processes(tmp_path):
+    out = _run_two(_collectives, (f"file://{tmp_path / 'rendezvous'}",))
     for rank, a, b, c, values, gathered in out:
         assert a == [[3.0] * 3] * 2 and b == [0.0, 1.0, 2.0, 3.0] and c == [0.0] * 3
         assert values == {"x": 1.5, "only0": 2.0} and gathered == [0, 10]
@@ -177,14 +182,6 @@ def test_main_writes_runs_once_and_every_rank_gets_its_value(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
     path = str(tmp_path / "out.txt")
-    procs = [ctx.Process(target=_writer, args=(r, 2, port, path, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = sorted(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    out = _run_two(_writer, (port, path))
     assert out == [(0, path.upper(), "written by rank 0\n"), (1, path.upper(), "written by rank 0\n")]
