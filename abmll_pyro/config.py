@@ -87,6 +87,9 @@ class InnerLoopConfig:
                f"subsample_size must be >= 1 or None, got {self.subsample_size!r}")
 
 
+OUTER_KL = ("prior", "pass-through")
+
+
 @dataclass(frozen=True)
 class MetaConfig:
     """The outer (meta) loop and the tempered objective.
@@ -94,6 +97,19 @@ class MetaConfig:
     Per task: E_q[log p(D_i | φ_i)] − kl_beta·KL(q(φ_i) || p(φ_i | θ)); globally: + kl_gamma·log p(θ).
     ``kl_gamma=None`` means kl_gamma = kl_beta (PAPER.md §3). ``query_subsample_size``: query examples
     per outer step and task (None: all). ``grad_clip``: max global grad norm (None: off).
+
+    ``outer_kl`` — how θ's gradient of the query β-ELBO's KL term is taken in first order:
+
+    * ``"prior"`` (default): with the task posterior q(φ_i) held fixed, so θ enters the KL only as
+      the prior's parameters: the empirical-Bayes M-step, ∂/∂μ_θ = β(μ_θ − μ_q)/σ_θ² (θ's mean moves
+      toward the tasks' posterior means, σ_θ toward their spread); the likelihood term still reaches θ
+      through the pass-through (FOMAML).
+    * ``"pass-through"``: q's factors carry θ's gradient too (λ' = λᴷ + θ − sg(θ)). For the mean of a
+      Gaussian KL this cancels the M-step exactly in ΔW-space, leaving only the bilinear cross term
+      β/σ²·(μ_q − μ_θ)(A_q − A_θ)ᵀ of the factorization: measured on SmolLM2 as large as the query
+      NLL's gradient and opposed to it (docs/RESULTS.md). The behaviour before this option existed.
+
+    Second order differentiates the whole loss exactly and ignores this setting.
     """
 
     kl_beta: float = 1e-8
@@ -102,6 +118,7 @@ class MetaConfig:
     tasks_per_step: int = 2
     grad_clip: float | None = 1.0
     query_subsample_size: int | None = None
+    outer_kl: str = "prior"
     inner: InnerLoopConfig = field(default_factory=InnerLoopConfig)
 
     def __post_init__(self) -> None:
@@ -115,6 +132,7 @@ class MetaConfig:
         _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         _check(self.query_subsample_size is None or self.query_subsample_size >= 1,
                f"query_subsample_size must be >= 1 or None, got {self.query_subsample_size!r}")
+        _check(self.outer_kl in OUTER_KL, f"outer_kl must be one of {list(OUTER_KL)}, got {self.outer_kl!r}")
 
     @property
     def gamma(self) -> float:

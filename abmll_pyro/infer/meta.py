@@ -4,9 +4,11 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
 
 1. for each episode i: λ_i⁰ = guide.init_task_params(θ, S_i) (a copy of θ's factors by default);
 2. inner loop: K steps on task_loss(λ; S_i) with θ fixed → λ_i^K (:func:`inner_loop`);
-3. outer loss  L = (1/b) Σ_i task_loss(λ_i'; Q_i) + (1/M)·(−γ log p(θ)),  where
-   λ_i' = pass_through(λ_i^K, λ_i⁰) (first order, default), λ_i^K.detach() (pass-through off), or
-   λ_i^K with its full history (second order);
+3. outer loss  L = (1/b) Σ_i [−E_q log p(Q_i | φ_i) + β·KL(q_i ‖ p_θ)] + (1/M)·(−γ log p(θ)),  where
+   the likelihood term is taken at λ_i' = pass_through(λ_i^K, λ_i⁰) (first order, default),
+   λ_i^K.detach() (pass-through off), or λ_i^K with its full history (second order); in first order
+   the KL term's q_i is λ_i^K held fixed (``outer_kl="prior"``, default: the empirical-Bayes M-step
+   for θ) or λ_i' (``outer_kl="pass-through"``, see :class:`~abmll_pyro.config.MetaConfig`);
 4. one optimizer step on θ's factors (and any guide parameters) only, with gradient clipping
    (:meth:`MetaSVI.step`; :meth:`MetaSVI.loss_and_grads` is steps 1–3 alone, for accumulation).
 
@@ -33,7 +35,7 @@ from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
 from .inner import NonFiniteLossError, inner_loop, pass_through
 from .kl_curvature import kl_curvature
-from .objective import global_loss, log_hyperprior, recorded, task_kl, task_loss
+from .objective import global_loss, log_hyperprior, recorded, task_kl, task_kl_loss, task_loss
 
 __all__ = ["Episode", "StepResult", "MetaSVI", "mean_prior_std", "mean_task_std"]
 
@@ -190,7 +192,13 @@ class MetaSVI:
             query = ep.query
             if cfg.query_subsample_size is not None:
                 query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
-            loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
+            if second or cfg.outer_kl == "pass-through":
+                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
+            else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
+                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                if cfg.kl_beta:
+                    fixed = {k: v.detach() for k, v in refined.items()}
+                    loss = loss + cfg.kl_beta * task_kl_loss(self.model, self.guide, theta, fixed)
             self._check(loss, f"query loss of task {ep.name!r}")
             backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b

@@ -24,7 +24,7 @@ from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import TaskData
 from .handlers import kl_scale
 
-__all__ = ["task_loss", "global_loss", "task_kl", "log_hyperprior", "ObservedLogLik"]
+__all__ = ["task_loss", "global_loss", "task_kl", "task_kl_loss", "log_hyperprior", "ObservedLogLik"]
 
 Params = Mapping[str, Tensor]
 
@@ -59,11 +59,12 @@ def log_hyperprior(model: HierarchicalModel, theta_params: Params) -> float:
     return total
 
 
-@torch.no_grad()
-def task_kl(model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params, task_params: Params) -> float:
-    """KL(q(φ_i) ‖ p(φ_i | θ)) summed over modules: analytic when registered, else one MC draw."""
+def task_kl_loss(model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params, task_params: Params) -> Tensor:
+    """KL(q(φ_i) ‖ p(φ_i | θ)) summed over modules, differentiable in both arguments (analytic when
+    registered, else one reparameterized draw), summed in float32 or wider (the adapter's factors'
+    precision: the model's own KL terms use the same)."""
     adapter, prior = model.adapter, model.prior
-    total = 0.0
+    total = None
     for m, shape in adapter.shapes.items():
         mean, std = adapter.mean(theta_params, m), adapter.std(theta_params, m)
         p = prior.task_distribution(prior.global_values(mean, std), shape, mean[:0].sum())
@@ -73,8 +74,16 @@ def task_kl(model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params, t
         except NotImplementedError:
             x = q.rsample()
             kl = q.log_prob(x) - p.log_prob(x)
-        total += float(kl.double().sum())
+        kl = kl.sum()
+        kl = kl.float() if kl.dtype in (torch.float16, torch.bfloat16) else kl
+        total = kl if total is None else total + kl
     return total
+
+
+@torch.no_grad()
+def task_kl(model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params, task_params: Params) -> float:
+    """KL(q(φ_i) ‖ p(φ_i | θ)) summed over modules, as a float (for logging)."""
+    return float(task_kl_loss(model, guide, theta_params, task_params).double())
 
 
 class ObservedLogLik(Messenger):

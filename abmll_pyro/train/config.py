@@ -93,6 +93,7 @@ class RunConfig:
     num_inner_steps: int = 5
     inner_lr: float = 1e-3
     inner_optimizer: str = "adam"
+    outer_kl: str = "prior"
     reptile_step_size: float = 0.5
     # prediction
     num_samples: int = 8
@@ -165,7 +166,8 @@ class RunConfig:
 
     def meta_config(self) -> MetaConfig:
         return MetaConfig(kl_beta=self.kl_beta, kl_gamma=self.kl_gamma, outer_lr=self.outer_lr,
-                          tasks_per_step=self.tasks_per_step, grad_clip=self.grad_clip, inner=self.inner_config())
+                          tasks_per_step=self.tasks_per_step, grad_clip=self.grad_clip, outer_kl=self.outer_kl,
+                          inner=self.inner_config())
 
     # ----------------------------------------------------------------- (de)serialization
     @classmethod

@@ -25,8 +25,8 @@ def _episodes():
             for i in range(2)]
 
 
-def _svi(**inner):
-    svi = toy_svi(kl_beta=BETA, kl_gamma=GAMMA, init_std=0.5, noise=NOISE, prior=HierarchicalPrior(**PRIOR),
+def _svi(meta=None, **inner):
+    svi = toy_svi(meta=meta, kl_beta=BETA, kl_gamma=GAMMA, init_std=0.5, noise=NOISE, prior=HierarchicalPrior(**PRIOR),
                   task_guide=PointMassGuide(), num_inner_steps=K, inner_lr=LR, optimizer="sgd", **inner)
     with torch.no_grad():
         for k, v in svi.theta().items():
@@ -41,10 +41,14 @@ def _reference_grads(svi, mode):
     mu = lambda p: ad.mean(p, "proj")  # noqa: E731
     sd = lambda p: ad.std(p, "proj")  # noqa: E731
 
+    def nll(lam, data):
+        return -dist.Normal(data.x * mu(lam), NOISE).log_prob(data.y[:, None]).sum()
+
+    def kl(lam, th):  # point mass: the KL is −log p(w | θ) up to a constant
+        return -BETA * dist.Normal(mu(th), sd(th)).log_prob(mu(lam)).sum()
+
     def loss(lam, th, data):
-        w = mu(lam)
-        nll = -dist.Normal(data.x * w, NOISE).log_prob(data.y[:, None]).sum()
-        return nll - BETA * dist.Normal(mu(th), sd(th)).log_prob(w).sum()
+        return nll(lam, data) + kl(lam, th)
 
     total = 0.0
     for ep in _episodes():
@@ -59,8 +63,12 @@ def _reference_grads(svi, mode):
                 g = torch.autograd.grad(loss(lam, {k: v.detach() for k, v in theta.items()}, ep.support.batch),
                                         list(lam.values()), allow_unused=True)
                 lam = {k: (v if gk is None else v - LR * gk).detach().requires_grad_() for (k, v), gk in zip(lam.items(), g)}
-            if mode == "first":  # pass-through: ∂L/∂λ_K added to θ's gradient
+            fixed = {k: v.detach() for k, v in lam.items()}
+            if mode in ("first", "first_kl_pass_through"):  # pass-through: ∂L/∂λ_K added to θ's gradient
                 lam = {k: lam[k].detach() + theta[k] - theta[k].detach() for k in lam}
+            if mode == "first":  # outer_kl="prior": the KL's q held fixed (the M-step for θ)
+                total = total + (nll(lam, ep.query.batch) + kl(fixed, theta)) / 2
+                continue
         total = total + loss(lam, theta, ep.query.batch) / 2
     log_p_theta = dist.Normal(0.0, PRIOR["mean_scale"]).log_prob(mu(theta)).sum() + \
         dist.Gamma(PRIOR["a0"], PRIOR["b0"]).log_prob(sd(theta).pow(-2)).sum()
@@ -69,10 +77,12 @@ def _reference_grads(svi, mode):
     return {k: g for k, g in zip(theta, grads)}, float(total.detach())
 
 
-@pytest.mark.parametrize("mode", ["first", "no_pass_through", "second"])
+@pytest.mark.parametrize("mode", ["first", "first_kl_pass_through", "no_pass_through", "second"])
 def test_meta_gradient_matches_hand_computed_reference(mode):
-    inner = {"first": {}, "no_pass_through": {"pass_through": False}, "second": {"order": "second"}}[mode]
-    svi = _svi(**inner)
+    inner = {"first": {}, "first_kl_pass_through": {}, "no_pass_through": {"pass_through": False},
+             "second": {"order": "second"}}[mode]
+    meta = {"first_kl_pass_through": {"outer_kl": "pass-through"}}.get(mode, {})
+    svi = _svi(meta=meta, **inner)
     result = svi.step(_episodes(), num_tasks=M)
     expected, expected_loss = _reference_grads(svi, mode)
     for k, p in svi.theta().items():
