@@ -16,7 +16,7 @@ SMOKE_TASKS = dict(num_train=12, num_test=3, examples=16)
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--preset", choices=["smoke", "cpu", "paper"], default="smoke")
+    p.add_argument("--preset", choices=["smoke", "cpu", "cpu-long", "paper"], default="smoke")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument("--quiet", action="store_true")
