@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--ece-bins", dest="ece_bins", type=int, default=15)
     cmp_.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     cmp_.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cmp_.add_argument("--names", nargs="+", metavar="NAME",
+                      help="one label per path, replacing the method names in the files (compare two runs of one method)")
+    cmp_.add_argument("--tasks", nargs="+", metavar="TASK", dest="only_tasks",
+                      help="only these tasks (e.g. the test tasks with headroom)")
+    cmp_.add_argument("--tasks-file", dest="tasks_file",
+                      help="only the tasks listed in this file (one per line; # starts a comment)")
     cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
     return parser
 
@@ -305,6 +311,19 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _read_task_list(path: Path) -> list[str]:
+    """Task names, one per line (blank lines and ``#`` comments skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--tasks-file {path}: cannot read it ({err.__class__.__name__}: {err})") from None
+    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"--tasks-file {path}: no task names in it")
+    return names
+
+
 def _cmd_compare(args) -> int:
     from .eval.compare import (format_comparison, format_summary, load_predictions, paired_comparison,
                                summarize)
@@ -313,13 +332,17 @@ def _cmd_compare(args) -> int:
         raise ValueError(f"--resamples must be >= 10, got {args.resamples}")
     if args.ece_bins < 1:
         raise ValueError(f"--ece-bins must be >= 1, got {args.ece_bins}")
+    tasks = list(args.only_tasks or [])
+    if args.tasks_file:
+        tasks += _read_task_list(Path(args.tasks_file))
+    tasks = tasks or None
     if args.out:
         from .train.benchmark import write_comparison
 
         table, comparison = write_comparison(Path(args.out), [Path(p) for p in args.paths], args.reference, args.ece_bins,
-                                             args.seed, args.resamples)
+                                             args.seed, args.resamples, args.names, tasks)
     else:
-        preds = load_predictions(args.paths)
+        preds = load_predictions(args.paths, args.names, tasks)
         table = format_summary(summarize(preds, args.ece_bins, args.resamples, args.seed), args.ece_bins)
         reference = args.reference
         if reference not in preds:

@@ -72,10 +72,21 @@ def find_prediction_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def load_predictions(paths: Iterable[str | Path]) -> dict[str, Predictions]:
-    """Method name → its predictions, gathered from every file under ``paths``."""
+def load_predictions(paths: Iterable[str | Path], names: Sequence[str] | None = None,
+                     tasks: Iterable[str] | None = None) -> dict[str, Predictions]:
+    """Method name → its predictions, gathered from every file under ``paths``.
+
+    ``names`` (one per path): label everything under each path with that name instead of the method
+    recorded in the file (two runs of one method, e.g. two β, compared with each other). ``tasks``:
+    keep only these tasks (e.g. the test tasks with headroom), every name of which must occur."""
+    paths = list(paths)
+    if names is not None and len(names) != len(paths):
+        raise PredictionsError(f"--names gives {len(names)} names for {len(paths)} paths: give one per path")
+    labelled = [(f, None if names is None else names[i]) for i, p in enumerate(paths) for f in find_prediction_files([p])]
+    keep = None if tasks is None else set(tasks)
     rows: dict[str, dict[tuple[int, str, int], tuple[int, list[float]]]] = {}
-    for file in find_prediction_files(paths):
+    seen_tasks: set[str] = set()
+    for file, label in labelled:
         with open(file, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -83,9 +94,15 @@ def load_predictions(paths: Iterable[str | Path]) -> dict[str, Predictions]:
                 try:
                     rec = json.loads(line)
                     key = (int(rec["seed"]), str(rec["task"]), int(rec["index"]))
-                    rows.setdefault(str(rec["method"]), {})[key] = (int(rec["gold"]), [float(p) for p in rec["probs"]])
+                    seen_tasks.add(key[1])
+                    if keep is not None and key[1] not in keep:
+                        continue
+                    method = label or str(rec["method"])
+                    rows.setdefault(method, {})[key] = (int(rec["gold"]), [float(p) for p in rec["probs"]])
                 except (ValueError, KeyError, TypeError) as err:
                     raise PredictionsError(f"{file}:{lineno}: not a prediction record ({err})") from None
+    if keep is not None and keep - seen_tasks:
+        raise PredictionsError(f"task(s) {sorted(keep - seen_tasks)} occur in no predictions file under {[str(p) for p in paths]}")
     out = {}
     for method, recs in rows.items():
         keys = sorted(recs)

@@ -103,10 +103,11 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def write_comparison(out: Path, paths: Sequence[Path], reference: str, num_bins: int, seed: int = 0,
-                     num_resamples: int = 1000) -> tuple[str, str]:
+                     num_resamples: int = 1000, names: Sequence[str] | None = None,
+                     tasks: Sequence[str] | None = None) -> tuple[str, str]:
     """Write ``table.md`` (pooled metrics ± bootstrap SE) and ``comparison.md``/``.json`` (paired
     differences against ``reference``) for the predictions under ``paths``; return both texts."""
-    preds = load_predictions(paths)
+    preds = load_predictions(paths, names, tasks)
     summary = summarize(preds, num_bins, num_resamples, seed)
     rows = paired_comparison(preds, reference, num_bins, num_resamples, seed) if reference in preds else []
     Path(out).mkdir(parents=True, exist_ok=True)

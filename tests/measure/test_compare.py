@@ -81,3 +81,25 @@ def test_compare_command_bad_input_is_one_line(tmp_path, capsys):
     _write_run(tmp_path / "r1", "lora", _preds("lora", 1.0))
     assert main(["compare", str(tmp_path / "r1"), "--reference", "abmll"]) == 2
     assert "has no predictions" in capsys.readouterr().err
+
+
+def test_compare_names_two_runs_of_one_method_and_restricts_tasks(tmp_path, capsys):
+    a, b = _preds("abmll", 2.0, seed=1), _preds("abmll", 0.0, seed=2)
+    _write_run(tmp_path / "beta6", "abmll", a)
+    _write_run(tmp_path / "beta8", "abmll", b)
+    # one method name in both files: without --names they would merge into one method
+    assert set(load_predictions([tmp_path / "beta6", tmp_path / "beta8"])) == {"abmll"}
+    both = load_predictions([tmp_path / "beta6", tmp_path / "beta8"], names=["b6", "b8"])
+    assert set(both) == {"b6", "b8"} and np.array_equal(both["b6"].probs, a.probs)
+    sub = load_predictions([tmp_path / "beta6"], tasks=["t1", "t3"])
+    assert {k[1] for k in sub["abmll"].keys} == {"t1", "t3"} and len(sub["abmll"].keys) == 80
+    (tmp_path / "tasks.txt").write_text("# headroom\nt1\n\nt3  # two\n")
+    assert main(["compare", str(tmp_path / "beta6"), str(tmp_path / "beta8"), "--names", "b6", "b8",
+                 "--reference", "b6", "--tasks-file", str(tmp_path / "tasks.txt"), "--resamples", "50"]) == 0
+    assert "| b8 | 80 | 2 |" in capsys.readouterr().out
+    # a task that is nowhere, or a names/paths mismatch: one line, exit 2
+    assert main(["compare", str(tmp_path / "beta6"), "--tasks", "nope", "--reference", "abmll"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0]
+    assert main(["compare", str(tmp_path / "beta6"), "--names", "x", "y"]) == 2
+    assert "one per path" in capsys.readouterr().err
