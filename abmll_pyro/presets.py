@@ -57,7 +57,7 @@ PRESETS: dict[str, Preset] = {
         config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=24,
                     tasks_per_step=2, shots=4, query_size=4, eval_query_size=32, max_examples=64,
                     max_length=96, drop_long_examples=True, icl_max_length=192, num_inner_steps=2, inner_lr=1e-2,
-                    outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-6, num_samples=4, checkpoint_every=12,
+                    outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-8, num_samples=4, checkpoint_every=12,
                     num_threads=2),
         seeds=1,
     ),
