@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -98,22 +98,39 @@ def task_headroom(adapter: BayesLoRA, tokenizer: Any, task: Task, config: Headro
 
 def run_headroom(adapter: BayesLoRA, tokenizer: Any, tasks: Iterable[tuple[str, Task]], out: Path,
                  config: HeadroomConfig, log=print) -> list[dict]:
-    """Every ``(split, task)``: its JSON ``<out>/<task>.json`` if already there (resume), else measured."""
+    """Every ``(split, task)``: its JSON ``<out>/<task>.json`` if already there (resume), else measured.
+
+    A JSON that lacks some of ``config.reductions`` gets only those measured and merged in (exact: the
+    split, the zero-shot pass and the LoRA fit of one reduction do not depend on any other reduction);
+    its other settings must equal ``config``'s, else ``ValueError``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for split_name, task in tasks:
         path = out / f"{task.name}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
+        old = json.loads(path.read_text()) if path.exists() else None
+        missing = tuple(r for r in config.reductions if old is None or r not in old["reductions"])
+        if not missing:
+            results.append(old)
             continue
-        text = json.dumps({"split": split_name, **task_headroom(adapter, tokenizer, task, config)}, indent=1)
+        new = {"split": split_name, **task_headroom(adapter, tokenizer, task, replace(config, reductions=missing))}
+        if old is not None:
+            mine = {k: v for k, v in asdict(config).items() if k != "reductions"}
+            theirs = {k: v for k, v in old["config"].items() if k != "reductions"}
+            if mine != theirs or old["split"] != split_name:
+                raise ValueError(f"{path} was measured with other settings: {theirs} (split {old['split']}), "
+                                 f"not {mine} (split {split_name})")
+            new["reductions"] = {**old["reductions"], **new["reductions"]}
+            new["config"]["reductions"] = list(new["reductions"])
+        text = json.dumps(new, indent=1)
         result = json.loads(text)  # as a resumed run reads it back
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(path)
         log(f"{task.name}: " + ", ".join(
-            f"{r} zero {v['zero_shot']:.3f} lora {v['lora']:.3f} gain {v['gain']:+.3f}"
-            for r, v in result["reductions"].items()))
+            f"{r} zero {v['zero_shot']:.3f} lora {v['lora']:.3f} gain {v['gain']:+.3f} "
+            f"(support loss {v['support_loss_end']:.1e}, {v['seconds']:.0f} s)"
+            for r, v in result["reductions"].items() if r in missing))
         results.append(result)
     return results
 

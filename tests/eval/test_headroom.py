@@ -59,6 +59,26 @@ def test_resume_reads_finished_tasks(setup, tmp_path, monkeypatch):
     assert "| test | toy | 2 | 4 |" in table and "mean of 1" in table
 
 
+def test_resume_adds_only_missing_reductions(setup, tmp_path, monkeypatch):
+    adapter, tok, task = setup
+    config = hr.HeadroomConfig(shots=4, query_size=4, steps=3, lr=5e-2, reductions=("sum", "char"), num_boot=20)
+    joint = hr.task_headroom(adapter, tok, task, config)
+    hr.run_headroom(adapter, tok, [("test", task)], tmp_path, hr.replace(config, reductions=("char",)), log=lambda s: None)
+    measured = []
+    real = hr.task_headroom
+    monkeypatch.setattr(hr, "task_headroom", lambda a, t, k, c: measured.append(c.reductions) or real(a, t, k, c))
+    [merged] = hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None)
+    assert measured == [("sum",)] and set(merged["reductions"]) == {"sum", "char"}
+    assert merged["config"]["reductions"] == ["char", "sum"]
+    for r in ("sum", "char"):  # merged equals measuring both at once (up to the timing)
+        got, want = dict(merged["reductions"][r]), dict(joint["reductions"][r])
+        got.pop("seconds"), want.pop("seconds")
+        assert got == want
+    with pytest.raises(ValueError, match="other settings"):
+        hr.run_headroom(adapter, tok, [("test", task)], tmp_path, hr.replace(config, steps=4, reductions=("mean",)),
+                        log=lambda s: None)
+
+
 def test_script_smoke_and_table(tmp_path, capsys):
     path = Path(__file__).parents[2] / "scripts" / "headroom.py"
     spec = importlib.util.spec_from_file_location("headroom_script", path)
