@@ -20,7 +20,7 @@ import torch
 from abmll_pyro.config import AdapterConfig
 from abmll_pyro.data.scoring import SCORE_REDUCTIONS
 from abmll_pyro.data.sources import load_tasks
-from abmll_pyro.eval.headroom import HeadroomConfig, headroom_table, run_headroom
+from abmll_pyro.eval.headroom import HeadroomConfig, headroom_table, headroom_tasks, run_headroom
 from abmll_pyro.lms import load_lm
 from abmll_pyro.lora.adapter import BayesLoRA
 from abmll_pyro.presets import synthetic_task_folder
@@ -30,6 +30,23 @@ try:  # the frozen-trunk cache (issue 8): exact, and it skips the frozen lower b
     from abmll_pyro.data.trunk import attach_trunk_cache
 except ImportError:
     attach_trunk_cache = None
+
+
+def write_subset(path: Path, suite: str, results: list[dict], reductions: list[str], min_gain: float) -> None:
+    """``path``: {"note", "min_gain", "split": "test", "tasks": {suite: {reduction: [names]}}}; other
+    suites already in the file are kept."""
+    expected = [t.name for t in load_tasks(suite)["test"]]
+    chosen = {r: headroom_tasks(results, r, "test", expected, min_gain) for r in reductions}
+    data = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
+    data.update(note=f"test tasks where per-task Regular LoRA on 16 shots beats zero-shot by >= {min_gain} "
+                     "(accuracy, same query examples), chosen from that baseline alone; written by "
+                     "scripts/headroom.py --table --subset (docs/data.md, 'Headroom')",
+                min_gain=min_gain, split="test")
+    data["tasks"][suite] = {**data["tasks"].get(suite, {}), **chosen}
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    for r, names in chosen.items():
+        print(f"{suite} {r}: {len(names)} of {len(expected)} test tasks with gain >= {min_gain} -> {path}",
+              file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -53,12 +70,17 @@ def main(argv=None) -> None:
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="print the tables of the finished tasks and stop")
+    p.add_argument("--subset", type=Path, help="with --table and --tasks: write the test tasks with gain >= "
+                   "--min-gain per reduction into this JSON (merged by suite); refuses unless every test task is done")
+    p.add_argument("--min-gain", type=float, default=0.05)
     p.add_argument("--smoke", action="store_true", help="tiny-llama on generated tasks (a wiring check)")
     args = p.parse_args(argv)
     if args.table:
         results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
         for reduction in args.reductions:
-            print(f"\n### reduction: {reduction}\n\n{headroom_table(results, reduction)}")
+            print(f"\n### reduction: {reduction}\n\n{headroom_table(results, reduction, args.min_gain)}")
+        if args.subset is not None:
+            write_subset(args.subset, args.tasks, results, args.reductions, args.min_gain)
         return
     torch.set_num_threads(args.num_threads)
     if args.smoke:

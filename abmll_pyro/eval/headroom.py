@@ -33,7 +33,7 @@ from ..lora.adapter import BayesLoRA
 from ..methods.base import LoRAFactors, option_logits, option_nll
 from ..models.likelihoods import OptionLikelihood
 
-__all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table"]
+__all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table", "headroom_tasks"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,16 @@ def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) 
         rows.append(f"| | **mean of {len(kept)}** | | | {mean('zero_shot'):.3f} | {mean('lora'):.3f} | "
                     f"{mean('gain'):+.3f} ({wins}/{len(kept)} with gain ≥ {min_gain:.2f}) |")
     return "\n".join(rows)
+
+
+def headroom_tasks(results: list[dict], reduction: str, split: str, expected: Iterable[str],
+                   min_gain: float = 0.05) -> list[str]:
+    """Names of the ``split`` tasks with learnable headroom (gain ≥ ``min_gain``) under ``reduction``,
+    sorted. ``expected``: every task name of that split; ``ValueError`` if any lacks a measurement
+    (a subset chosen from part of a split would silently shrink)."""
+    done = {r["task"]: r["reductions"][reduction] for r in results
+            if r["split"] == split and reduction in r["reductions"]}
+    missing = sorted(set(expected) - set(done))
+    if missing:
+        raise ValueError(f"{len(missing)} {split} task(s) not measured under {reduction!r}: {missing}")
+    return sorted(name for name in expected if done[name]["gain"] >= min_gain)

@@ -90,3 +90,37 @@ def test_script_smoke_and_table(tmp_path, capsys):
     capsys.readouterr()
     script.main(["--out", str(tmp_path), "--table", "--reductions", "sum", "char"])
     assert capsys.readouterr().out.count("mean of 2") == 2
+
+
+def test_headroom_tasks_choose_from_a_complete_split():
+    def res(name, split, gain):
+        return {"task": name, "split": split, "reductions": {"char": {"gain": gain}}}
+    results = [res("a", "test", 0.05), res("b", "test", 0.0499), res("c", "test", 0.3), res("d", "dev", 0.5)]
+    assert hr.headroom_tasks(results, "char", "test", ["c", "b", "a"]) == ["a", "c"]
+    with pytest.raises(ValueError, match="not measured under 'char'.*'e'"):
+        hr.headroom_tasks(results, "char", "test", ["a", "b", "c", "e"])
+    with pytest.raises(ValueError, match="not measured under 'sum'"):
+        hr.headroom_tasks(results, "sum", "test", ["a"])
+
+
+def test_script_subset_file(tmp_path):
+    path = Path(__file__).parents[2] / "scripts" / "headroom.py"
+    spec = importlib.util.spec_from_file_location("headroom_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, subset = tmp_path / "out", tmp_path / "subset.json"
+    script.main(["--smoke", "--out", str(out), "--reductions", "sum"])
+    folder = str(out / "tasks")
+    [test_result] = [json.loads(p.read_text()) for p in out.glob("*.json") if json.loads(p.read_text())["split"] == "test"]
+    subset.write_text(json.dumps({"tasks": {"other-suite": {"sum": ["x"]}}}))
+    # a minimum gain of -1 keeps every test task, of 2 none: the file follows the rule
+    script.main(["--table", "--out", str(out), "--tasks", folder, "--reductions", "sum", "--subset", str(subset),
+                 "--min-gain", "-1"])
+    data = json.loads(subset.read_text())
+    assert data["split"] == "test" and data["min_gain"] == -1 and "note" in data
+    assert data["tasks"] == {"other-suite": {"sum": ["x"]}, folder: {"sum": [test_result["task"]]}}
+    script.main(["--table", "--out", str(out), "--tasks", folder, "--reductions", "sum", "--subset", str(subset),
+                 "--min-gain", "2"])
+    assert json.loads(subset.read_text())["tasks"][folder] == {"sum": []}
+    with pytest.raises(ValueError, match="not measured under 'char'"):  # char was never run
+        script.main(["--table", "--out", str(out), "--tasks", folder, "--reductions", "char", "--subset", str(subset)])
