@@ -66,6 +66,7 @@ def main(argv=None) -> None:
                    help="score reductions (the config key score_reduction); LoRA is fitted once per reduction")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-tasks", type=int, help="at most N tasks per split (the split's first N)")
+    p.add_argument("--only", nargs="+", help="only these task names (e.g. a convergence check at more --steps)")
     p.add_argument("--reverse", action="store_true", help="last task first (a second worker on the same --out)")
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -96,6 +97,11 @@ def main(argv=None) -> None:
     adapter = BayesLoRA(lm, AdapterConfig(rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets))
     taskset = load_tasks(args.tasks)
     tasks = [(s, t) for s in args.splits for t in taskset[s][: args.max_tasks]]
+    if args.only:
+        unknown = set(args.only) - {t.name for _, t in tasks}
+        if unknown:
+            raise SystemExit(f"--only: not in the chosen splits of {args.tasks}: {sorted(unknown)}")
+        tasks = [(s, t) for s, t in tasks if t.name in args.only]
     tasks = tasks[::-1] if args.reverse else tasks
     run_headroom(adapter, tokenizer, tasks, args.out, config,
                  log=lambda line: print(line, file=sys.stderr, flush=True))

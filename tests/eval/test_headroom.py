@@ -87,6 +87,12 @@ def test_script_smoke_and_table(tmp_path, capsys):
     script.main(["--smoke", "--out", str(tmp_path), "--reductions", "sum", "char"])
     results = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert len(results) == 2 and all(set(r["reductions"]) == {"sum", "char"} for r in results)
+    test_name = next(r["task"] for r in results if r["split"] == "test")
+    only = tmp_path / "only"
+    script.main(["--smoke", "--out", str(only), "--reductions", "sum", "--only", test_name])
+    assert [p.stem for p in only.glob("*.json")] == [test_name]
+    with pytest.raises(SystemExit, match="not in the chosen splits"):
+        script.main(["--smoke", "--out", str(only), "--only", "no-such-task"])
     capsys.readouterr()
     script.main(["--out", str(tmp_path), "--table", "--reductions", "sum", "char"])
     assert capsys.readouterr().out.count("mean of 2") == 2
