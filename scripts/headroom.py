@@ -80,6 +80,11 @@ def main(argv=None) -> None:
         results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
         for reduction in args.reductions:
             print(f"\n### reduction: {reduction}\n\n{headroom_table(results, reduction, args.min_gain)}")
+            for split in ("test", "dev", "train"):
+                names = sorted(r["task"] for r in results if r["split"] == split and reduction in r["reductions"]
+                               and r["reductions"][reduction]["gain"] >= args.min_gain)
+                done = sum(r["split"] == split and reduction in r["reductions"] for r in results)
+                print(f"\n{split}: {len(names)} of {done} measured with gain >= {args.min_gain}: {', '.join(names)}")
         if args.subset is not None:
             write_subset(args.subset, args.tasks, results, args.reductions, args.min_gain)
         return

@@ -150,8 +150,10 @@ def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) 
     if kept:
         mean = lambda key: sum(r["reductions"][reduction][key] for r in kept) / len(kept)
         wins = sum(r["reductions"][reduction]["gain"] >= min_gain for r in kept)
+        sure = sum(r["reductions"][reduction]["gain_ci95"][0] > 0 for r in kept)
         rows.append(f"| | **mean of {len(kept)}** | | | {mean('zero_shot'):.3f} | {mean('lora'):.3f} | "
-                    f"{mean('gain'):+.3f} ({wins}/{len(kept)} with gain ≥ {min_gain:.2f}) |")
+                    f"{mean('gain'):+.3f} ({wins}/{len(kept)} with gain ≥ {min_gain:.2f}; "
+                    f"{sure}/{len(kept)} with CI lower bound > 0) |")
     return "\n".join(rows)
 
 

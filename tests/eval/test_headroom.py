@@ -57,6 +57,8 @@ def test_resume_reads_finished_tasks(setup, tmp_path, monkeypatch):
     assert hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None) == first
     table = hr.headroom_table(first, "sum")
     assert "| test | toy | 2 | 4 |" in table and "mean of 1" in table
+    sure = int(first[0]["reductions"]["sum"]["gain_ci95"][0] > 0)
+    assert f"{sure}/1 with CI lower bound > 0" in table
 
 
 def test_resume_adds_only_missing_reductions(setup, tmp_path, monkeypatch):
