@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--query-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--reductions", nargs="+", default=["mean", "sum"], choices=list(SCORE_REDUCTIONS),
+    p.add_argument("--reductions", nargs="+", default=["char", "sum"], choices=list(SCORE_REDUCTIONS),
                    help="score reductions (the config key score_reduction); LoRA is fitted once per reduction")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-tasks", type=int, help="at most N tasks per split (the split's first N)")

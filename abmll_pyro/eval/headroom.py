@@ -42,7 +42,7 @@ class HeadroomConfig:
     query_size: int = 64
     steps: int = 30
     lr: float = 3e-3
-    reductions: tuple[str, ...] = ("mean", "sum")
+    reductions: tuple[str, ...] = ("char", "sum")  # the runs' score_reduction default, and the sum
     max_length: int | None = 256
     num_boot: int = 2000
     seed: int = 0
