@@ -132,3 +132,15 @@ def test_script_subset_file(tmp_path):
     assert json.loads(subset.read_text())["tasks"][folder] == {"sum": []}
     with pytest.raises(ValueError, match="not measured under 'char'"):  # char was never run
         script.main(["--table", "--out", str(out), "--tasks", folder, "--reductions", "char", "--subset", str(subset)])
+
+
+def test_committed_headroom_tasks_are_test_tasks_of_their_suite():
+    from importlib import resources
+    data_dir = resources.files("abmll_pyro.data")
+    subset = json.loads(data_dir.joinpath("headroom_tasks.json").read_text())
+    assert subset["split"] == "test" and subset["min_gain"] == 0.05
+    split_files = {"debian-cls": "debian_cls_split.json", "bigbench": "bigbench_split.json"}
+    for suite, by_reduction in subset["tasks"].items():
+        test_tasks = set(json.loads(data_dir.joinpath(split_files[suite]).read_text())["test"])
+        for names in by_reduction.values():
+            assert names == sorted(set(names)) and set(names) <= test_tasks
