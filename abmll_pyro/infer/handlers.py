@@ -4,7 +4,11 @@
 every ``theta/...`` site by γ (observed sites untouched). Applied around an ELBO call it reaches both
 the model's and the guide's sites, so with TraceMeanField_ELBO the analytic KL becomes β·KL and with
 Trace_ELBO the Monte Carlo KL becomes β·(log q − log p). A weight of 0 masks the site (Pyro's scale
-must be positive), which removes its term exactly.
+must be positive), which removes its term exactly; its distribution is then wrapped as
+``fn.mask(False)``, whose ``log_prob`` (and KL against another masked site) is a zero without
+evaluating the density, so a masked site costs nothing (θ's hyperprior in every task loss: dense
+Normal and Gamma log-densities per adapted module, otherwise computed by the ELBO and multiplied by 0).
+Samples are unchanged (a masked distribution samples its base).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class KLScaleMessenger(Messenger):
             return
         if weight == 0.0:
             msg["mask"] = False if msg["mask"] is None else msg["mask"] & False
+            msg["fn"] = msg["fn"].mask(False)  # its log-density and KL are zeros, never evaluated
         else:
             msg["scale"] = weight * msg["scale"]
 

@@ -78,3 +78,34 @@ def test_negative_or_nonfinite_weights_are_errors(bad):
         kl_scale(kl_beta=bad)
     with pytest.raises(ValueError, match="kl_gamma must be finite and >= 0"):
         kl_scale(kl_gamma=bad)
+
+
+class CountingNormal(dist.Normal):
+    """A Normal that counts how often its density is evaluated."""
+
+    calls = 0
+
+    def log_prob(self, value):
+        CountingNormal.calls += 1
+        return super().log_prob(value)
+
+
+def counting_model():
+    theta = pyro.sample(sites.theta("m", "mean"), CountingNormal(0.0, 1.0))
+    z = pyro.sample(sites.phi(0, "m"), dist.Normal(theta, 2.0))
+    with pyro.plate("data", 3):
+        pyro.sample("obs", dist.Normal(z, 0.5), obs=Y)
+
+
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO(), Trace_ELBO()])
+def test_a_masked_site_is_never_evaluated_and_the_loss_is_unchanged(elbo):
+    pyro.set_rng_seed(3)
+    CountingNormal.calls = 0
+    with kl_scale(kl_beta=0.5, kl_gamma=0.0):
+        lean = elbo.differentiable_loss(counting_model, guide)
+    assert CountingNormal.calls == 0
+    pyro.set_rng_seed(3)
+    with kl_scale(kl_beta=0.5, kl_gamma=1.0):
+        full = elbo.differentiable_loss(counting_model, guide)
+    assert CountingNormal.calls > 0
+    torch.testing.assert_close(full - lean, -LOG_P_THETA, rtol=1e-5, atol=1e-5)
