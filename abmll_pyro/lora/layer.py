@@ -5,7 +5,12 @@ The layer holds no adapter parameters and does no sampling or KL: what it adds i
 
 * ``None`` — off: exactly the base module;
 * :class:`LowRankDelta` — mean mode: ``y += scaling · (x Aᵀ) Bᵀ`` without forming ΔW;
-* a dense ``[out, in]`` tensor — sampled mode: ``y += x ΔWᵀ`` (a reparameterized sample of ΔW).
+* a dense ``[out, in]`` tensor — sampled mode: ``y = x (W0 + ΔW)ᵀ + b`` (a reparameterized sample
+  of ΔW), one matmul on the merged weight instead of ``base(x) + x ΔWᵀ`` (two): the forward pass and
+  the input gradient each save one ``[T, out, in]`` product per adapted module; ∂L/∂ΔW = ∂L/∂(W0 + ΔW)
+  is the same product as before. Merged only where it is exact to float32 round-off: a plain
+  ``nn.Linear`` or ``Conv1D`` base with no hooks or patched forward, and x in float32/float64 (a bf16
+  or fp16 W0 + ΔW would round ΔW to W0's precision, so those keep the two-matmul form).
 
 Works for ``torch.nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight ``[in, out]``).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LowRankDelta", "BayesLoRALayer", "linear_shape", "is_linear"]
@@ -55,7 +61,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class BayesLoRALayer(nn.Module):
-    """``y = base(x) + x ΔWᵀ`` with ΔW set through :attr:`delta` (see module docstring)."""
+    """``y = base(x) + x ΔWᵀ`` with ΔW set through :attr:`delta` (see module docstring; a dense ΔW
+    runs as one matmul with the merged weight ``W0 + ΔW`` where that is exact)."""
 
     def __init__(self, base: nn.Module, name: str):
         super().__init__()
@@ -65,18 +72,35 @@ class BayesLoRALayer(nn.Module):
         self.delta: LowRankDelta | Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         delta = self.delta
         if delta is None:
-            return y
+            return self.base(x)
         if isinstance(delta, LowRankDelta):
             A, B = delta.A.to(x.dtype), delta.B.to(x.dtype)
-            return y + delta.scaling * ((x @ A.transpose(0, 1)) @ B.transpose(0, 1))
+            return self.base(x) + delta.scaling * ((x @ A.transpose(0, 1)) @ B.transpose(0, 1))
         if delta.shape != (self.out_features, self.in_features):
             raise ValueError(
                 f"ΔW for {self.name} must have shape {(self.out_features, self.in_features)}, got {tuple(delta.shape)}"
             )
-        return y + x @ delta.to(x.dtype).transpose(0, 1)
+        delta = delta.to(x.dtype)
+        if not self._mergeable(x):
+            return self.base(x) + x @ delta.transpose(0, 1)
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return nn.functional.linear(x, base.weight + delta, base.bias)
+        weight = base.weight + delta.transpose(0, 1)  # Conv1D: y = x W + b with W [in, out]
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat @ weight if base.bias is None else torch.addmm(base.bias, flat, weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _mergeable(self, x: Tensor) -> bool:
+        """Whether ``x (W0 + ΔW)ᵀ`` may replace ``base(x) + x ΔWᵀ`` (see the module docstring)."""
+        base = self.base
+        if x.dtype not in (torch.float32, torch.float64) or base.weight.dtype != x.dtype:
+            return False
+        if type(base) is not nn.Linear and type(base) is not _conv1d_type():
+            return False  # a subclass (quantized, LoRA-wrapped, ...) may not compute x W0ᵀ + b
+        return not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}"

@@ -131,3 +131,50 @@ def test_option_scoring_through_adapter_has_gradients():
     loss.backward()
     name = adapter.module_names[0]
     assert theta[adapter.key(name, "mu_B")].grad.abs().sum() > 0
+
+
+def _two_matmuls(layer, x, delta):
+    """The unmerged reference: base(x) + x ΔWᵀ."""
+    return layer.base(x) + x @ delta.to(x.dtype).T
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dense_delta_merged_weight_equals_two_matmuls_values_and_gradients(kind):
+    lm = tiny_lm(kind).double()
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2))
+    name = adapter.module_names[0]
+    layer = adapter.layers[name]
+    assert layer._mergeable(torch.zeros(1, layer.in_features, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, layer.in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(adapter.shapes[name], generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, layer.out_features, generator=g, dtype=torch.float64)
+    with adapter.use({name: delta}):
+        merged = layer(x)
+    reference = _two_matmuls(layer, x, delta)
+    torch.testing.assert_close(merged, reference, rtol=1e-12, atol=1e-12)
+    g_merged = torch.autograd.grad((weight * merged).sum(), [x, delta])
+    g_reference = torch.autograd.grad((weight * reference).sum(), [x, delta])
+    for a, b in zip(g_merged, g_reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_delta_keeps_two_matmuls_in_bf16_and_behind_hooks():
+    lm = tiny_lm("llama")
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2))
+    name = adapter.module_names[0]
+    layer = adapter.layers[name]
+    delta = 1e-3 * torch.randn(adapter.shapes[name])
+    x = torch.randn(3, layer.in_features)
+    assert layer._mergeable(x) and not layer._mergeable(x.bfloat16())
+    layer.base.bfloat16()
+    with torch.no_grad(), adapter.use({name: delta}):  # bf16: ΔW is not rounded into W0
+        assert torch.equal(layer(x.bfloat16()), _two_matmuls(layer, x.bfloat16(), delta))
+    layer.base.float()
+    seen = []
+    handle = layer.base.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad(), adapter.use({name: delta}):
+        assert not layer._mergeable(x)
+        assert torch.equal(layer(x), _two_matmuls(layer, x, delta))
+    handle.remove()
+    assert len(seen) == 2  # the hook ran inside the layer and in the reference
