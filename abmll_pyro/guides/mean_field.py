@@ -26,8 +26,10 @@ class MeanFieldGuide(TaskGuide):
         return {k: v * 1.0 for k, v in theta_params.items()}
 
     def task_distribution(self, adapter: BayesLoRA, task_params: Params, module: str) -> dist.Distribution:
-        # LeanNormal: a Normal whose rsample keeps no dense noise for backward (lora/noise.py)
-        return LeanNormal(adapter.mean(task_params, module), adapter.std(task_params, module)).to_event(2)
+        # LeanNormal: a Normal whose rsample keeps no dense noise for backward (lora/noise.py); unchecked
+        # arguments like the priors' (σ = std_map(·) > 0 by construction; models/priors.py)
+        return LeanNormal(adapter.mean(task_params, module), adapter.std(task_params, module),
+                          validate_args=False).to_event(2)
 
 
 class PointMassGuide(MeanFieldGuide):

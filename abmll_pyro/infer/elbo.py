@@ -11,10 +11,11 @@ For ABMLL's task sites ΔW_{i,m} the KL is registered (:func:`~abmll_pyro.lora.n
 so the two dense ``[out, in]`` log-densities per adapted module and call — the prior's and the
 guide's, each with its support check — are computed and thrown away.
 
-:class:`LeanMeanFieldELBO` forms the same loss, term by term in the same order (so the same float
-value and gradients), but evaluates a site's log-density only where the loss reads it: observed sites
-always, a latent site's model log-density and guide entropy term only when its KL is not registered
-(e.g. the Student-t prior). Validation (when Pyro's is on) checks the same things: model/guide
+:class:`LeanMeanFieldELBO` forms the same loss, term by term in the same order, but evaluates a
+site's log-density only where the loss reads it: observed sites always, a latent site's model
+log-density and guide entropy term only when its KL is not registered (e.g. the Student-t prior).
+One reordering: a KL weighted by a scalar (β) is summed, then scaled, ``β·Σ KL`` instead of
+``Σ β·KL`` (one dense pass fewer each way; equal to float round-off). Validation (when Pyro's is on) checks the same things: model/guide
 match, mean-field site order, full reparameterization, and every site's batch shape against its
 plates (a latent site's from its distribution's batch shape instead of its log-density's).
 """
@@ -48,6 +49,10 @@ def _log_prob_shape(site: dict) -> torch.Size:
     fn, value = site["fn"], site["value"]
     batch = value.shape[: value.dim() - len(fn.event_shape)]
     return torch.broadcast_shapes(fn.batch_shape, batch)
+
+
+def _scalar(scale) -> bool:
+    return not torch.is_tensor(scale) or scale.dim() == 0
 
 
 def _check_shape(site: dict, max_plate_nesting: int) -> None:
@@ -119,12 +124,18 @@ class LeanMeanFieldELBO(TraceMeanField_ELBO):
                 model_trace.compute_log_prob(site_filter=_only(name))
                 elbo_particle = elbo_particle + model_site["log_prob_sum"] - _entropy_term(guide_site).sum()
                 continue
-            kl_qp = scale_and_mask(kl_qp, scale=guide_site["scale"], mask=guide_site["mask"])
-            if torch.is_tensor(kl_qp):
+            scale, mask = guide_site["scale"], guide_site["mask"]
+            if torch.is_tensor(kl_qp) and mask is None and _scalar(scale):
+                # a scalar weight (β): sum first, then scale (one dense pass fewer, forward and backward)
                 assert torch._C._get_tracing_state() or kl_qp.shape == guide_site["fn"].batch_shape
-                kl_qp_sum = kl_qp.sum()
+                kl_qp_sum = kl_qp.sum() * scale
             else:
-                kl_qp_sum = kl_qp * torch.Size(guide_site["fn"].batch_shape).numel()
+                kl_qp = scale_and_mask(kl_qp, scale=scale, mask=mask)
+                if torch.is_tensor(kl_qp):
+                    assert torch._C._get_tracing_state() or kl_qp.shape == guide_site["fn"].batch_shape
+                    kl_qp_sum = kl_qp.sum()
+                else:
+                    kl_qp_sum = kl_qp * torch.Size(guide_site["fn"].batch_shape).numel()
             elbo_particle = elbo_particle - kl_qp_sum
         for name, guide_site in guide_trace.nodes.items():  # auxiliary guide sites
             if guide_site["type"] == "sample" and name not in model_trace.nodes:

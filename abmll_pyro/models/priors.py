@@ -10,6 +10,11 @@ Interface (:class:`TaskPrior`, three methods):
   values (``like`` carries the dtype and device).
 
 The hierarchical model and the meta-SVI loop use only these three methods.
+
+The dense ``[out, in]`` distributions are built with ``validate_args=False``: their parameters come
+from the adapter's factors (σ = std_map(·) > 0 by construction) and Pyro's argument and support
+checks would add several dense passes per module and ELBO call; a non-finite value still surfaces
+as a non-finite loss, which the inner and outer loops reject by name.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import pyro.distributions as dist
 __all__ = ["TaskPrior", "HierarchicalPrior", "FixedPrior", "StudentTPrior"]
 
 Shape = tuple[int, ...]
+
+#: keyword arguments of every dense distribution here: no argument or support checks (module docstring)
+UNCHECKED = {"validate_args": False}
 
 
 def _const(value: float, like: Tensor) -> Tensor:
@@ -98,15 +106,15 @@ class HierarchicalPrior(TaskPrior):
     def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
         event = len(shape)
         return {
-            "mean": dist.Normal(_const(0.0, like), _const(self.mean_scale, like)).expand(shape).to_event(event),
-            "precision": dist.Gamma(_const(self.a0, like), _const(self.b0, like)).expand(shape).to_event(event),
+            "mean": dist.Normal(_const(0.0, like), _const(self.mean_scale, like), **UNCHECKED).expand(shape).to_event(event),
+            "precision": dist.Gamma(_const(self.a0, like), _const(self.b0, like), **UNCHECKED).expand(shape).to_event(event),
         }
 
     def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
         return {"mean": mean, "precision": std.pow(-2)}
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
-        return dist.Normal(theta["mean"], theta["precision"].rsqrt()).to_event(len(shape))
+        return dist.Normal(theta["mean"], theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
 
     def __repr__(self) -> str:
         return f"HierarchicalPrior(mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"
@@ -131,7 +139,7 @@ class FixedPrior(TaskPrior):
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
         zero = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return dist.Normal(zero, _const(self.scale, like)).to_event(len(shape))
+        return dist.Normal(zero, _const(self.scale, like), **UNCHECKED).to_event(len(shape))
 
     def __repr__(self) -> str:
         return f"FixedPrior(scale={self.scale:g})"
@@ -150,7 +158,7 @@ class StudentTPrior(HierarchicalPrior):
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
         loc = theta["mean"]
-        return dist.StudentT(_const(self.df, loc), loc, theta["precision"].rsqrt()).to_event(len(shape))
+        return dist.StudentT(_const(self.df, loc), loc, theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
 
     def __repr__(self) -> str:
         return f"StudentTPrior(df={self.df:g}, mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"

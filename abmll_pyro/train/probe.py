@@ -12,7 +12,9 @@ the model's own weights do not hide the adapter's cost.
 Options: ``{"warm": true}`` times a second pass over the same episodes (every example's frozen trunk
 already cached; the first pass's time is ``cold_seconds_per_step``); ``{"test_tasks": N}`` also
 times adapting each of the first N test tasks and predicting its query set
-(``adapt_seconds_per_task``, ``predict_seconds_per_task``).
+(``adapt_seconds_per_task``, ``predict_seconds_per_task``); ``{"elbo": "lean"}`` gives a method
+built on :class:`~abmll_pyro.infer.meta.MetaSVI` the :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO`
+in place of its default ``TraceMeanField_ELBO`` (same loss; measures what switching the default buys).
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ def probe(config: RunConfig, warmup: int = 1, options: dict | None = None) -> di
     rss_after_load = rss_mb()
     hwm_reset = reset_peak_rss()
     method = built.method
+    if options.get("elbo") == "lean" and getattr(method, "svi", None) is not None:
+        from ..infer.elbo import LeanMeanFieldELBO
+
+        method.svi.elbo = LeanMeanFieldELBO(max_plate_nesting=1)
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
@@ -136,7 +142,8 @@ def probe(config: RunConfig, warmup: int = 1, options: dict | None = None) -> di
             "peak_above_model_mb": peak - rss_after_load if accelerator.device.type != "cuda" else peak,
             "tokens_per_step": counter.tokens / config.steps, "lm_passes_per_step": counter.passes / config.steps,
             "seconds_per_1k_token_passes": 1000 * elapsed / max(counter.tokens, 1),
-            "trunk_cache": config.trunk_cache, "last_layers": config.last_layers, **extra}
+            "trunk_cache": config.trunk_cache, "last_layers": config.last_layers,
+            "elbo": type(getattr(getattr(method, "svi", None), "elbo", None)).__name__, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
