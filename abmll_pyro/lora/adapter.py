@@ -138,14 +138,15 @@ class BayesLoRA(nn.Module):
         return dict(self.factors.items())
 
     def mean(self, params: Params, module: str) -> Tensor:
-        """μ = (α/r)·B_μ A_μ, ``[out, in]``, float32 or float64 (whatever the LM's dtype)."""
+        """μ = (α/r)·B_μ A_μ, ``[out, in]``, float32 or float64 (whatever the LM's dtype); the scaling
+        multiplies the ``[out, r]`` factor, not the dense product (exact when α/r is a power of 2)."""
         B, A = params[self.key(module, "mu_B")], params[self.key(module, "mu_A")]
-        return self.config.scaling * (full_precision(B) @ full_precision(A))
+        return (self.config.scaling * full_precision(B)) @ full_precision(A)
 
     def std(self, params: Params, module: str) -> Tensor:
         """σ = std_map(B_σ A_σ), ``[out, in]``, float32 or float64."""
         B, A = params[self.key(module, "sigma_B")], params[self.key(module, "sigma_A")]
-        return self.std_map(full_precision(B) @ full_precision(A))
+        return self.std_map.of_factors(full_precision(B), full_precision(A))
 
     def mean_deltas(self, params: Params) -> dict[str, LowRankDelta]:
         """Mean-mode perturbations, low rank (ΔW is never formed)."""

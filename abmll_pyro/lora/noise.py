@@ -52,7 +52,7 @@ class NormalSample(torch.autograd.Function):
         gen = _generator(loc.device, generator)
         ctx.state, ctx.spec = gen.get_state(), (shape, loc.dtype, loc.device, loc.shape, scale.shape)
         eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_(generator=gen)
-        return loc + eps * scale
+        return eps.mul_(scale).add_(loc)  # = loc + ε σ bit for bit (commutative IEEE ops), no second buffer
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -64,7 +64,7 @@ class NormalSample(torch.autograd.Function):
             replay = torch.Generator(device=device)
             replay.set_state(ctx.state)
             eps = torch.empty(shape, dtype=dtype, device=device).normal_(generator=replay)
-            grad_scale = (grad * eps).sum_to_size(scale_shape)
+            grad_scale = eps.mul_(grad).sum_to_size(scale_shape)
         return grad_loc, grad_scale, None
 
 

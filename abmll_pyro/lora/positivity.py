@@ -30,12 +30,17 @@ PAPER_FLOOR = math.exp(-20.0)
 
 class StdMap:
     """Strategy interface: ``__call__(raw) -> σ``, elementwise, with σ >= ``floor``; and
-    ``init_B(A, out_features, generator)``, the scale pair's starting B (default zeros: σ = map(0))."""
+    ``init_B(A, out_features, generator)``, the scale pair's starting B (default zeros: σ = map(0)).
+    ``of_factors(B, A)`` is ``self(B @ A)``; a map may fuse it (fewer dense passes), same values."""
 
     floor: float
 
     def __call__(self, raw: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def of_factors(self, B: Tensor, A: Tensor) -> Tensor:
+        """σ = map(B @ A), ``[out, in]`` from ``B: [out, r]``, ``A: [r, in]``."""
+        return self(B @ A)
 
     def init_B(self, A: Tensor, out_features: int, generator: torch.Generator | None = None) -> Tensor:
         """``[out, r]`` float32: B_σ at initialisation, given A_σ ``[r, in]``."""
@@ -57,6 +62,11 @@ class SoftplusStd(StdMap):
 
     def __call__(self, raw: Tensor) -> Tensor:
         return self.floor + torch.nn.functional.softplus(raw + self.offset)
+
+    def of_factors(self, B: Tensor, A: Tensor) -> Tensor:
+        # ρ + B A in the matmul (addmm); the floor added in place (softplus saves its input, not its output)
+        shifted = torch.addmm(B.new_tensor(self.offset), B, A)
+        return torch.nn.functional.softplus(shifted).add_(self.floor)
 
     def __repr__(self) -> str:
         return f"SoftplusStd(init_std={self.init_std:g}, floor={self.floor:g})"
@@ -80,6 +90,9 @@ class AbsStd(StdMap):
 
     def __call__(self, raw: Tensor) -> Tensor:
         return raw.abs() + self.floor
+
+    def of_factors(self, B: Tensor, A: Tensor) -> Tensor:
+        return (B @ A).abs().add_(self.floor)  # in place: abs saves its input, not its output
 
     def init_B(self, A: Tensor, out_features: int, generator: torch.Generator | None = None) -> Tensor:
         if self.init_std is None:
