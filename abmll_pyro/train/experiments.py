@@ -7,6 +7,7 @@ numbers and its plots there, and returns the numbers. The scripts only parse arg
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,11 +136,17 @@ def pruning_robustness(base: RunConfig, out: Path, methods: Sequence[str] = ("ab
 
 
 # ----------------------------------------------------------------------------- cost and scaling
-def _probe(config: RunConfig, warmup: int = 1, options: dict | None = None) -> dict:
-    """Run :mod:`abmll_pyro.train.probe` in a fresh process (its ru_maxrss is its own peak)."""
+def _probe(config: RunConfig, warmup: int = 1, options: dict | None = None, tree: Path | None = None) -> dict:
+    """Run :mod:`abmll_pyro.train.probe` in a fresh process (its ru_maxrss is its own peak); ``tree``:
+    import ``abmll_pyro`` from that checkout instead (an older version, for old/new ratios)."""
     cmd = [sys.executable, "-m", "abmll_pyro.train.probe", json.dumps(config.to_dict()), str(warmup),
            json.dumps(options or {})]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if tree is not None:  # run from the checkout (``-m`` imports from the working directory first)
+        env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+        paths = {k: str(Path(v).resolve()) for k in ("tasks", "data_dir") if (v := getattr(config, k, None)) and Path(v).exists()}
+        cmd[3] = json.dumps(config.updated(**paths).to_dict())
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     if done.returncode != 0:
         raise RuntimeError(f"cost probe for {config.method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -178,37 +185,61 @@ def dense_buffer_counts() -> dict:
     return counts
 
 
-def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1) -> dict:
+def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, baseline: Path | None = None,
+                cache_off: bool = True) -> dict:
     """Issue 8's cost figures, each probe in its own process, on ``base``'s model, tasks and batch:
 
     * ``speedup_trunk_cache``: ABMLL seconds per meta-step with the trunk cache off / on (warm), at
       ``base``'s ``last_layers``; with them the adapt time of a test task and its S = 8 posterior
-      predictive, cache on and off;
+      predictive, cache on and off (``cache_off=False`` skips the uncached probe: no speed-ups);
     * ``time_ratio_abmll_lora``: ABMLL / Regular LoRA seconds per 1k token-passes (forward + backward
       over the same examples), all blocks' targets adapted (``last_layers`` unset);
     * ``memory_ratio_abmll_lora``: peak resident memory above the loaded model, same two runs;
-    * the dense-buffer count per adapted module and its projection to Llama-3-8B's q/v shapes.
+    * the same two ABMLL figures with :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO` in place of
+      MetaSVI's default ELBO (``*_lean_elbo``);
+    * the dense-buffer count per adapted module and its projection to Llama-3-8B's q/v shapes;
+    * with ``baseline`` (another checkout of this package): its ABMLL all-blocks and cached probes
+      too, run between the new ones, and old/new ratios of their times and memory.
     """
     abmll = base.updated(method="abmll", steps=steps)
     test = {"warm": True, "test_tasks": 1}
-    cache_on = _probe(abmll.updated(trunk_cache=True, num_samples=8), warmup, test)
-    cache_off = _probe(abmll.updated(trunk_cache=False, num_samples=8), warmup, test)
     full = dict(last_layers=None, trunk_cache=False)
-    abmll_all = _probe(abmll.updated(**full), warmup)
-    lora_all = _probe(base.updated(method="lora", steps=steps, **full), warmup)
+    cached, all_blocks = abmll.updated(trunk_cache=True, num_samples=8), abmll.updated(**full)
+    runs = [("cache_on", cached, test, None)]  # old (baseline) probes right after their new twins: same load
+    runs += [("baseline_cache_on", cached, test, baseline)] if baseline is not None else []
+    runs += [("cache_off", abmll.updated(trunk_cache=False, num_samples=8), test, None)] if cache_off else []
+    runs += [("abmll_all_blocks", all_blocks, {}, None)]
+    runs += [("baseline_abmll_all_blocks", all_blocks, {}, baseline)] if baseline is not None else []
+    runs += [("lora_all_blocks", base.updated(method="lora", steps=steps, **full), {}, None),
+             ("abmll_all_blocks_lean_elbo", all_blocks, {"elbo": "lean"}, None)]
+    result = {name: _probe(config, warmup, options, tree) for name, config, options, tree in runs}
     counts = dense_buffer_counts()
     elements = LLAMA3_8B_BLOCKS * sum(o * i for o, i in LLAMA3_8B_QV.values())
-    result = {
-        "cache_on": cache_on, "cache_off": cache_off, "abmll_all_blocks": abmll_all, "lora_all_blocks": lora_all,
-        "speedup_trunk_cache": cache_off["seconds_per_step"] / cache_on["seconds_per_step"],
-        "speedup_trunk_cache_cold": cache_off["cold_seconds_per_step"] / cache_on["cold_seconds_per_step"],
-        "speedup_adapt": cache_off["adapt_seconds_per_task"] / cache_on["adapt_seconds_per_task"],
-        "speedup_predict_s8": cache_off["predict_seconds_per_task"] / cache_on["predict_seconds_per_task"],
-        "time_ratio": abmll_all["seconds_per_1k_token_passes"] / lora_all["seconds_per_1k_token_passes"],
-        "memory_ratio": abmll_all["peak_above_model_mb"] / max(lora_all["peak_above_model_mb"], 1e-9),
-        "dense_buffers_per_module": counts,
-        "llama3_8b_qv_dense_buffer_gb": {k: v * elements * 4 / 1e9 for k, v in counts.items()},
-    }
+    lora = result["lora_all_blocks"]
+    for suffix, key in (("", "abmll_all_blocks"), ("_lean_elbo", "abmll_all_blocks_lean_elbo")):
+        result["time_ratio" + suffix] = result[key]["seconds_per_1k_token_passes"] / lora["seconds_per_1k_token_passes"]
+        result["memory_ratio" + suffix] = result[key]["peak_above_model_mb"] / max(lora["peak_above_model_mb"], 1e-9)
+    if cache_off:
+        on, off = result["cache_on"], result["cache_off"]
+        result.update({
+            "speedup_trunk_cache": off["seconds_per_step"] / on["seconds_per_step"],
+            "speedup_trunk_cache_cold": off["cold_seconds_per_step"] / on["cold_seconds_per_step"],
+            "speedup_adapt": off["adapt_seconds_per_task"] / on["adapt_seconds_per_task"],
+            "speedup_predict_s8": off["predict_seconds_per_task"] / on["predict_seconds_per_task"],
+        })
+    if baseline is not None:
+        old_all, old_on = result["baseline_abmll_all_blocks"], result["baseline_cache_on"]
+        result["old_over_new"] = {
+            "abmll_all_blocks_seconds_per_step": old_all["seconds_per_step"] / result["abmll_all_blocks"]["seconds_per_step"],
+            "abmll_all_blocks_seconds_per_step_lean_elbo":
+                old_all["seconds_per_step"] / result["abmll_all_blocks_lean_elbo"]["seconds_per_step"],
+            "abmll_all_blocks_peak_above_model": old_all["peak_above_model_mb"] / result["abmll_all_blocks"]["peak_above_model_mb"],
+            "cached_meta_step_warm": old_on["seconds_per_step"] / result["cache_on"]["seconds_per_step"],
+            "adapt": old_on["adapt_seconds_per_task"] / result["cache_on"]["adapt_seconds_per_task"],
+            "predict_s8": old_on["predict_seconds_per_task"] / result["cache_on"]["predict_seconds_per_task"],
+        }
+    result.update({"dense_buffers_per_module": counts,
+                   "llama3_8b_qv_dense_buffer_gb": {k: v * elements * 4 / 1e9 for k, v in counts.items()}})
     atomic_write_text(out / "cost.json", json.dumps(result, indent=1) + "\n")
     return result
 
