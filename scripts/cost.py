@@ -9,7 +9,8 @@ right after the model is loaded; GPU: torch.cuda.max_memory_allocated). Last lin
 
 The last line's ratios use MetaSVI's default ELBO; the line above it also gives them with
 LeanMeanFieldELBO (``*_lean_elbo``). ``--no-cache-off`` skips the slowest probe (the uncached one:
-no trunk-cache speed-ups then, and the last line says ``speedup_trunk_cache=nan``).
+no trunk-cache speed-ups then, and the last line says ``speedup_trunk_cache=nan``); ``--clock cpu``
+times each probe with its own CPU time (a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", type=Path, default=None,
                    help="another checkout of the package: its probes too, and old/new ratios")
     p.add_argument("--no-cache-off", dest="cache_off", action="store_false", help="skip the uncached probe")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time with the wall clock or each probe's CPU time (steadier on a shared machine)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = cost_ratios(base_config(args), args.out, args.steps, baseline=args.baseline, cache_off=args.cache_off)
+    result = cost_ratios(base_config(args), args.out, args.steps, baseline=args.baseline, cache_off=args.cache_off,
+                         clock=args.clock)
     keys = ("speedup_trunk_cache_cold", "speedup_adapt", "speedup_predict_s8", "time_ratio_lean_elbo",
             "memory_ratio_lean_elbo", "old_over_new", "dense_buffers_per_module", "llama3_8b_qv_dense_buffer_gb")
     print(json.dumps({k: result[k] for k in keys if k in result}))

@@ -186,7 +186,7 @@ def dense_buffer_counts() -> dict:
 
 
 def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, baseline: Path | None = None,
-                cache_off: bool = True) -> dict:
+                cache_off: bool = True, clock: str = "wall") -> dict:
     """Issue 8's cost figures, each probe in its own process, on ``base``'s model, tasks and batch:
 
     * ``speedup_trunk_cache``: ABMLL seconds per meta-step with the trunk cache off / on (warm), at
@@ -200,18 +200,20 @@ def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, bas
     * the dense-buffer count per adapted module and its projection to Llama-3-8B's q/v shapes;
     * with ``baseline`` (another checkout of this package): its ABMLL all-blocks and cached probes
       too, run between the new ones, and old/new ratios of their times and memory.
+
+    ``clock="cpu"``: every probe times with its own CPU time instead of the wall clock (a shared machine).
     """
     abmll = base.updated(method="abmll", steps=steps)
-    test = {"warm": True, "test_tasks": 1}
+    test = {"warm": True, "test_tasks": 1, "clock": clock}
     full = dict(last_layers=None, trunk_cache=False)
     cached, all_blocks = abmll.updated(trunk_cache=True, num_samples=8), abmll.updated(**full)
     runs = [("cache_on", cached, test, None)]  # old (baseline) probes right after their new twins: same load
     runs += [("baseline_cache_on", cached, test, baseline)] if baseline is not None else []
     runs += [("cache_off", abmll.updated(trunk_cache=False, num_samples=8), test, None)] if cache_off else []
-    runs += [("abmll_all_blocks", all_blocks, {}, None)]
-    runs += [("baseline_abmll_all_blocks", all_blocks, {}, baseline)] if baseline is not None else []
-    runs += [("lora_all_blocks", base.updated(method="lora", steps=steps, **full), {}, None),
-             ("abmll_all_blocks_lean_elbo", all_blocks, {"elbo": "lean"}, None)]
+    runs += [("abmll_all_blocks", all_blocks, {"clock": clock}, None)]
+    runs += [("baseline_abmll_all_blocks", all_blocks, {"clock": clock}, baseline)] if baseline is not None else []
+    runs += [("lora_all_blocks", base.updated(method="lora", steps=steps, **full), {"clock": clock}, None),
+             ("abmll_all_blocks_lean_elbo", all_blocks, {"elbo": "lean", "clock": clock}, None)]
     result = {name: _probe(config, warmup, options, tree) for name, config, options, tree in runs}
     counts = dense_buffer_counts()
     elements = LLAMA3_8B_BLOCKS * sum(o * i for o, i in LLAMA3_8B_QV.values())
