@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
-from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor, nn
 
 from ..config import MetaConfig
@@ -33,6 +32,7 @@ from ..lora.adapter import BayesLoRA
 from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
+from .elbo import LeanMeanFieldELBO
 from .inner import NonFiniteLossError, inner_loop, pass_through
 from .kl_curvature import kl_curvature
 from .objective import global_loss, log_hyperprior, recorded, task_kl, task_kl_loss, task_loss
@@ -96,7 +96,8 @@ class MetaSVI:
 
     Pieces are passed in (TyXe style): ``prior`` (default :class:`HierarchicalPrior` centred on the adapter's ``init_std``), ``task_guide``
     (default :class:`MeanFieldGuide`), ``likelihood`` (default :class:`OptionLikelihood`), ``elbo``
-    (default ``TraceMeanField_ELBO(max_plate_nesting=1)``: analytic KL). The optimizer covers θ's
+    (default :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO` ``(max_plate_nesting=1)``: Pyro's
+    ``TraceMeanField_ELBO`` — analytic KL — evaluating densities only where its loss reads them). The optimizer covers θ's
     factors and any parameters of the task guide (an amortization network), nothing else.
     """
 
@@ -114,7 +115,7 @@ class MetaSVI:
         self.config = config or MetaConfig()
         self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood())
         self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
-        self.elbo = elbo if elbo is not None else TraceMeanField_ELBO(max_plate_nesting=1)
+        self.elbo = elbo if elbo is not None else LeanMeanFieldELBO(max_plate_nesting=1)
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
@@ -192,18 +193,21 @@ class MetaSVI:
             query = ep.query
             if cfg.query_subsample_size is not None:
                 query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
+            task_kl_value = None
             if second or cfg.outer_kl == "pass-through":
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
             else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                fixed = {k: v.detach() for k, v in refined.items()}
+                kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # = KL(q(task) ‖ p_θ): same values
+                task_kl_value = float(kl_value.detach().double())
                 if cfg.kl_beta:
-                    fixed = {k: v.detach() for k, v in refined.items()}
-                    loss = loss + cfg.kl_beta * task_kl_loss(self.model, self.guide, theta, fixed)
+                    loss = loss + cfg.kl_beta * kl_value
             self._check(loss, f"query loss of task {ep.name!r}")
             backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b
             nll += -loglik / b
-            kl += task_kl(self.model, self.guide, theta, task) / b
+            kl += (task_kl_value if task_kl_value is not None else task_kl(self.model, self.guide, theta, task)) / b
             task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
             sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
         g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
