@@ -21,6 +21,7 @@ ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 STEPS = 4
+TOL = 2e-4  # θ, one process vs two (see the comment in test_two_processes_equal_one_process)
 
 
 def _launch(nproc: int, config: Path, run: Path, trace: Path, *extra: str) -> None:
@@ -77,9 +78,12 @@ def test_two_processes_equal_one_process(tmp_path, batch, accum):
     assert ranks[0]["adapted"] and ranks[1]["adapted"] and not set(ranks[0]["adapted"]) & set(ranks[1]["adapted"])
     assert sorted(ranks[0]["adapted"] + ranks[1]["adapted"]) == sorted(one["adapted"])
 
-    # identical replicas (same all-reduced gradients), equal to one process up to float summation order
+    # identical replicas (same all-reduced gradients), equal to one process up to float summation order.
+    # The tolerance: the default outer_kl="prior" M-step gradient β(μ_θ − μ_q)/σ² (β/σ² = 100 on the
+    # smoke preset) amplifies float32 rounding of the small difference μ_q − μ_θ; measured gap ≈ 3e-5
+    # (with outer_kl="pass-through" 9e-7). Without the all-reduce the ranks differ by ~0.07.
     _assert_close(_theta(tmp_path / "trace2", 0), _theta(tmp_path / "trace2", 1), 0.0)
-    _assert_close(_theta(tmp_path / "trace2"), _theta(tmp_path / "trace1"), 1e-5)
+    _assert_close(_theta(tmp_path / "trace2"), _theta(tmp_path / "trace1"), TOL)
     _assert_same_metrics(tmp_path / "one", tmp_path / "two")
 
     # one writer: each step once, one start line, no temporary files left by racing writers
@@ -101,5 +105,5 @@ def test_two_processes_equal_one_process(tmp_path, batch, accum):
     (resumed / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}) + "\n")
     _launch(1, config, resumed, tmp_path / "trace3", "--resume")
     assert "resumed from step 2 on 1 process(es)" in (resumed / "log.txt").read_text()
-    _assert_close(_theta(tmp_path / "trace3"), _theta(tmp_path / "trace1"), 1e-5)
+    _assert_close(_theta(tmp_path / "trace3"), _theta(tmp_path / "trace1"), TOL)
     _assert_same_metrics(tmp_path / "one", resumed)
