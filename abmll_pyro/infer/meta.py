@@ -193,13 +193,13 @@ class MetaSVI:
             query = ep.query
             if cfg.query_subsample_size is not None:
                 query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
-            task_kl_value = None
             if second or cfg.outer_kl == "pass-through":
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
+                task_kl_value = task_kl(self.model, self.guide, theta, task)
             else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
                 fixed = {k: v.detach() for k, v in refined.items()}
-                kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # = KL(q(task) ‖ p_θ): same values
+                kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # q's values are task's: the logged KL
                 task_kl_value = float(kl_value.detach().double())
                 if cfg.kl_beta:
                     loss = loss + cfg.kl_beta * kl_value
@@ -207,7 +207,7 @@ class MetaSVI:
             backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b
             nll += -loglik / b
-            kl += (task_kl_value if task_kl_value is not None else task_kl(self.model, self.guide, theta, task)) / b
+            kl += task_kl_value / b
             task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
             sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
         g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
