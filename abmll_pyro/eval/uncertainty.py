@@ -6,7 +6,7 @@ a method with only ``predict`` is one sample, so its epistemic part is 0 and tot
 
 * :func:`predict_with_uncertainty` — the split of one episode's query set (``.probs`` is what
   ``predict`` returns, up to float rounding, under the same seed);
-* :func:`example_fields` — ``[{"entropy", "aleatoric", "epistemic"}, ...]`` per query example, to add
+* :func:`example_fields` — ``[{"entropy", "aleatoric", "epistemic", "spread"}, ...]`` per query example, to add
   to each line of ``predictions.jsonl`` / ``abmll predict`` output;
 * :func:`uncertainty_means` — per-task means and the pooled mean over all examples, for results.json.
 """
@@ -22,7 +22,7 @@ from ..infer.predictive import UncertaintySplit, uncertainty_split
 
 __all__ = ["FIELDS", "sample_probs", "predict_with_uncertainty", "example_fields", "uncertainty_means"]
 
-FIELDS = ("entropy", "aleatoric", "epistemic")
+FIELDS = ("entropy", "aleatoric", "epistemic", "spread")
 
 
 @torch.no_grad()
@@ -40,7 +40,8 @@ def predict_with_uncertainty(method: Any, state: Any, episode: Any) -> Uncertain
 
 
 def example_fields(split: UncertaintySplit) -> list[dict[str, float]]:
-    """One ``{"entropy", "aleatoric", "epistemic"}`` dict (nats) per example."""
+    """One ``{"entropy", "aleatoric", "epistemic"}`` dict (nats) per example, with ``spread`` (the std over
+    posterior samples of the top option's probability)."""
     cols = [getattr(split, f).tolist() for f in FIELDS]
     return [dict(zip(FIELDS, row)) for row in zip(*cols)]
 

@@ -72,12 +72,14 @@ def entropy(probs: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class UncertaintySplit:
     """Per example ``[n]`` (float64, nats): ``entropy`` = ``aleatoric`` + ``epistemic``; ``probs``
-    ``[n, K]`` is the posterior predictive (the mean of the samples)."""
+    ``[n, K]`` is the posterior predictive (the mean of the samples); ``spread`` is the standard
+    deviation over the samples of the probability of the predictive's top option (0 for one sample)."""
 
     probs: Tensor
     entropy: Tensor
     aleatoric: Tensor
     epistemic: Tensor
+    spread: Tensor
 
 
 def uncertainty_split(sample_probs: Tensor) -> UncertaintySplit:
@@ -93,7 +95,10 @@ def uncertainty_split(sample_probs: Tensor) -> UncertaintySplit:
     mean = p.mean(0)
     total = entropy(mean)
     aleatoric = entropy(p).mean(0)
-    return UncertaintySplit(mean, total, aleatoric, (total - aleatoric).clamp_min(0.0))
+    top = mean.argmax(-1)
+    top_probs = p.gather(-1, top[None, :, None].expand(p.shape[0], -1, 1)).squeeze(-1)  # [S, n]
+    spread = top_probs.std(0, correction=0)
+    return UncertaintySplit(mean, total, aleatoric, (total - aleatoric).clamp_min(0.0), spread)
 
 
 def _mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData) -> Tensor:

@@ -4,8 +4,9 @@ predictive option probabilities of each query example as JSONL.
 Query lines need ``input`` and ``options``; ``output`` is optional (when present, it is echoed with
 ``correct``). Both files are validated exactly like task files (every fault names ``file:line``).
 Each output line: ``{"input", "options", "probs", "prediction"[, "output", "correct"],
-"entropy", "aleatoric", "epistemic"}`` — the last three the predictive entropy (nats) and its split
-into expected entropy and mutual information over posterior samples (:mod:`abmll_pyro.eval.uncertainty`).
+"entropy", "aleatoric", "epistemic", "spread"}`` — the predictive entropy (nats), its split into
+expected entropy and mutual information over posterior samples, and the std over the samples of the
+top option's probability (:mod:`abmll_pyro.eval.uncertainty`).
 
 Prediction loads the run's model and trained state, never its training tasks. A run directory's
 config that names a plug-in *file* is refused unless ``trust_plugins`` (it would run that file's code).

@@ -8,7 +8,7 @@ One run's result is a JSON object::
      "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int
                [, "adapt_time_s_per_task": float]},
      "pooled": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int,
-                "ece_floor": float, "ece_bins": int [, "entropy": float, "aleatoric": float, "epistemic": float]},
+                "ece_floor": float, "ece_bins": int [, "entropy": float, "aleatoric": float, "epistemic": float, "spread": float]},
      "config": {...the resolved RunConfig...}, "wall_time_s": float, "train_time_s": float,
      "eval_time_s": float, "peak_memory_mb": float, "steps": int,
      "reliability": {"num_bins": int, "count": [int], "confidence_sum": [float], "correct_sum": [float]}}

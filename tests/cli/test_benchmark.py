@@ -29,7 +29,7 @@ def test_smoke_benchmark_end_to_end(tmp_path, capsys):
         lines = (tmp_path / "runs" / f"{r['method']}-seed0" / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == pooled["n"]
         rec = json.loads(lines[0])
-        assert set(rec) == {"method", "seed", "task", "index", "gold", "probs", "entropy", "aleatoric", "epistemic"} and rec["method"] == r["method"]
+        assert set(rec) == {"method", "seed", "task", "index", "gold", "probs", "entropy", "aleatoric", "epistemic", "spread"} and rec["method"] == r["method"]
     assert (tmp_path / "table.md").read_text() in table
     comparison = (tmp_path / "comparison.md").read_text()
     assert comparison in table and "| abmll − method |" in comparison

@@ -36,12 +36,15 @@ def test_known_splits():
     torch.testing.assert_close(s.epistemic, torch.tensor(expected_total, dtype=torch.float64) - torch.tensor(expected_alea, dtype=torch.float64))
     assert s.epistemic[1] == 0 and s.epistemic[3] == 0
     torch.testing.assert_close(s.probs[0], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # spread: std over samples of the top option's probability (ties go to the first option)
+    torch.testing.assert_close(s.spread, torch.tensor([0.5, 0.0, 0.4, 0.0], dtype=torch.float64))
 
 
 def test_one_sample_and_padding():
     p = torch.tensor([[0.2, 0.8, 0.0]])  # a padded third option: 0·log 0 = 0, no NaN
     s = uncertainty_split(p)
     assert float(s.epistemic) == 0 and float(s.entropy) == pytest.approx(_h(0.2, 0.8))
+    assert float(s.spread) == 0
     with pytest.raises(ValueError, match="shape"):
         uncertainty_split(torch.ones(3))
 
@@ -87,10 +90,11 @@ def test_method_helpers_per_example_and_pooled_means():
     split = predict_with_uncertainty(_Deterministic(), None, None)
     rows = example_fields(split)
     assert rows[0]["epistemic"] == 0 and rows[0]["entropy"] == pytest.approx(_h(0.25, 0.75))
-    assert rows[1] == {"entropy": 0.0, "aleatoric": 0.0, "epistemic": 0.0}
+    assert rows[1] == {"entropy": 0.0, "aleatoric": 0.0, "epistemic": 0.0, "spread": 0.0}
     other = uncertainty_split(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # 1 example, all epistemic
     means = uncertainty_means({"a": split, "b": other})
     assert means["per_task"]["a"]["entropy"] == pytest.approx(_h(0.25, 0.75) / 2)
     assert means["per_task"]["b"]["epistemic"] == pytest.approx(LOG2)
+    assert means["per_task"]["b"]["spread"] == pytest.approx(0.5)  # top option's probability: 1 and 0
     # pooled: the mean over all 3 examples, not the mean of the task means
     assert means["pooled"]["entropy"] == pytest.approx((_h(0.25, 0.75) + LOG2) / 3) and means["pooled"]["n"] == 3
