@@ -3,11 +3,15 @@ selective prediction (accuracy of the most certain x%, ranked by total and by ep
 
     python scripts/uncertainty.py --preset smoke --out runs/uncertainty-smoke
     python scripts/uncertainty.py --preset cpu --out runs/uncertainty-cpu --methods abmll bayes-lora lora-ts
+    # reuse trained runs of a benchmark (nothing retrained) and compare with another suite's tasks:
+    python scripts/uncertainty.py --preset cpu-long --out runs/unc --runs abmll=runs/long/runs/abmll-seed0 \
+        lora-ts=runs/long/runs/lora-seed0 --ood-tasks bigbench
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from _common import base_config, parser
 
@@ -21,11 +25,26 @@ def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["abmll", "bayes-lora", "lora-ts"])
     p.add_argument("--shots", nargs="+", type=int, default=list(SHOTS))
+    p.add_argument("--runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
+                   help="take METHOD's trained state from RUN_DIR (same settings) instead of training it")
+    p.add_argument("--ood-tasks", default=None, metavar="SUITE",
+                   help="also measure at the largest shots on SUITE's test tasks (out of family)")
     args = p.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--runs expects METHOD=RUN_DIR, got {item!r}")
+        if not (Path(path) / "results.json").is_file():
+            p.error(f"--runs {item}: {path} is not a finished run directory (no results.json)")
+        runs[name] = Path(path)
     config = base_config(args, synthetic=SMOKE_TASKS)
     if args.preset == "smoke":
         config = config.updated(eval_query_size=8)
-    result = uncertainty_curves(config, args.out, args.methods, args.shots, not args.quiet)
+    bad = sorted(set(runs) - set(args.methods))
+    if bad:
+        p.error(f"--runs names {bad}, not among --methods {args.methods}")
+    result = uncertainty_curves(config, args.out, args.methods, args.shots, not args.quiet, runs, args.ood_tasks)
     # the last line: each method's mean epistemic uncertainty (nats) per shots value
     print(json.dumps({name: {str(r["shots"]): float(f"{r['epistemic']:.4g}") for r in e["curve"]}
                       for name, e in result["methods"].items()}))

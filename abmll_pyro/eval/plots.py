@@ -79,9 +79,11 @@ def plot_metric_curve(
     ylabel: str,
     path: str | Path,
     yerr: Mapping[str, Sequence[float]] | None = None,
+    yscale: str = "linear",
 ) -> Path:
     """One line per method of ``ys_by_method[method]`` against ``xs`` (e.g. accuracy vs. ``kl_beta``),
-    with symmetric error bars ``yerr[method]`` where given. Returns the written path."""
+    with symmetric error bars ``yerr[method]`` where given; ``yscale`` as matplotlib's (``"log"``,
+    ``"symlog"``). Returns the written path."""
     xs = list(xs)
     if not xs:
         raise ValueError("plot_metric_curve needs at least one x value, got none")
@@ -104,6 +106,8 @@ def plot_metric_curve(
         ax.errorbar(xs, list(ys), yerr=None if errs is None else list(errs), marker="o", capsize=3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if yscale != "linear":
+        ax.set_yscale(yscale)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

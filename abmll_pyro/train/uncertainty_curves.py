@@ -10,9 +10,16 @@ For each method (trained once from the base config, or built untrained), on ever
   cap is recorded per k as ``num_tasks_capped``).
 * **selective prediction** — at the largest k, the accuracy of the x% most certain query examples,
   ranked by total entropy and by epistemic uncertainty, for x = 10%, 20%, ..., 100%.
+* **out of family** (``ood_tasks``: another suite, e.g. ``bigbench`` for a run trained on
+  ``debian-cls``) — at the largest k, the same measurements on that suite's test tasks, beside the
+  run's own test tasks (in family), with a 95% bootstrap interval (tasks, then examples) of the
+  difference of the mean epistemic (and total) uncertainty, out − in.
 
-Writes ``uncertainty.json`` and the plots ``epistemic_vs_shots.png``, ``selective_total.png`` and
-``selective_epistemic.png`` under ``out``.
+A method is trained once into ``out/runs/<method>``, or taken from ``runs[method]`` (an existing run
+directory of the same settings, e.g. a benchmark's ``runs/abmll-seed0``): nothing is retrained then.
+
+Writes ``uncertainty.json`` and the plots ``epistemic_vs_shots.png``, ``selective_total.png``,
+``selective_epistemic.png`` (and ``out_of_family.png``) under ``out``.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from ..data.tasks import TaskSplit
-from ..eval.metrics import compute_metrics, pad_probs
+from .setup import load_taskset
+from ..eval.metrics import compute_metrics, ece_floor, pad_probs
 from ..eval.uncertainty import predict_with_uncertainty
 from ..methods import SAME_TRAINING, TRAINABLE
 from ..models.likelihoods import TaskData
@@ -35,7 +43,7 @@ from .config import RunConfig
 from .episodes import EpisodeEncoder
 from .run import RESULTS, build, load_trained, make_accelerator, train_run
 
-__all__ = ["uncertainty_curves", "selective_accuracy", "SHOTS", "COVERAGES"]
+__all__ = ["uncertainty_curves", "selective_accuracy", "difference_interval", "SHOTS", "COVERAGES"]
 
 SHOTS = (0, 1, 2, 4, 8, 16)
 COVERAGES = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -49,15 +57,34 @@ def selective_accuracy(uncertainty: torch.Tensor, correct: torch.Tensor,
     return [float(ranked[: max(1, math.ceil(c * len(ranked)))].mean()) for c in coverages]
 
 
-def _built(config: RunConfig, out: Path, progress: bool):
-    """``(built, taskset, accelerator)``: trained into ``out/runs/<method>`` once (reused after)."""
+def difference_interval(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], resamples: int = 1000,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """``(mean(b) − mean(a), lo, hi)``: pooled means of two unpaired groups of per-task value tensors,
+    with a 95% percentile interval from a two-level bootstrap (tasks, then examples within each task),
+    each group resampled on its own."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(group: Sequence[torch.Tensor]) -> float:
+        picks = torch.randint(len(group), (len(group),), generator=g)
+        vals = [group[int(i)][torch.randint(len(group[int(i)]), (len(group[int(i)]),), generator=g)] for i in picks]
+        return float(torch.cat(vals).double().mean())
+
+    point = float(torch.cat(list(b)).double().mean() - torch.cat(list(a)).double().mean())
+    diffs = sorted(draw(b) - draw(a) for _ in range(resamples))
+    return point, diffs[int(0.025 * resamples)], diffs[min(resamples - 1, int(0.975 * resamples))]
+
+
+def _built(config: RunConfig, out: Path, progress: bool, run_dir: Path | None = None):
+    """``(built, taskset, accelerator)``: from ``run_dir`` if given, else trained into
+    ``out/runs/<method>`` once (reused after); untrained methods are built."""
     accelerator = make_accelerator(config)
     if config.method in TRAINABLE or config.method in SAME_TRAINING:
-        trained_as = SAME_TRAINING.get(config.method, config.method)
-        run_dir = out / "runs" / trained_as
-        if not (run_dir / RESULTS).exists():
-            train_run(config.updated(method=trained_as), run_dir, progress=progress)
-        return (*load_trained(config, run_dir, accelerator), accelerator)
+        if run_dir is None:
+            trained_as = SAME_TRAINING.get(config.method, config.method)
+            run_dir = out / "runs" / trained_as
+            if not (run_dir / RESULTS).exists():
+                train_run(config.updated(method=trained_as), run_dir, progress=progress)
+        return (*load_trained(config, Path(run_dir), accelerator), accelerator)
     return (*build(config, accelerator.device), accelerator)
 
 
@@ -67,54 +94,87 @@ def _prior_state(method, encoded):
     return None if svi is None else svi.adapt(TaskData(encoded.support), num_inner_steps=0)
 
 
+def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int):
+    """Per task ``(split, gold)`` at ``k`` shots (one fixed query set per task), and the number of
+    tasks whose pool had fewer than ``k`` examples; ``None`` when k = 0 and the method has no prior."""
+    out, capped = [], 0
+    torch.manual_seed(config.seed)
+    for task in tasks:
+        examples = list(task.examples)
+        random.Random(f"{config.seed}-{task.name}").shuffle(examples)
+        query, pool = examples[: config.eval_query_size], examples[config.eval_query_size:]
+        capped += int(k > len(pool))
+        support = pool[: max(k, 1)]  # k = 0 encodes one example it never uses
+        encoded = encoder(TaskSplit(task.name, tuple(support), tuple(query)))
+        with accelerator.autocast():
+            state = _prior_state(method, encoded) if k == 0 else method.adapt(encoded)
+            if state is None:
+                return None, capped
+            out.append((predict_with_uncertainty(method, state, encoded), encoded.query.gold.cpu()))
+    return out, capped
+
+
+def _row(per_task, k: int, capped: int) -> dict:
+    splits = [s for s, _ in per_task]
+    probs = pad_probs([s.probs.float() for s in splits])
+    m = compute_metrics(probs, torch.cat([g for _, g in per_task]))
+    row = {"shots": k, "accuracy": m.accuracy, "nll": m.nll, "ece": m.ece, "ece_floor": ece_floor(probs), "n": m.n,
+           "num_tasks": len(per_task), "num_tasks_capped": capped}
+    for field in ("entropy", "aleatoric", "epistemic", "spread"):
+        row[field] = float(torch.cat([getattr(s, field) for s in splits]).mean())
+    return row
+
+
 def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots: Sequence[int] = SHOTS,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, runs: Mapping[str, Path] | None = None,
+                       ood_tasks: str | None = None) -> dict:
     out = Path(out)
+    runs = dict(runs or {})
+    unknown = sorted(set(runs) - set(methods))
+    if unknown:
+        raise ValueError(f"runs names methods {unknown} not in methods {list(methods)}")
     result: dict = {"shots": list(shots), "coverage": list(COVERAGES), "methods": {}}
+    if ood_tasks:
+        result["ood_tasks"] = ood_tasks
     for name in methods:
         config = base.updated(method=name)
-        built, taskset, accelerator = _built(config, out, progress)
+        built, taskset, accelerator = _built(config, out, progress, runs.get(name))
+        config = built.config or config
         method = built.method
         encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context),
                                  config.template, method.in_context, accelerator.device)
         curve, last = [], None
         for k in shots:
-            splits, golds, capped = [], [], 0
-            torch.manual_seed(config.seed)
-            for task in taskset.test:
-                examples = list(task.examples)
-                random.Random(f"{config.seed}-{task.name}").shuffle(examples)
-                query, pool = examples[: config.eval_query_size], examples[config.eval_query_size:]
-                capped += int(k > len(pool))
-                support = pool[: max(k, 1)]  # k = 0 encodes one example it never uses
-                encoded = encoder(TaskSplit(task.name, tuple(support), tuple(query)))
-                with accelerator.autocast():
-                    state = _prior_state(method, encoded) if k == 0 else method.adapt(encoded)
-                    if state is None:
-                        break
-                    splits.append(predict_with_uncertainty(method, state, encoded))
-                golds.append(encoded.query.gold.cpu())
-            if len(splits) != len(taskset.test):
+            per_task, capped = _at_shots(config, method, encoder, accelerator, taskset.test, k)
+            if per_task is None:
                 continue  # k = 0 for a method without a task posterior
-            probs = pad_probs([s.probs.float() for s in splits])
-            gold = torch.cat(golds)
-            m = compute_metrics(probs, gold)
-            row = {"shots": k, "accuracy": m.accuracy, "nll": m.nll, "ece": m.ece, "n": m.n, "num_tasks_capped": capped}
-            for field in ("entropy", "aleatoric", "epistemic"):
-                row[field] = float(torch.cat([getattr(s, field) for s in splits]).mean())
-            curve.append(row)
-            last = (splits, probs, gold)
+            curve.append(_row(per_task, k, capped))
+            last = per_task
+            if progress:
+                print(f"{name} shots={k}: " + json.dumps({f: round(curve[-1][f], 6) for f in ("accuracy", "nll", "epistemic")}))
         entry: dict = {"curve": curve}
+        if runs.get(name) is not None:
+            entry["run"] = str(runs[name])
         if last is not None:
-            splits, probs, gold = last
-            correct = (probs.argmax(-1) == gold)
+            splits = [s for s, _ in last]
+            probs = pad_probs([s.probs.float() for s in splits])
+            correct = (probs.argmax(-1) == torch.cat([g for _, g in last]))
             entry["selective"] = {
                 "shots": curve[-1]["shots"],
                 "by_total": selective_accuracy(torch.cat([s.entropy for s in splits]), correct),
                 "by_epistemic": selective_accuracy(torch.cat([s.epistemic for s in splits]), correct),
             }
+            if ood_tasks:
+                k = curve[-1]["shots"]
+                other = load_taskset(config.updated(tasks=ood_tasks), built.tokenizer).test
+                ood, capped = _at_shots(config, method, encoder, accelerator, other, k)
+                entry["out_of_family"] = {"in": curve[-1], "out": _row(ood, k, capped)}
+                for field in ("epistemic", "entropy"):
+                    d, lo, hi = difference_interval([getattr(s, field) for s in splits],
+                                                    [getattr(s, field) for s, _ in ood], seed=config.seed)
+                    entry["out_of_family"][f"{field}_out_minus_in"] = {"diff": d, "lo": lo, "hi": hi}
         result["methods"][name] = entry
-    atomic_write_text(out / "uncertainty.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(out / "uncertainty.json", json.dumps(result, indent=1) + "\n")  # after each method
     _plots(result, out)
     return result
 
@@ -132,10 +192,16 @@ def _plots(result: dict, out: Path) -> None:
     xs = sorted(set.intersection(*[{r["shots"] for r in c} for c in curves.values()])) if curves else []
     if xs:
         ys = {n: [next(r["epistemic"] for r in c if r["shots"] == x) for x in xs] for n, c in curves.items()}
+        # symlog: epistemic is exactly 0 for deterministic methods and ~1e-7 nats at small σ
         plot_metric_curve(xs, ys, "support examples (shots)", "mean epistemic uncertainty (nats)",
-                          out / "epistemic_vs_shots.png")
+                          out / "epistemic_vs_shots.png", yscale="symlog" if any(max(v) > 0 for v in ys.values()) else "linear")
     for key, label in (("by_total", "total"), ("by_epistemic", "epistemic")):
         ys = {n: e["selective"][key] for n, e in result["methods"].items() if "selective" in e}
         if ys:
             plot_metric_curve([100 * c for c in result["coverage"]], ys, f"coverage (% most certain by {label})",
                               "accuracy", out / f"selective_{label}.png")
+    ood = {n: e["out_of_family"] for n, e in result["methods"].items() if "out_of_family" in e}
+    if ood:
+        ys = {n: [o["in"]["entropy"], o["out"]["entropy"]] for n, o in ood.items()}
+        plot_metric_curve([0, 1], ys, f"0 = own test tasks, 1 = {result.get('ood_tasks')} test tasks",
+                          "mean total uncertainty (nats)", out / "out_of_family.png")

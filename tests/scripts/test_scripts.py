@@ -91,3 +91,35 @@ def test_uncertainty(tmp_path):
         assert entry["selective"]["by_total"][-1] == pytest.approx(entry["curve"][-1]["accuracy"])  # 100% coverage
     for name in ("epistemic_vs_shots", "selective_total", "selective_epistemic"):
         assert (tmp_path / f"{name}.png").exists()
+
+
+def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
+    first = tmp_path / "first"
+    _run("uncertainty.py", first, "--set", "steps=1", "--methods", "abmll", "--shots", "2")
+    run = first / "runs" / "abmll"
+    stamp = (run / "results.json").stat().st_mtime_ns
+    # the "other suite" is the run's own generated tasks: out of family must equal in family exactly
+    second = tmp_path / "second"
+    _run("uncertainty.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
+         "--shots", "2", "--runs", f"abmll={run}", "--ood-tasks", str(first / "tasks"))
+    assert not (second / "runs").exists() and (run / "results.json").stat().st_mtime_ns == stamp  # not retrained
+    entry = json.loads((second / "uncertainty.json").read_text())["methods"]["abmll"]
+    assert entry["curve"] == json.loads((first / "uncertainty.json").read_text())["methods"]["abmll"]["curve"]
+    ood = entry["out_of_family"]
+    assert ood["in"] == ood["out"] and ood["epistemic_out_minus_in"]["diff"] == 0.0
+    assert (second / "out_of_family.png").exists()
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty.py"), "--preset", "smoke", "--out", str(tmp_path / "x"),
+                          "--runs", f"abmll={tmp_path / 'nowhere'}"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert bad.returncode == 2 and "not a finished run directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_difference_interval():
+    import torch
+
+    from abmll_pyro.train.uncertainty_curves import difference_interval
+
+    a = [torch.zeros(5), torch.zeros(3)]
+    b = [torch.ones(4), 3 * torch.ones(4)]
+    d, lo, hi = difference_interval(a, b)
+    assert d == 2.0 and 1.0 <= lo <= d <= hi <= 3.0
+    assert difference_interval(a, a)[1:] == (0.0, 0.0)
