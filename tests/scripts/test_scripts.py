@@ -29,6 +29,12 @@ def test_beta_ablation(tmp_path):
     betas = sorted({json.loads((tmp_path / "runs" / f"beta{r['log10_kl_beta']:g}-seed0" / "config.json").read_text())["kl_beta"]
                     for r in runs})
     assert betas == pytest.approx([1e-16, 1e-12, 1e-8, 1e-4, 1.0])
+    for r in runs:  # pooled metrics and the posterior's width per β
+        assert 0 <= r["accuracy"] <= 1 and r["n"] > 0 and r["sigma_theta"] > 0 and r["sigma_q"] > 0 and r["epistemic"] >= 0
+    assert (tmp_path / "beta_nll.png").exists() and (tmp_path / "beta_epistemic.png").exists()
+    again = _run("beta_ablation.py", tmp_path, "--set", "steps=2", "--log10-betas", "0", "--kl-gamma", "1e-8")
+    config = json.loads((tmp_path / "runs" / "beta0-gamma1e-08-seed0" / "config.json").read_text())
+    assert config["kl_beta"] == 1.0 and config["kl_gamma"] == pytest.approx(1e-8) and len(again["accuracy"]) == 1
 
 
 def test_pruning(tmp_path):
