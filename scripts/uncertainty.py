@@ -5,13 +5,15 @@ selective prediction (accuracy of the most certain x%, ranked by total and by ep
     python scripts/uncertainty.py --preset cpu --out runs/uncertainty-cpu --methods abmll bayes-lora lora-ts
     # reuse trained runs of a benchmark (nothing retrained) and compare with another suite's tasks:
     python scripts/uncertainty.py --preset cpu-long --out runs/unc --runs abmll=runs/long/runs/abmll-seed0 \
-        lora-ts=runs/long/runs/lora-seed0 --ood-tasks bigbench
+        lora-ts=runs/long/runs/lora-seed0 --ood-tasks bigbench --ood-set max_examples=64
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import yaml
 
 from _common import base_config, parser
 
@@ -29,7 +31,15 @@ def main(argv=None) -> None:
                    help="take METHOD's trained state from RUN_DIR (same settings) instead of training it")
     p.add_argument("--ood-tasks", default=None, metavar="SUITE",
                    help="also measure at the largest shots on SUITE's test tasks (out of family)")
+    p.add_argument("--ood-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for loading the --ood-tasks suite only (e.g. max_examples=64)")
     args = p.parse_args(argv)
+    ood_overrides = {}
+    for item in args.ood_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--ood-set expects KEY=VALUE, got {item!r}")
+        ood_overrides[key] = yaml.safe_load(value)
     runs = {}
     for item in args.runs:
         name, sep, path = item.partition("=")
@@ -44,7 +54,8 @@ def main(argv=None) -> None:
     bad = sorted(set(runs) - set(args.methods))
     if bad:
         p.error(f"--runs names {bad}, not among --methods {args.methods}")
-    result = uncertainty_curves(config, args.out, args.methods, args.shots, not args.quiet, runs, args.ood_tasks)
+    result = uncertainty_curves(config, args.out, args.methods, args.shots, not args.quiet, runs, args.ood_tasks,
+                                ood_overrides)
     # the last line: each method's mean epistemic uncertainty (nats) per shots value
     print(json.dumps({name: {str(r["shots"]): float(f"{r['epistemic']:.4g}") for r in e["curve"]}
                       for name, e in result["methods"].items()}))

@@ -13,7 +13,8 @@ For each method (trained once from the base config, or built untrained), on ever
 * **out of family** (``ood_tasks``: another suite, e.g. ``bigbench`` for a run trained on
   ``debian-cls``) — at the largest k, the same measurements on that suite's test tasks, beside the
   run's own test tasks (in family), with a 95% bootstrap interval (tasks, then examples) of the
-  difference of the mean epistemic (and total) uncertainty, out − in.
+  difference of the mean epistemic (and total) uncertainty, out − in. ``ood_overrides`` change the
+  config for loading that suite only (e.g. ``max_examples``).
 
 A method is trained once into ``out/runs/<method>``, or taken from ``runs[method]`` (an existing run
 directory of the same settings, e.g. a benchmark's ``runs/abmll-seed0``): nothing is retrained then.
@@ -127,7 +128,7 @@ def _row(per_task, k: int, capped: int) -> dict:
 
 def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots: Sequence[int] = SHOTS,
                        progress: bool = True, runs: Mapping[str, Path] | None = None,
-                       ood_tasks: str | None = None) -> dict:
+                       ood_tasks: str | None = None, ood_overrides: Mapping[str, object] | None = None) -> dict:
     out = Path(out)
     runs = dict(runs or {})
     unknown = sorted(set(runs) - set(methods))
@@ -166,7 +167,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
             }
             if ood_tasks:
                 k = curve[-1]["shots"]
-                other = load_taskset(config.updated(tasks=ood_tasks), built.tokenizer).test
+                other = load_taskset(config.updated(tasks=ood_tasks, **dict(ood_overrides or {})), built.tokenizer).test
                 ood, capped = _at_shots(config, method, encoder, accelerator, other, k)
                 entry["out_of_family"] = {"in": curve[-1], "out": _row(ood, k, capped)}
                 for field in ("epistemic", "entropy"):
