@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
     bench.add_argument("--out", required=True)
-    bench.add_argument("--methods", nargs="+", choices=list(METHODS))
+    bench.add_argument("--methods", nargs="+", choices=[*METHODS, "all"],
+                       help="the methods to run (default: the preset's; 'all': every method)")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     bench.add_argument("--reference", default="abmll", help="the method every other is compared against")
     bench.add_argument("--config")
@@ -302,7 +303,12 @@ def _cmd_benchmark(args) -> int:
     seeds = range(args.seeds if args.seeds is not None else preset.seeds)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    _, table = run_benchmark(config, args.methods or preset.methods, list(seeds), args.out, progress=not args.quiet,
+    methods = args.methods or preset.methods
+    if "all" in methods:
+        from .presets import ALL_METHODS
+
+        methods = ALL_METHODS
+    _, table = run_benchmark(config, methods, list(seeds), args.out, progress=not args.quiet,
                              reference=args.reference)
     from .train.distributed import is_main_process
 

@@ -25,9 +25,13 @@ from typing import Any
 from .data.sources.folder import write_task_folder
 from .data.tasks import Example, Task
 
-__all__ = ["Preset", "PRESETS", "ALL_METHODS", "get_preset", "synthetic_task_folder"]
+__all__ = ["Preset", "PRESETS", "ALL_METHODS", "CORE_METHODS", "get_preset", "synthetic_task_folder"]
 
 ALL_METHODS = ("pretrained", "icl", "lora", "lora-ts", "structured-lora", "reptile", "bayes-lora", "abmll", "abmll-icl")
+# the main job's comparison: what calibration and meta-learning are judged against. In-context learning,
+# Structured LoRA and ABMLL + ICL cost 16 of the 36 minutes all nine took on 2 cores (docs/RESULTS.md);
+# ``abmll benchmark --methods all`` runs them too.
+CORE_METHODS = ("pretrained", "lora", "lora-ts", "reptile", "bayes-lora", "abmll")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ PRESETS: dict[str, Preset] = {
                     max_length=96, drop_long_examples=True, icl_max_length=192, num_inner_steps=2, inner_lr=1e-2,
                     outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-8, num_samples=4, checkpoint_every=12,
                     num_threads=2),
+        methods=CORE_METHODS,
         seeds=1,
     ),
     "cpu-long": Preset(
