@@ -95,15 +95,18 @@ def _prior_state(method, encoded):
     return None if svi is None else svi.adapt(TaskData(encoded.support), num_inner_steps=0)
 
 
-def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int):
-    """Per task ``(split, gold)`` at ``k`` shots (one fixed query set per task), and the number of
-    tasks whose pool had fewer than ``k`` examples; ``None`` when k = 0 and the method has no prior."""
+def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int, reserve: int):
+    """Per task ``(split, gold)`` at ``k`` shots, and the number of tasks whose pool had fewer than ``k``
+    examples; ``None`` when k = 0 and the method has no prior. The query set is fixed for every k: the
+    first ``eval_query_size`` shuffled examples, fewer where that would leave under ``reserve`` (the
+    largest k) for the support pool."""
     out, capped = [], 0
     torch.manual_seed(config.seed)
     for task in tasks:
         examples = list(task.examples)
         random.Random(f"{config.seed}-{task.name}").shuffle(examples)
-        query, pool = examples[: config.eval_query_size], examples[config.eval_query_size:]
+        size = max(1, min(config.eval_query_size, len(examples) - max(reserve, 1)))
+        query, pool = examples[:size], examples[size:]
         capped += int(k > len(pool))
         support = pool[: max(k, 1)]  # k = 0 encodes one example it never uses
         encoded = encoder(TaskSplit(task.name, tuple(support), tuple(query)))
@@ -113,6 +116,19 @@ def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int):
                 return None, capped
             out.append((predict_with_uncertainty(method, state, encoded), encoded.query.gold.cpu()))
     return out, capped
+
+
+def _previous(path: Path, result: dict) -> dict:
+    """The per-method entries of an earlier ``uncertainty.json`` written with the same shots and
+    out-of-family suite ({} otherwise), so an interrupted call resumes at the first unfinished method."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    same = old.get("shots") == result["shots"] and old.get("ood_tasks") == result.get("ood_tasks")
+    return dict(old.get("methods", {})) if same else {}
 
 
 def _row(per_task, k: int, capped: int) -> dict:
@@ -137,7 +153,11 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
     result: dict = {"shots": list(shots), "coverage": list(COVERAGES), "methods": {}}
     if ood_tasks:
         result["ood_tasks"] = ood_tasks
+    previous = _previous(out / "uncertainty.json", result)
     for name in methods:
+        if name in previous and (not ood_tasks or "out_of_family" in previous[name]):
+            result["methods"][name] = previous[name]  # finished by an earlier call with the same settings
+            continue
         config = base.updated(method=name)
         built, taskset, accelerator = _built(config, out, progress, runs.get(name))
         config = built.config or config
@@ -146,7 +166,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
                                  config.template, method.in_context, accelerator.device)
         curve, last = [], None
         for k in shots:
-            per_task, capped = _at_shots(config, method, encoder, accelerator, taskset.test, k)
+            per_task, capped = _at_shots(config, method, encoder, accelerator, taskset.test, k, max(shots))
             if per_task is None:
                 continue  # k = 0 for a method without a task posterior
             curve.append(_row(per_task, k, capped))
@@ -156,6 +176,8 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
         entry: dict = {"curve": curve}
         if runs.get(name) is not None:
             entry["run"] = str(runs[name])
+        atomic_write_text(out / "uncertainty.partial.json", json.dumps({**result, "methods": {
+            **result["methods"], name: entry}}, indent=1) + "\n")  # the curve, should what follows fail
         if last is not None:
             splits = [s for s, _ in last]
             probs = pad_probs([s.probs.float() for s in splits])
@@ -168,7 +190,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
             if ood_tasks:
                 k = curve[-1]["shots"]
                 other = load_taskset(config.updated(tasks=ood_tasks, **dict(ood_overrides or {})), built.tokenizer).test
-                ood, capped = _at_shots(config, method, encoder, accelerator, other, k)
+                ood, capped = _at_shots(config, method, encoder, accelerator, other, k, k)
                 entry["out_of_family"] = {"in": curve[-1], "out": _row(ood, k, capped)}
                 for field in ("epistemic", "entropy"):
                     d, lo, hi = difference_interval([getattr(s, field) for s in splits],
