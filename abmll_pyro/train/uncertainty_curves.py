@@ -146,6 +146,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
                        progress: bool = True, runs: Mapping[str, Path] | None = None,
                        ood_tasks: str | None = None, ood_overrides: Mapping[str, object] | None = None) -> dict:
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     runs = dict(runs or {})
     unknown = sorted(set(runs) - set(methods))
     if unknown:
