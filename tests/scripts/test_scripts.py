@@ -114,6 +114,11 @@ def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
     ood = entry["out_of_family"]
     assert ood["in"] == ood["out"] and ood["epistemic_out_minus_in"]["diff"] == 0.0
     assert (second / "out_of_family.png").exists()
+    # a second call with the same settings resumes: the finished method is taken from uncertainty.json
+    before = (second / "uncertainty.json").read_text()
+    _run("uncertainty.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
+         "--shots", "2", "--runs", f"abmll={tmp_path / 'first' / 'runs' / 'abmll'}", "--ood-tasks", str(first / "tasks"))
+    assert json.loads((second / "uncertainty.json").read_text()) == json.loads(before)
     bad = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty.py"), "--preset", "smoke", "--out", str(tmp_path / "x"),
                           "--runs", f"abmll={tmp_path / 'nowhere'}"], capture_output=True, text=True, env=ENV, timeout=120)
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr and "Traceback" not in bad.stderr
