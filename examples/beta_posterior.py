@@ -2,13 +2,14 @@
 
 The synthetic family of ``tests/_support/helpers.py`` (every task's gold option is the token from a
 shared set, behind a task-specific marker; a meta-learner can learn the rule into θ). For each
-(prior, inner optimizer, kl_beta), kl_gamma = kl_beta: meta-train a tiny random Llama for ``--steps``
+(prior, inner optimizer, kl_beta), kl_gamma = kl_beta (or ``--kl-gamma``, fixed): meta-train a tiny random Llama for ``--steps``
 outer steps of 2 tasks, then adapt to 6 held-out tasks (4 shots, 24 queries each) and report pooled
 accuracy, NLL, ECE (15 bins), the mean σ of the adapted q, the KL(q‖p) after adaptation and the mean
 epistemic uncertainty (mutual information over ``--samples`` posterior samples).
 
     python examples/beta_posterior.py                       # the table in docs/posterior.md
     python examples/beta_posterior.py --steps 2 --betas 1   # a quick check
+    python examples/beta_posterior.py --variants hierarchical:adam hierarchical:kl-precond --kl-gamma 1e-8
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from _support.helpers import family_episode, tiny_lm  # noqa: E402
 HELD_OUT = range(100, 106)
 
 
-def build(prior: str, optimizer: str, kl_beta: float, inner_lr: float, init_std: float) -> MetaSVI:
+def build(prior: str, optimizer: str, kl_beta: float, inner_lr: float, init_std: float,
+          kl_gamma: float | None = None) -> MetaSVI:
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     adapter = BayesLoRA(tiny_lm("llama", seed=1), AdapterConfig(rank=4, init_std=init_std),
                         generator=torch.Generator().manual_seed(0))
     inner = InnerLoopConfig(num_inner_steps=3, inner_lr=inner_lr, optimizer=optimizer)
-    meta = MetaConfig(kl_beta=kl_beta, outer_lr=3e-2, grad_clip=1.0, inner=inner)
+    meta = MetaConfig(kl_beta=kl_beta, kl_gamma=kl_gamma, outer_lr=3e-2, grad_clip=1.0, inner=inner)
     return MetaSVI(adapter, meta, prior=resolve_prior(prior, adapter=adapter), num_tasks=40)
 
 
@@ -69,6 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--inner-lr", type=float, default=1e-2)
     p.add_argument("--init-std", type=float, default=1e-3)
+    p.add_argument("--kl-gamma", type=float, default=None, help="a fixed kl_gamma (default: kl_gamma = kl_beta)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print("| prior | inner optimizer | kl_beta | accuracy | NLL | ECE | mean σ_q | KL(q‖p) | epistemic (nats) |")
@@ -76,7 +79,7 @@ def main(argv=None) -> None:
     for variant in args.variants:
         prior, optimizer = variant.split(":")
         for beta in args.betas:
-            svi = build(prior, optimizer, beta, args.inner_lr, args.init_std)
+            svi = build(prior, optimizer, beta, args.inner_lr, args.init_std, args.kl_gamma)
             g = torch.Generator().manual_seed(0)
             try:
                 for _ in range(args.steps):
