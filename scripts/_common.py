@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -29,9 +30,17 @@ def base_config(args: argparse.Namespace, synthetic: dict | None = None, force_s
     values = dict(preset.config)
     if preset.synthetic is not None or force_synthetic:
         values["tasks"] = str(synthetic_task_folder(args.out / "tasks", **(synthetic or SMOKE_TASKS)))
-    for item in args.set:
+    values.update(overrides(args.set, "--set"))
+    return RunConfig.from_dict(values, where="--preset/--set")
+
+
+def overrides(items: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` items as a dict, each value read as YAML (``1e-8`` a float, ``true`` a bool)."""
+    values = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            print(f"error: {flag} expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            raise SystemExit(2)
         values[key] = yaml.safe_load(value)
-    return RunConfig.from_dict(values, where="--preset/--set")
+    return values

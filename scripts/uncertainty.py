@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from _common import base_config, parser
+from _common import base_config, overrides, parser
 
 from abmll_pyro.train.uncertainty_curves import SHOTS, uncertainty_curves
 
@@ -34,12 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--ood-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for loading the --ood-tasks suite only (e.g. max_examples=64)")
     args = p.parse_args(argv)
-    ood_overrides = {}
-    for item in args.ood_set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--ood-set expects KEY=VALUE, got {item!r}")
-        ood_overrides[key] = yaml.safe_load(value)
+    ood_overrides = overrides(args.ood_set, "--ood-set")
     runs = {}
     for item in args.runs:
         name, sep, path = item.partition("=")

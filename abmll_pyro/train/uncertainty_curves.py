@@ -131,10 +131,15 @@ def _previous(path: Path, result: dict) -> dict:
     return dict(old.get("methods", {})) if same else {}
 
 
-def _row(per_task, k: int, capped: int) -> dict:
+def _pooled(per_task) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """``(splits, probs [n, K_max], gold [n])`` pooled over the tasks."""
     splits = [s for s, _ in per_task]
-    probs = pad_probs([s.probs.float() for s in splits])
-    m = compute_metrics(probs, torch.cat([g for _, g in per_task]))
+    return splits, pad_probs([s.probs.float() for s in splits]), torch.cat([g for _, g in per_task])
+
+
+def _row(per_task, k: int, capped: int) -> dict:
+    splits, probs, gold = _pooled(per_task)
+    m = compute_metrics(probs, gold)
     row = {"shots": k, "accuracy": m.accuracy, "nll": m.nll, "ece": m.ece, "ece_floor": ece_floor(probs), "n": m.n,
            "num_tasks": len(per_task), "num_tasks_capped": capped}
     for field in ("entropy", "aleatoric", "epistemic", "spread"):
@@ -180,9 +185,8 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
         atomic_write_text(out / "uncertainty.partial.json", json.dumps({**result, "methods": {
             **result["methods"], name: entry}}, indent=1) + "\n")  # the curve, should what follows fail
         if last is not None:
-            splits = [s for s, _ in last]
-            probs = pad_probs([s.probs.float() for s in splits])
-            correct = (probs.argmax(-1) == torch.cat([g for _, g in last]))
+            splits, probs, gold = _pooled(last)
+            correct = probs.argmax(-1) == gold
             entry["selective"] = {
                 "shots": curve[-1]["shots"],
                 "by_total": selective_accuracy(torch.cat([s.entropy for s in splits]), correct),
