@@ -77,9 +77,12 @@ def task_headroom(adapter: BayesLoRA, tokenizer: Any, task: Task, config: Headro
               "num_options": options, "config": asdict(config), "reductions": {}}
     for reduction in config.reductions:
         lik, started = OptionLikelihood(reduction), time.perf_counter()
-        with torch.no_grad():
-            zero = _correct(option_logits(adapter, None, query, lik), query)
         start = {k: v.detach().clone() for k, v in LoRAFactors(adapter).params().items()}  # B = 0: ΔW = 0
+        with torch.no_grad():
+            # The base model, scored through the start factors: ΔW = (α/r)·B·A is exactly 0 (B = 0) and
+            # W + 0 = W, so the scores are the base model's bit for bit, but the pass runs with the
+            # adapted blocks live, so a trunk cache fills the entries the LoRA query pass reads back.
+            zero = _correct(option_logits(adapter, start, query, lik), query)
 
         def loss_fn(p: dict[str, Tensor]) -> Tensor:
             return option_nll(adapter, p, support, lik)

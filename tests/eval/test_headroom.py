@@ -42,6 +42,32 @@ def test_zero_steps_lora_equals_zero_shot(setup):
         assert v["lora"] == v["zero_shot"] and v["gain"] == 0.0 and v["gain_ci95"] == [0.0, 0.0]
 
 
+def test_zero_shot_through_start_factors_is_the_base_model_and_fills_the_trunk_cache():
+    from abmll_pyro.data.encoding import encode_options
+    from abmll_pyro.data.trunk import attach_trunk_cache, trunk_cache_of
+    from abmll_pyro.methods.base import LoRAFactors, option_logits
+    from abmll_pyro.models.likelihoods import OptionLikelihood
+
+    lm, tok = tiny_model("llama", seed=0)
+    top = lm.config.num_hidden_layers - 1
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0, target_modules=[
+        f"model.layers.{top}.self_attn.q_proj", f"model.layers.{top}.self_attn.v_proj"]))
+    batch = encode_options(tok, [Example(f"word {i} is", ["yes", "no", "maybe"], i % 3) for i in range(6)],
+                           max_length=32, name="q")
+    lik = OptionLikelihood("char")
+    with torch.no_grad():
+        base = option_logits(adapter, None, batch, lik)
+        attach_trunk_cache(lm)
+        start = LoRAFactors(adapter).params()
+        zero = option_logits(adapter, start, batch, lik)
+        cache = trunk_cache_of(lm)
+        misses = cache.misses
+        again = option_logits(adapter, {k: v + 0.01 for k, v in start.items()}, batch, lik)  # as after a fit
+    assert torch.equal(zero, base)  # B = 0: W + 0 = W exactly
+    assert misses > 0 and cache.misses == misses and cache.hits == misses  # read back, not recomputed
+    assert not torch.equal(again, base)
+
+
 def test_training_fits_the_support(setup):
     adapter, tok, task = setup
     before = hr.task_headroom(adapter, tok, task, hr.HeadroomConfig(shots=4, query_size=4, steps=0, reductions=("sum",)))
