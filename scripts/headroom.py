@@ -24,7 +24,7 @@ from abmll_pyro.eval.headroom import HeadroomConfig, headroom_table, headroom_ta
 from abmll_pyro.lms import load_lm
 from abmll_pyro.lora.adapter import BayesLoRA
 from abmll_pyro.presets import synthetic_task_folder
-from abmll_pyro.train.setup import last_layer_targets, seed_everything
+from abmll_pyro.train.setup import fit_tasks, last_layer_targets, seed_everything
 
 try:  # the frozen-trunk cache (issue 8): exact, and it skips the frozen lower blocks on every pass
     from abmll_pyro.data.trunk import attach_trunk_cache
@@ -65,6 +65,10 @@ def main(argv=None) -> None:
     p.add_argument("--reductions", nargs="+", default=["char", "sum"], choices=list(SCORE_REDUCTIONS),
                    help="score reductions (the config key score_reduction); LoRA is fitted once per reduction")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--drop-long-examples", action="store_true",
+                   help="drop the examples whose prompt plus longest option exceeds --max-length (as the presets' "
+                        "drop_long_examples does) instead of cutting prompts; a task left with fewer than "
+                        "shots + 2 is recorded as skipped")
     p.add_argument("--max-tasks", type=int, help="at most N tasks per split (the split's first N)")
     p.add_argument("--only", nargs="+", help="only these task names (e.g. a convergence check at more --steps)")
     p.add_argument("--reverse", action="store_true", help="last task first (a second worker on the same --out)")
@@ -84,7 +88,9 @@ def main(argv=None) -> None:
                 names = sorted(r["task"] for r in results if r["split"] == split and reduction in r["reductions"]
                                and r["reductions"][reduction]["gain"] >= args.min_gain)
                 done = sum(r["split"] == split and reduction in r["reductions"] for r in results)
-                print(f"\n{split}: {len(names)} of {done} measured with gain >= {args.min_gain}: {', '.join(names)}")
+                skips = sum(r["split"] == split and bool(r.get("skipped")) for r in results)
+                print(f"\n{split}: {len(names)} of {done} measured with gain >= {args.min_gain}"
+                      f"{f' ({skips} skipped)' if skips else ''}: {', '.join(names)}")
         if args.subset is not None:
             write_subset(args.subset, args.tasks, results, args.reductions, args.min_gain)
         return
@@ -93,14 +99,21 @@ def main(argv=None) -> None:
         args.model, args.last_layers, args.steps, args.shots, args.query_size = "tiny-llama", 1, 3, 4, 8
         args.tasks = str(synthetic_task_folder(args.out / "tasks", num_train=1, num_test=1, examples=12))
     config = HeadroomConfig(shots=args.shots, query_size=args.query_size, steps=args.steps, lr=args.lr,
-                            reductions=tuple(args.reductions), max_length=args.max_length, seed=args.seed)
+                            reductions=tuple(args.reductions), max_length=args.max_length, seed=args.seed,
+                            drop_long_examples=args.drop_long_examples)
     seed_everything(args.seed)
     lm, tokenizer = load_lm(args.model, seed=args.seed)
     if attach_trunk_cache is not None:
         attach_trunk_cache(lm)
     targets = last_layer_targets(lm, None, args.last_layers)
     adapter = BayesLoRA(lm, AdapterConfig(rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets))
-    taskset = load_tasks(args.tasks)
+    taskset, skipped = load_tasks(args.tasks), {}
+    if args.drop_long_examples:
+        where = {t.name: s for s in args.splits for t in taskset[s][: args.max_tasks]}
+        taskset, report = fit_tasks(taskset, tokenizer, args.max_length, args.shots + 2)
+        skipped = {name: (where[name], f"{report['kept'][name][0]} of {report['kept'][name][1]} examples fit "
+                                       f"max_length={args.max_length}; needs shots + 2 = {args.shots + 2}")
+                   for name in report["dropped_tasks"] if name in where}
     tasks = [(s, t) for s in args.splits for t in taskset[s][: args.max_tasks]]
     if args.only:
         unknown = set(args.only) - {t.name for _, t in tasks}
@@ -108,8 +121,10 @@ def main(argv=None) -> None:
             raise SystemExit(f"--only: not in the chosen splits of {args.tasks}: {sorted(unknown)}")
         tasks = [(s, t) for s, t in tasks if t.name in args.only]
     tasks = tasks[::-1] if args.reverse else tasks
+    if args.only:
+        skipped = {k: v for k, v in skipped.items() if k in args.only}
     run_headroom(adapter, tokenizer, tasks, args.out, config,
-                 log=lambda line: print(line, file=sys.stderr, flush=True))
+                 log=lambda line: print(line, file=sys.stderr, flush=True), skipped=skipped)
 
 
 if __name__ == "__main__":

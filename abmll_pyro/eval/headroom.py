@@ -46,6 +46,7 @@ class HeadroomConfig:
     max_length: int | None = 256
     num_boot: int = 2000
     seed: int = 0
+    drop_long_examples: bool = False  # recorded here; the caller filters the tasks (train.setup.fit_tasks)
 
 
 def paired_bootstrap(diff: Tensor, num_boot: int, seed: int) -> tuple[float, float]:
@@ -99,37 +100,56 @@ def task_headroom(adapter: BayesLoRA, tokenizer: Any, task: Task, config: Headro
     return result
 
 
+def _settings(config: dict) -> dict:
+    """A JSON's settings without its reductions; keys added since it was written take their defaults."""
+    return {k: v for k, v in {**asdict(HeadroomConfig()), **config}.items() if k != "reductions"}
+
+
+def _write(path: Path, result: dict) -> dict:
+    text = json.dumps(result, indent=1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return json.loads(text)  # as a resumed run reads it back
+
+
 def run_headroom(adapter: BayesLoRA, tokenizer: Any, tasks: Iterable[tuple[str, Task]], out: Path,
-                 config: HeadroomConfig, log=print) -> list[dict]:
+                 config: HeadroomConfig, log=print, skipped: dict[str, tuple[str, str]] | None = None) -> list[dict]:
     """Every ``(split, task)``: its JSON ``<out>/<task>.json`` if already there (resume), else measured.
 
     A JSON that lacks some of ``config.reductions`` gets only those measured and merged in (exact: the
     split, the zero-shot pass and the LoRA fit of one reduction do not depend on any other reduction);
-    its other settings must equal ``config``'s, else ``ValueError``.
+    its other settings must equal ``config``'s, else ``ValueError``. ``skipped``: task name ->
+    (split, reason) for tasks that cannot be measured at these settings (e.g. too few examples fit
+    ``max_length``); each gets a JSON with ``"skipped": reason`` and no reductions, shown by the table.
     """
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    for name, (split_name, reason) in (skipped or {}).items():
+        path = out / f"{name}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        results.append(_write(path, {"split": split_name, "task": name, "skipped": reason,
+                                     "config": asdict(config), "reductions": {}}))
+        log(f"{name}: skipped ({reason})")
     for split_name, task in tasks:
         path = out / f"{task.name}.json"
         old = json.loads(path.read_text()) if path.exists() else None
         missing = tuple(r for r in config.reductions if old is None or r not in old["reductions"])
-        if not missing:
+        if old is not None and old["config"] and _settings(old["config"]) != _settings(asdict(config)):
+            raise ValueError(f"{path} was measured with other settings: {_settings(old['config'])}, "
+                             f"not {_settings(asdict(config))}")
+        if not missing or (old is not None and old.get("skipped")):
             results.append(old)
             continue
         new = {"split": split_name, **task_headroom(adapter, tokenizer, task, replace(config, reductions=missing))}
         if old is not None:
-            mine = {k: v for k, v in asdict(config).items() if k != "reductions"}
-            theirs = {k: v for k, v in old["config"].items() if k != "reductions"}
-            if mine != theirs or old["split"] != split_name:
-                raise ValueError(f"{path} was measured with other settings: {theirs} (split {old['split']}), "
-                                 f"not {mine} (split {split_name})")
+            if old["split"] != split_name:
+                raise ValueError(f"{path} was measured as a {old['split']} task, not {split_name}")
             new["reductions"] = {**old["reductions"], **new["reductions"]}
             new["config"]["reductions"] = list(new["reductions"])
-        text = json.dumps(new, indent=1)
-        result = json.loads(text)  # as a resumed run reads it back
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        result = _write(path, new)
         log(f"{task.name}: " + ", ".join(
             f"{r} zero {v['zero_shot']:.3f} lora {v['lora']:.3f} gain {v['gain']:+.3f} "
             f"(support loss {v['support_loss_end']:.1e}, {v['seconds']:.0f} s)"
@@ -144,7 +164,11 @@ def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) 
     rows = ["| split | task | options | n query | zero-shot | LoRA | gain [95% CI] |",
             "|---|---|---|---|---|---|---|"]
     kept = [r for r in results if reduction in r["reductions"]]
-    for r in sorted(kept, key=lambda r: ({"test": 0, "dev": 1, "train": 2}.get(r["split"], 3), r["task"])):
+    shown = kept + [r for r in results if r.get("skipped")]
+    for r in sorted(shown, key=lambda r: ({"test": 0, "dev": 1, "train": 2}.get(r["split"], 3), r["task"])):
+        if r.get("skipped"):
+            rows.append(f"| {r['split']} | {r['task']} | | 0 | skipped: {r['skipped']} | | |")
+            continue
         v = r["reductions"][reduction]
         mark = " *" if v["gain"] >= min_gain else ""
         lo, hi = v["gain_ci95"]
@@ -164,9 +188,11 @@ def headroom_tasks(results: list[dict], reduction: str, split: str, expected: It
                    min_gain: float = 0.05) -> list[str]:
     """Names of the ``split`` tasks with learnable headroom (gain ≥ ``min_gain``) under ``reduction``,
     sorted. ``expected``: every task name of that split; ``ValueError`` if any lacks a measurement
-    (a subset chosen from part of a split would silently shrink)."""
+    (a subset chosen from part of a split would silently shrink). A task recorded as skipped counts
+    as measured, without headroom."""
     done = {r["task"]: r["reductions"][reduction] for r in results
             if r["split"] == split and reduction in r["reductions"]}
+    done.update({r["task"]: {"gain": float("-inf")} for r in results if r["split"] == split and r.get("skipped")})
     missing = sorted(set(expected) - set(done))
     if missing:
         raise ValueError(f"{len(missing)} {split} task(s) not measured under {reduction!r}: {missing}")

@@ -63,13 +63,14 @@ def last_layer_targets(lm: nn.Module, targets: tuple[str, ...] | None, last: int
 
 def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_examples: int) -> tuple[TaskSet, dict]:
     """Keep the examples whose prompt plus longest option fits ``max_length`` tokens untruncated, and the
-    tasks left with at least ``min_examples``; returns the filtered set and a report of what was dropped.
+    tasks left with at least ``min_examples``; returns the filtered set and a report of what was dropped
+    (``dropped_tasks``, ``dropped_examples``, and ``kept``: task name -> (examples kept, examples)).
 
     This keeps compute per example bounded (CPU presets) without cutting prompts mid-input. In-context
     prompts (with demonstrations) may still be cut from the left to fit."""
     if max_length is None:
         return taskset, {}
-    report: dict[str, Any] = {"dropped_tasks": [], "dropped_examples": 0}
+    report: dict[str, Any] = {"dropped_tasks": [], "dropped_examples": 0, "kept": {}}
 
     def fits(ex) -> bool:
         prompt = len(tokenizer(ex.input).input_ids)
@@ -82,6 +83,7 @@ def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_exam
         for task in taskset[name]:
             examples = [ex for ex in task.examples if fits(ex)]
             report["dropped_examples"] += len(task) - len(examples)
+            report["kept"][task.name] = (len(examples), len(task))
             if len(examples) >= min_examples:
                 kept.append(replace(task, examples=tuple(examples)))
             else:

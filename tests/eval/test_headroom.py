@@ -170,3 +170,33 @@ def test_committed_headroom_tasks_are_test_tasks_of_their_suite():
         test_tasks = set(json.loads(data_dir.joinpath(split_files[suite]).read_text())["test"])
         for names in by_reduction.values():
             assert names == sorted(set(names)) and set(names) <= test_tasks
+
+
+def test_skipped_tasks_are_recorded_shown_and_never_chosen(setup, tmp_path, monkeypatch):
+    adapter, tok, task = setup
+    config = hr.HeadroomConfig(shots=4, query_size=4, steps=0, reductions=("sum",), num_boot=20, drop_long_examples=True)
+    reason = "3 of 40 examples fit max_length=96; needs shots + 2 = 6"
+    results = hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None,
+                              skipped={"long": ("test", reason)})
+    assert json.loads((tmp_path / "long.json").read_text())["skipped"] == reason
+    assert "| test | long | | 0 | skipped: " + reason in hr.headroom_table(results, "sum")
+    assert hr.headroom_tasks(results, "sum", "test", ["toy", "long"], min_gain=-1.0) == ["toy"]
+    monkeypatch.setattr(hr, "task_headroom", lambda *a: pytest.fail("measured again"))
+    again = hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None,
+                            skipped={"long": ("test", reason)})
+    assert again == results  # read back, nothing measured or rewritten
+    with pytest.raises(ValueError, match="other settings"):
+        hr.run_headroom(adapter, tok, [("test", task)], tmp_path, hr.HeadroomConfig(
+            shots=4, query_size=4, steps=0, reductions=("sum",), num_boot=20), log=lambda s: None)
+
+
+def test_fit_tasks_reports_examples_kept_per_task():
+    from abmll_pyro.data.sources.taskset import TaskSet
+    from abmll_pyro.train.setup import fit_tasks
+
+    _, tok = tiny_model("llama", seed=0)
+    short = Task("short", tuple(Example(f"w{i}", ["yes", "no"], 0) for i in range(6)))
+    long = Task("long", tuple(Example(("many words " * 40) if i else "w", ["yes", "no"], 0) for i in range(6)))
+    kept, report = fit_tasks(TaskSet(train=(short,), dev=(), test=(long,)), tok, 32, 3)
+    assert [t.name for t in kept.test] == [] and report["dropped_tasks"] == ["long"]
+    assert report["kept"] == {"short": (6, 6), "long": (1, 6)}
