@@ -20,7 +20,8 @@ import torch
 from abmll_pyro.config import AdapterConfig
 from abmll_pyro.data.scoring import SCORE_REDUCTIONS
 from abmll_pyro.data.sources import load_tasks
-from abmll_pyro.eval.headroom import HeadroomConfig, headroom_table, headroom_tasks, run_headroom
+from abmll_pyro.eval.headroom import (HeadroomConfig, headroom_table, headroom_table_wide, headroom_tasks,
+                                      run_headroom)
 from abmll_pyro.lms import load_lm
 from abmll_pyro.lora.adapter import BayesLoRA
 from abmll_pyro.presets import synthetic_task_folder
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="print the tables of the finished tasks and stop")
+    p.add_argument("--wide", action="store_true", help="with --table: one table, the reductions side by side")
     p.add_argument("--subset", type=Path, help="with --table and --tasks: write the test tasks with gain >= "
                    "--min-gain per reduction into this JSON (merged by suite); refuses unless every test task is done")
     p.add_argument("--min-gain", type=float, default=0.05)
@@ -82,6 +84,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.table:
         results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
+        if args.wide:
+            print(headroom_table_wide(results, args.reductions, args.min_gain))
         for reduction in args.reductions:
             print(f"\n### reduction: {reduction}\n\n{headroom_table(results, reduction, args.min_gain)}")
             for split in ("test", "dev", "train"):

@@ -33,7 +33,8 @@ from ..lora.adapter import BayesLoRA
 from ..methods.base import LoRAFactors, option_logits, option_nll
 from ..models.likelihoods import OptionLikelihood
 
-__all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table", "headroom_tasks"]
+__all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table", "headroom_table_wide",
+           "headroom_tasks"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,31 @@ def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) 
         rows.append(f"| | **mean of {len(kept)}** | | | {mean('zero_shot'):.3f} | {mean('lora'):.3f} | "
                     f"{mean('gain'):+.3f} ({wins}/{len(kept)} with gain ≥ {min_gain:.2f}; "
                     f"{sure}/{len(kept)} with CI lower bound > 0) |")
+    return "\n".join(rows)
+
+
+def headroom_table_wide(results: list[dict], reductions: Iterable[str], min_gain: float = 0.05) -> str:
+    """One markdown row per task with zero-shot, LoRA and gain [95% CI] for each reduction side by side
+    (``*``: gain ≥ ``min_gain``; "—": not measured under that reduction); skipped tasks show why."""
+    reductions = list(reductions)
+    head = "| split | task | options | n query | " + " | ".join(
+        f"{r}: zero-shot | {r}: LoRA | {r}: gain [95% CI]" for r in reductions) + " |"
+    rows = [head, "|" + "---|" * (4 + 3 * len(reductions))]
+    order = {"test": 0, "dev": 1, "train": 2}
+    for r in sorted(results, key=lambda r: (order.get(r["split"], 3), r["task"])):
+        if r.get("skipped"):
+            rows.append(f"| {r['split']} | {r['task']} | | 0 | skipped: {r['skipped']} |" + " |" * (3 * len(reductions) - 1))
+            continue
+        cells = []
+        for red in reductions:
+            v = r["reductions"].get(red)
+            if v is None:
+                cells += ["—", "—", "—"]
+                continue
+            lo, hi = v["gain_ci95"]
+            mark = " *" if v["gain"] >= min_gain else ""
+            cells += [f"{v['zero_shot']:.3f}", f"{v['lora']:.3f}", f"{v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"]
+        rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -200,3 +200,14 @@ def test_fit_tasks_reports_examples_kept_per_task():
     kept, report = fit_tasks(TaskSet(train=(short,), dev=(), test=(long,)), tok, 32, 3)
     assert [t.name for t in kept.test] == [] and report["dropped_tasks"] == ["long"]
     assert report["kept"] == {"short": (6, 6), "long": (1, 6)}
+
+
+def test_wide_table_puts_reductions_side_by_side(setup, tmp_path):
+    adapter, tok, task = setup
+    config = hr.HeadroomConfig(shots=4, query_size=4, steps=0, reductions=("sum",), num_boot=20)
+    results = hr.run_headroom(adapter, tok, [("test", task)], tmp_path, config, log=lambda s: None,
+                              skipped={"long": ("dev", "too long")})
+    lines = hr.headroom_table_wide(results, ["char", "sum"]).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == 4 + 3 * 2 + 1
+    assert lines[2].startswith("| test | toy | 2 | 4 | — | — | — | ") and lines[2].endswith("+0.000 [+0.000, +0.000] |")
+    assert lines[3].startswith("| dev | long | | 0 | skipped: too long |") and lines[3].count("|") == lines[0].count("|")
