@@ -5,10 +5,13 @@
 * ``cpu`` — the default main job: SmolLM2-135M (embedded) on BIG-bench; budgets measured to finish
   within 20 minutes on 2 CPU cores including the one-time BIG-bench prepare (see docs/RESULTS.md).
 * ``cpu-long`` — what docs/RESULTS.md reports: SmolLM2-135M on the ``debian-cls`` label-word suite
-  (real classification tasks with headroom, test families held out), 16 shots, K = 5, every method and
-  3 seeds, sized for about 90 minutes on 2 CPU cores in the background (``--tasks bigbench`` runs it on
-  BIG-bench). kl_beta 1e-8 was chosen over 1e-6 on the suite's dev tasks (ABMLL and bayes-lora alike,
-  docs/RESULTS.md).
+  (real classification tasks with headroom, test families held out), 16 shots, K = 5, 60 outer steps,
+  the six core methods and 3 seeds (``--methods all`` adds the other three; ``--tasks bigbench`` runs
+  it on BIG-bench). Measured on 2 CPU cores, one thread per run: about 86 core-minutes per seed for
+  the six, 41 more for in-context learning and Structured LoRA, about 2.5 hours more for ABMLL + ICL
+  (its 768-token prompts) — hours, not the 90 minutes it was meant to fit (docs/RESULTS.md,
+  "cpu-long"). kl_beta 1e-8 was chosen over 1e-6 on the suite's dev tasks (ABMLL and bayes-lora
+  alike, docs/RESULTS.md).
 * ``paper`` — Llama-3-8B on CrossFit cls-45 with the paper's settings (rank 8, α 16, K = 5,
   kl_beta 1e-8, 2 tasks per step); for GPU users, never run in CI. Needs ``--data-dir DIR``
   (MetaICL-format data) and access to the model.
@@ -28,9 +31,9 @@ from .data.tasks import Example, Task
 __all__ = ["Preset", "PRESETS", "ALL_METHODS", "CORE_METHODS", "get_preset", "synthetic_task_folder"]
 
 ALL_METHODS = ("pretrained", "icl", "lora", "lora-ts", "structured-lora", "reptile", "bayes-lora", "abmll", "abmll-icl")
-# the main job's comparison: what calibration and meta-learning are judged against. In-context learning,
-# Structured LoRA and ABMLL + ICL cost 16 of the 36 minutes all nine took on 2 cores (docs/RESULTS.md);
-# ``abmll benchmark --methods all`` runs them too.
+# the comparison of ``cpu`` and ``cpu-long``: what calibration and meta-learning are judged against. In-context
+# learning, Structured LoRA and ABMLL + ICL cost 16 of the 36 minutes all nine took on 2 cores with ``cpu``, and
+# ABMLL + ICL alone about 2.5 hours per seed with ``cpu-long`` (docs/RESULTS.md); ``--methods all`` runs them too.
 CORE_METHODS = ("pretrained", "lora", "lora-ts", "reptile", "bayes-lora", "abmll")
 
 
@@ -74,6 +77,7 @@ PRESETS: dict[str, Preset] = {
                     tasks_per_step=2, shots=16, query_size=16, eval_query_size=64, max_length=128,
                     drop_long_examples=True, icl_max_length=768, num_inner_steps=5, inner_lr=1e-2, outer_lr=1e-3,
                     reptile_step_size=0.5, kl_beta=1e-8, num_samples=8, checkpoint_every=20, num_threads=2),
+        methods=CORE_METHODS,
         seeds=3,
     ),
     "paper": Preset(
