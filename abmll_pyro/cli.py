@@ -235,9 +235,16 @@ def _cmd_evaluate(args) -> int:
     from .train.run import evaluate_run
 
     if args.run:
-        if args.method:
-            raise ConfigError("give --run RUN_DIR or --method, not both")
-        config = _stored_config(Path(args.run), args).updated(**_overrides(args))
+        stored = _stored_config(Path(args.run), args)
+        if args.method and args.method != stored.method:
+            from .methods import SAME_TRAINING
+
+            if SAME_TRAINING.get(args.method) != stored.method:
+                twins = ", ".join(f"--method {m} on a {t} run" for m, t in SAME_TRAINING.items())
+                raise ConfigError(f"--method {args.method} cannot evaluate {args.run}: it was trained as "
+                                  f"{stored.method!r} (with --run, --method may only name a method trained the "
+                                  f"same way: {twins})")
+        config = stored.updated(**_overrides(args))
     else:
         if not args.method:
             raise ConfigError("evaluate needs --run RUN_DIR, or --method with --model and --tasks")

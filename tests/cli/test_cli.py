@@ -52,6 +52,23 @@ def test_every_trainable_method_trains_and_evaluates(tmp_path, handwritten, tiny
     assert summary["method"] == method and 0 <= summary["accuracy"] <= 1
 
 
+def test_evaluate_a_run_as_the_method_trained_the_same_way(tmp_path, handwritten, tiny, capsys):
+    """`--method lora-ts` on a lora run: temperature scaling on lora's checkpoint, no retraining (as the
+    benchmark does); a method trained differently is refused with one line naming both."""
+    run = _train(tmp_path, handwritten, tiny, "lora")
+    plain, scaled = tmp_path / "lora.json", tmp_path / "lora-ts.json"
+    assert main(["--quiet", "evaluate", "--run", str(run), "--out", str(plain)]) == 0
+    assert main(["--quiet", "evaluate", "--run", str(run), "--method", "lora-ts", "--out", str(scaled)]) == 0
+    a, b = (validate_result(json.loads(p.read_text())) for p in (plain, scaled))
+    assert (a["method"], b["method"]) == ("lora", "lora-ts") and b["steps"] == a["steps"] == 3
+    assert a["pooled"]["accuracy"] == b["pooled"]["accuracy"]  # a temperature does not change the argmax
+    assert a["pooled"]["nll"] != b["pooled"]["nll"]
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", "--run", str(run), "--method", "abmll"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained as 'lora'" in err[0] and "--method lora-ts on a lora run" in err[0]
+
+
 @pytest.mark.parametrize("method", ["pretrained", "icl"])
 def test_untrained_methods_evaluate(tmp_path, handwritten, tiny, method):
     out = tmp_path / "r.json"
