@@ -159,6 +159,20 @@ def run_headroom(adapter: BayesLoRA, tokenizer: Any, tasks: Iterable[tuple[str, 
     return results
 
 
+_SPLIT_ORDER = {"test": 0, "dev": 1, "train": 2}
+
+
+def _by_split(r: dict) -> tuple[int, str]:
+    return _SPLIT_ORDER.get(r["split"], 3), r["task"]
+
+
+def _cells(v: dict, min_gain: float) -> list[str]:
+    """Zero-shot, LoRA and "gain [95% CI]" of one reduction's result (``*``: gain ≥ ``min_gain``)."""
+    lo, hi = v["gain_ci95"]
+    mark = " *" if v["gain"] >= min_gain else ""
+    return [f"{v['zero_shot']:.3f}", f"{v['lora']:.3f}", f"{v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"]
+
+
 def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) -> str:
     """A markdown table (one row per task, then the means) for one reduction; ``*`` marks learnable
     headroom: gain ≥ ``min_gain``."""
@@ -166,15 +180,12 @@ def headroom_table(results: list[dict], reduction: str, min_gain: float = 0.05) 
             "|---|---|---|---|---|---|---|"]
     kept = [r for r in results if reduction in r["reductions"]]
     shown = kept + [r for r in results if r.get("skipped")]
-    for r in sorted(shown, key=lambda r: ({"test": 0, "dev": 1, "train": 2}.get(r["split"], 3), r["task"])):
+    for r in sorted(shown, key=_by_split):
         if r.get("skipped"):
             rows.append(f"| {r['split']} | {r['task']} | | 0 | skipped: {r['skipped']} | | |")
             continue
-        v = r["reductions"][reduction]
-        mark = " *" if v["gain"] >= min_gain else ""
-        lo, hi = v["gain_ci95"]
-        rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | {v['zero_shot']:.3f} | "
-                    f"{v['lora']:.3f} | {v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} |")
+        rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | "
+                    + " | ".join(_cells(r["reductions"][reduction], min_gain)) + " |")
     if kept:
         mean = lambda key: sum(r["reductions"][reduction][key] for r in kept) / len(kept)
         wins = sum(r["reductions"][reduction]["gain"] >= min_gain for r in kept)
@@ -192,20 +203,14 @@ def headroom_table_wide(results: list[dict], reductions: Iterable[str], min_gain
     head = "| split | task | options | n query | " + " | ".join(
         f"{r}: zero-shot | {r}: LoRA | {r}: gain [95% CI]" for r in reductions) + " |"
     rows = [head, "|" + "---|" * (4 + 3 * len(reductions))]
-    order = {"test": 0, "dev": 1, "train": 2}
-    for r in sorted(results, key=lambda r: (order.get(r["split"], 3), r["task"])):
+    for r in sorted(results, key=_by_split):
         if r.get("skipped"):
             rows.append(f"| {r['split']} | {r['task']} | | 0 | skipped: {r['skipped']} |" + " |" * (3 * len(reductions) - 1))
             continue
         cells = []
         for red in reductions:
             v = r["reductions"].get(red)
-            if v is None:
-                cells += ["—", "—", "—"]
-                continue
-            lo, hi = v["gain_ci95"]
-            mark = " *" if v["gain"] >= min_gain else ""
-            cells += [f"{v['zero_shot']:.3f}", f"{v['lora']:.3f}", f"{v['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"]
+            cells += ["—", "—", "—"] if v is None else _cells(v, min_gain)
         rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
