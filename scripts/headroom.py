@@ -20,8 +20,8 @@ import torch
 from abmll_pyro.config import AdapterConfig
 from abmll_pyro.data.scoring import SCORE_REDUCTIONS
 from abmll_pyro.data.sources import load_tasks
-from abmll_pyro.eval.headroom import (HeadroomConfig, headroom_table, headroom_table_wide, headroom_tasks,
-                                      run_headroom)
+from abmll_pyro.eval.headroom import (HeadroomConfig, headroom_summary, headroom_table, headroom_table_wide,
+                                      headroom_tasks, run_headroom)
 from abmll_pyro.lms import load_lm
 from abmll_pyro.lora.adapter import BayesLoRA
 from abmll_pyro.presets import synthetic_task_folder
@@ -77,6 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table", action="store_true", help="print the tables of the finished tasks and stop")
     p.add_argument("--wide", action="store_true", help="with --table: one table, the reductions side by side")
+    p.add_argument("--summary", action="store_true", help="with --table: first the per-split summary (means, counts, "
+                   "support loss, core-minutes) per reduction")
     p.add_argument("--subset", type=Path, help="with --table and --tasks: write the test tasks with gain >= "
                    "--min-gain per reduction into this JSON (merged by suite); refuses unless every test task is done")
     p.add_argument("--min-gain", type=float, default=0.05)
@@ -84,6 +86,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.table:
         results = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
+        if args.summary:
+            print(headroom_summary(results, args.reductions, args.min_gain) + "\n")
         if args.wide:
             print(headroom_table_wide(results, args.reductions, args.min_gain))
         for reduction in args.reductions:

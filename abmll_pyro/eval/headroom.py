@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from ..methods.base import LoRAFactors, option_logits, option_nll
 from ..models.likelihoods import OptionLikelihood
 
 __all__ = ["HeadroomConfig", "paired_bootstrap", "task_headroom", "run_headroom", "headroom_table", "headroom_table_wide",
-           "headroom_tasks"]
+           "headroom_summary", "headroom_tasks"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,29 @@ def headroom_table_wide(results: list[dict], reductions: Iterable[str], min_gain
             v = r["reductions"].get(red)
             cells += ["—", "—", "—"] if v is None else _cells(v, min_gain)
         rows.append(f"| {r['split']} | {r['task']} | {r['num_options']} | {r['query']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def headroom_summary(results: list[dict], reductions: Iterable[str], min_gain: float = 0.05) -> str:
+    """One markdown row per (reduction, split): tasks measured and skipped, mean zero-shot, LoRA and gain,
+    how many tasks gain ≥ ``min_gain``, have a CI lower bound above 0 or lose ≥ ``min_gain``, the median
+    final support loss and the core-minutes spent (the results' ``seconds``)."""
+    rows = ["| reduction | split | tasks measured | skipped | mean zero-shot | mean LoRA | mean gain | "
+            f"gain ≥ {min_gain:.2f} | CI > 0 | loses ≥ {min_gain:.2f} | support loss median | core-minutes |",
+            "|" + "---|" * 12]
+    for red in reductions:
+        for split in sorted({r["split"] for r in results}, key=lambda s: _SPLIT_ORDER.get(s, 3)):
+            values = [r["reductions"][red] for r in results if r["split"] == split and red in r.get("reductions", {})]
+            if not values:
+                continue
+            skipped = sum(1 for r in results if r["split"] == split and r.get("skipped"))
+            gains = [v["gain"] for v in values]
+            mean = lambda key: statistics.fmean(v[key] for v in values)
+            rows.append(f"| `{red}` | {split} | {len(values)} | {skipped} | {mean('zero_shot'):.3f} | {mean('lora'):.3f} | "
+                        f"{statistics.fmean(gains):+.3f} | {sum(g >= min_gain for g in gains)} | "
+                        f"{sum(v['gain_ci95'][0] > 0 for v in values)} | {sum(g <= -min_gain for g in gains)} | "
+                        f"{statistics.median(v['support_loss_end'] for v in values):.3f} | "
+                        f"{sum(v['seconds'] for v in values) / 60:.0f} |")
     return "\n".join(rows)
 
 

@@ -211,3 +211,16 @@ def test_wide_table_puts_reductions_side_by_side(setup, tmp_path):
     assert lines[0].count("|") == lines[1].count("|") == 4 + 3 * 2 + 1
     assert lines[2].startswith("| test | toy | 2 | 4 | — | — | — | ") and lines[2].endswith("+0.000 [+0.000, +0.000] |")
     assert lines[3].startswith("| dev | long | | 0 | skipped: too long |") and lines[3].count("|") == lines[0].count("|")
+
+
+def test_summary_counts_per_reduction_and_split():
+    def res(split, task, gain, lo, loss=0.1, sec=60.0):
+        v = {"zero_shot": 0.5, "lora": 0.5 + gain, "gain": gain, "gain_ci95": [lo, gain + 0.1],
+             "support_loss_end": loss, "seconds": sec}
+        return {"split": split, "task": task, "reductions": {"char": v}}
+    results = [res("test", "a", 0.10, 0.02), res("test", "b", -0.20, -0.3, loss=0.3), res("dev", "c", 0.0, -0.1),
+               {"split": "test", "task": "d", "skipped": "too long", "reductions": {}}]
+    lines = hr.headroom_summary(results, ["char", "sum"]).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == 13  # no `sum` rows: nothing measured
+    assert lines[2] == "| `char` | test | 2 | 1 | 0.500 | 0.450 | -0.050 | 1 | 1 | 1 | 0.200 | 2 |"
+    assert lines[3].startswith("| `char` | dev | 1 | 0 | 0.500 | 0.500 | +0.000 | 0 | 0 | 0 |")
