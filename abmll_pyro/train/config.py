@@ -40,7 +40,8 @@ class RunConfig:
     ``max_length·(shots + 1)``; demonstrations are cut from the left first).
     Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
     per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
-    test alike); ``reptile_step_size`` is Reptile's outer ε. Prediction: ``num_samples`` draws of φ
+    test alike); ``reptile_step_size`` is Reptile's outer ε; ``ts_prior_std`` the standard deviation of
+    ``lora-ts``'s Normal prior on log T (null: the unregularized fit). Prediction: ``num_samples`` draws of φ
     (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
     (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
     turns each option's token log-probs into its score, for every method alike. ``init_from_peft``:
@@ -95,6 +96,7 @@ class RunConfig:
     inner_optimizer: str = "adam"
     outer_kl: str = "prior"
     reptile_step_size: float = 0.5
+    ts_prior_std: float | None = None
     # prediction
     num_samples: int = 8
     predict_mode: str = "sample"
@@ -132,6 +134,8 @@ class RunConfig:
         check(self.kl_gamma is None or (math.isfinite(self.kl_gamma) and self.kl_gamma >= 0),
               f"kl_gamma must be finite and >= 0 (or null), got {self.kl_gamma!r}")
         check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
+        check(self.ts_prior_std is None or self.ts_prior_std > 0,
+              f"ts_prior_std must be > 0 (or null), got {self.ts_prior_std!r}")
         check(self.score_reduction in SCORE_REDUCTIONS,
               f"score_reduction must be one of {list(SCORE_REDUCTIONS)}, got {self.score_reduction!r}")
         check(self.eval_split in ("test", "dev"), f"eval_split must be 'test' or 'dev', got {self.eval_split!r}")

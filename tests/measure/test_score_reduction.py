@@ -74,6 +74,29 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert fit_temperature(padded, gold) == pytest.approx(fit_temperature(logits, gold))
 
 
+def test_the_log_temperature_prior_shrinks_towards_one_when_the_support_is_small():
+    g = torch.Generator().manual_seed(1)
+    # 4000 examples: the prior's (log T)^2 / (2 sigma^2 n) is negligible, the estimate stays where the data put it
+    logits = torch.randn(4000, 2, generator=g) * 3.0
+    gold = torch.multinomial(torch.softmax(logits / 3.0, -1), 1, generator=g).squeeze(1)
+    assert fit_temperature(logits, gold, prior_std=0.5) == pytest.approx(fit_temperature(logits, gold), rel=0.1)
+    # 16 examples, all right with margins: the unregularized fit sharpens to the grid's end, the prior stops it
+    small = torch.tensor([[2.0, -2.0]] * 8 + [[-1.5, 1.5]] * 8)
+    gold = torch.tensor([0] * 8 + [1] * 8)
+    free = fit_temperature(small, gold)
+    assert free < 0.2  # flat to float64 precision below this; ties go to the T nearest 1
+    fits = [fit_temperature(small, gold, prior_std=s) for s in (2.0, 1.0, 0.5, 0.25)]
+    assert all(free < t for t in fits) and fits == sorted(fits) and fits[-1] < 1.0  # tighter prior, nearer 1
+    # and the other way: a support the model gets half wrong softens, less so under the prior
+    gold = torch.tensor([0, 1] * 8)
+    free = fit_temperature(small, gold)
+    assert free > 5.0 and 1.0 < fit_temperature(small, gold, prior_std=0.5) < free
+    with pytest.raises(ValueError, match="prior_std must be finite and > 0"):
+        fit_temperature(small, gold, prior_std=0.0)
+    with pytest.raises(ConfigError, match="ts_prior_std must be > 0"):
+        RunConfig(ts_prior_std=-1.0)
+
+
 def test_eval_split_is_validated():
     assert RunConfig(eval_split="dev").eval_split == "dev"
     with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
