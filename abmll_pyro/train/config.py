@@ -41,7 +41,8 @@ class RunConfig:
     Optimization: ``steps`` outer steps of ``tasks_per_step`` episodes, ``grad_accum`` micro-batches
     per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
     test alike); ``reptile_step_size`` is Reptile's outer ε; ``ts_prior_std`` the standard deviation of
-    ``lora-ts``'s Normal prior on log T (null: the unregularized fit; 0.25 chosen on cpu-long's dev tasks). Prediction: ``num_samples`` draws of φ
+    ``lora-ts``'s Normal prior on log T (null: the unregularized fit; 0.25 chosen on cpu-long's dev
+    tasks). Prediction: ``num_samples`` draws of φ
     (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
     (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
     turns each option's token log-probs into its score, for every method alike. ``init_from_peft``:
@@ -96,7 +97,7 @@ class RunConfig:
     inner_optimizer: str = "adam"
     outer_kl: str = "prior"
     reptile_step_size: float = 0.5
-    ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, "Temperature scaling")
+    ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, cpu-long section 4)
     # prediction
     num_samples: int = 8
     predict_mode: str = "sample"
