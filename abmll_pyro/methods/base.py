@@ -65,6 +65,12 @@ class Method:
     def predict(self, state: Any, episode: Any) -> Tensor:
         raise NotImplementedError
 
+    def adapt_diagnostics(self, state: Any) -> dict[str, float]:
+        """Scalars describing one task's adaptation (``state`` from :meth:`adapt`), written to
+        results.json's ``per_task[t]`` beside the metrics, e.g. ``lora-ts``'s fitted ``temperature``.
+        Default: none."""
+        return {}
+
     def state_tensors(self) -> dict[str, Tensor]:
         return {}
 

@@ -62,6 +62,7 @@ class TaskResults(dict):
         self.gold: dict[str, torch.Tensor] = {}
         self.example_index: dict[str, list[int]] = {}
         self.uncertainty: dict = {}  # task name → UncertaintySplit of its query set
+        self.diagnostics: dict[str, dict[str, float]] = {}  # task name → method.adapt_diagnostics(state)
 
     def predictions(self) -> list[dict]:
         """One record per query example, in task order: ``task``, ``index``, ``gold``, ``probs``."""
@@ -111,7 +112,7 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
     i mod W) and the results are gathered on every rank in task order; task i's randomness
     (posterior draws) is seeded from ``(seed, i)`` alone, so the metrics equal a one-process run's."""
     ranks = ranks or Ranks()
-    mine = []  # (task index, name, uncertainty split, gold, adapt seconds, example indices) of this rank's tasks
+    mine = []  # (task index, name, uncertainty split, gold, adapt seconds, example indices, diagnostics) of this rank's tasks
     splits = test_splits(tasks, config.shots, config.eval_query_size, config.seed)
     for i in tqdm(ranks.shard(len(splits)), desc=f"evaluate {method.name}", disable=not progress, leave=False):
         task, split = tasks[i], splits[i]
@@ -127,13 +128,17 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             with torch.no_grad():
                 uncertainty = predict_with_uncertainty(method, state, episode)
         uncertainty = replace(uncertainty, **{f.name: getattr(uncertainty, f.name).cpu() for f in fields(uncertainty)})
-        mine.append((i, split.name, uncertainty, episode.query.gold.cpu(), seconds, _query_indices(task, split)))
+        diagnostics = {k: float(v) for k, v in method.adapt_diagnostics(state).items()}
+        mine.append((i, split.name, uncertainty, episode.query.gold.cpu(), seconds, _query_indices(task, split),
+                     diagnostics))
     per_task = TaskResults()
     gathered = sorted((r for part in ranks.all_gather(mine) for r in part), key=lambda r: r[0])  # task order
-    for _, name, uncertainty, gold, seconds, index in gathered:
+    for _, name, uncertainty, gold, seconds, index, diagnostics in gathered:
         probs = uncertainty.probs.float()  # = method.predict(state, episode) (the mean over its samples)
         per_task[name] = compute_metrics(probs, gold, config.ece_bins)
         per_task.adapt_time_s[name], per_task.uncertainty[name] = seconds, uncertainty
+        if diagnostics:
+            per_task.diagnostics[name] = diagnostics
         per_task.probs[name], per_task.gold[name], per_task.example_index[name] = probs, gold, index
     all_probs, all_gold = pad_probs(list(per_task.probs.values())), torch.cat(list(per_task.gold.values()))
     return per_task, pooled_reliability(all_probs, all_gold, config.ece_bins)
@@ -154,6 +159,8 @@ def metrics_json(per_task: dict) -> tuple[dict, dict]:
         for name, seconds in times.items():
             tasks[name]["adapt_time_s"] = seconds
         macro["adapt_time_s_per_task"] = sum(times.values()) / len(times)
+    for name, values in getattr(per_task, "diagnostics", {}).items():
+        tasks[name].update(values)
     return tasks, macro
 
 

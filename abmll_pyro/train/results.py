@@ -4,7 +4,7 @@ One run's result is a JSON object::
 
     {"schema_version": 1, "method": str, "model": str, "tasks": str, "seed": int,
      "per_task": {task: {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int
-                         [, "adapt_time_s": float]}},
+                         [, "adapt_time_s": float] [, "temperature": float (lora-ts)]}},
      "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int
                [, "adapt_time_s_per_task": float]},
      "pooled": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int,

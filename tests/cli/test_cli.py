@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from abmll_pyro.cli import main
+from abmll_pyro.methods.temperature import TEMPERATURES
 from abmll_pyro.train.results import validate_result
 
 
@@ -66,6 +68,18 @@ def test_evaluate_a_run_as_the_method_trained_the_same_way(tmp_path, handwritten
     assert a["config"]["ts_prior_std"] == 0.25 and b["config"]["ts_prior_std"] is None
     assert a["pooled"]["accuracy"] == b["pooled"]["accuracy"]  # a temperature does not change the argmax
     assert a["pooled"]["nll"] != b["pooled"]["nll"]
+    # the fitted T is recorded per task, and it is the T that turns lora's predictions into lora-ts's
+    assert all("temperature" not in v for v in a["per_task"].values())
+    temps = {t: v["temperature"] for t, v in b["per_task"].items()}
+    assert set(temps) == set(a["per_task"]) and all(t in TEMPERATURES.tolist() for t in temps.values())
+    rows = [[json.loads(line) for line in p.with_suffix(".predictions.jsonl").read_text().splitlines()]
+            for p in (plain, scaled)]
+    for x, y in zip(*rows):
+        assert (x["task"], x["index"]) == (y["task"], y["index"])
+        p = torch.tensor(x["probs"], dtype=torch.float64)
+        live = p > 0
+        tempered = torch.softmax(p[live].log() / temps[x["task"]], 0)
+        assert torch.allclose(tempered, torch.tensor(y["probs"], dtype=torch.float64)[live], atol=1e-5)
     capsys.readouterr()
     assert main(["--quiet", "evaluate", "--run", str(run), "--method", "abmll"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
