@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the methods to run (default: the preset's; 'all': every method)")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     bench.add_argument("--reference", default="abmll", help="the method every other is compared against")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="run this many (method, seed) runs at once, each in its own process with the config's "
+                            "num_threads (default 1: one after another); the results do not depend on it")
     bench.add_argument("--config")
     _add_config_flags(bench, skip=("method", "seed"))
 
@@ -316,7 +319,7 @@ def _cmd_benchmark(args) -> int:
 
         methods = ALL_METHODS
     _, table = run_benchmark(config, methods, list(seeds), args.out, progress=not args.quiet,
-                             reference=args.reference)
+                             reference=args.reference, jobs=args.jobs)
     from .train.distributed import is_main_process
 
     if is_main_process():  # one copy of the table under torchrun / accelerate launch

@@ -20,6 +20,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,7 @@ from ..eval.metrics import ReliabilityDiagram
 from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
-from .distributed import is_main_process
+from .distributed import is_main_process, world_size
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run
 
@@ -119,21 +120,102 @@ def write_comparison(out: Path, paths: Sequence[Path], reference: str, num_bins:
     return table, comparison
 
 
-def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
-                  progress: bool = True, reference: str = "abmll") -> tuple[list[dict], str]:
-    """Run every (method, seed); return the results and the printed text (table and comparison)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    results = []
+@dataclass(frozen=True)
+class _Job:
+    config: RunConfig
+    run_dir: Path
+    trained_by: Path | None  # the run whose checkpoint this one evaluates (it must finish first)
+
+
+def _jobs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path) -> list[_Job]:
+    """Every (method, seed) run in the sequential order: seeds outer, methods inner."""
+    jobs = []
     for seed in seeds:
         for method in methods:
-            config = base.updated(method=method, seed=seed)
             source = SAME_TRAINING.get(method)
             trained_by = out / "runs" / f"{source}-seed{seed}" if source in methods else None
             if trained_by is not None and methods.index(source) > methods.index(method):
                 trained_by = None  # its twin runs later: train here instead
-            results.append(_run_one(config, out / "runs" / f"{method}-seed{seed}", progress, trained_by))
+            jobs.append(_Job(base.updated(method=method, seed=seed), out / "runs" / f"{method}-seed{seed}", trained_by))
+    return jobs
+
+
+def _run_job(job: _Job) -> dict:
+    """One run in a worker process (``--jobs``; the run sets the thread count from its config)."""
+    return _run_one(job.config, job.run_dir, progress=False, trained_by=job.trained_by)
+
+
+def _run_parallel(jobs: Sequence[_Job], workers: int, progress: bool) -> list[dict]:
+    """Run ``jobs`` in up to ``workers`` processes at once, a run that evaluates another's checkpoint
+    only after that run finished; results in ``jobs``' order. A failed run does not stop the others
+    (their finished work is kept); the first failure is raised once every run that could go on is done."""
+    import multiprocessing
+    import sys
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    results: dict[int, dict] = {}
+    failed: dict[Path, BaseException] = {}
+    waiting = list(range(len(jobs)))
+    done_dirs: set[Path] = set()
+    running = {}
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no torch state shared
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        try:
+            while waiting or running:
+                for i in list(waiting):
+                    dep = jobs[i].trained_by
+                    if dep is not None and dep in failed:
+                        failed[jobs[i].run_dir] = RuntimeError(f"not run: {dep.name} failed")
+                        waiting.remove(i)
+                    elif dep is None or dep in done_dirs:
+                        running[pool.submit(_run_job, jobs[i])] = i
+                        waiting.remove(i)
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = running.pop(future)
+                    try:
+                        results[i] = future.result()
+                        done_dirs.add(jobs[i].run_dir)
+                        note = f"{results[i]['wall_time_s']:.0f} s"
+                    except Exception as err:  # noqa: BLE001 - reported below, after the other runs
+                        failed[jobs[i].run_dir] = err
+                        note = f"FAILED: {err.__class__.__name__}: {err}"
+                    if progress:
+                        print(f"benchmark: {jobs[i].run_dir.name} {note} ({len(results)}/{len(jobs)} done)",
+                              file=sys.stderr, flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failed:
+        if len(failed) > 1:
+            print(f"benchmark: {len(failed)} runs failed or were not run: " + ", ".join(d.name for d in failed),
+                  file=sys.stderr, flush=True)
+        raise failed[next(j.run_dir for j in jobs if j.run_dir in failed)]
+    return [results[i] for i in range(len(jobs))]
+
+
+def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
+                  progress: bool = True, reference: str = "abmll", jobs: int = 1) -> tuple[list[dict], str]:
+    """Run every (method, seed); return the results and the printed text (table and comparison).
+
+    ``jobs`` > 1 runs that many (method, seed) runs at once, each in its own process with the config's
+    ``num_threads`` (a run that evaluates another's checkpoint, ``lora-ts``, waits for it). Every run
+    seeds itself, so the results are those of ``jobs`` = 1; only the wall time changes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and world_size() > 1:
+        raise ValueError(f"--jobs {jobs} runs separate processes itself: it cannot be combined with torchrun or "
+                         f"accelerate launch (WORLD_SIZE={world_size()})")
+    planned = _jobs(base, methods, seeds, out)
+    if jobs > 1:
+        results = _run_parallel(planned, jobs, progress)
+    else:
+        results = [_run_one(j.config, j.run_dir, progress, j.trained_by) for j in planned]
     if not is_main_process():  # one writer: the main process writes the summary files and plots
         return results, format_table(results)
     atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")
@@ -153,6 +235,6 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
 
         warnings.warn(f"reliability diagrams skipped: {err}")
     atomic_write_text(out / "benchmark.json", json.dumps({"methods": list(methods), "seeds": list(seeds),
-                                                          "wall_time_s": time.perf_counter() - t0,
+                                                          "wall_time_s": time.perf_counter() - t0, "jobs": jobs,
                                                           "config": base.to_dict()}, indent=1) + "\n")
     return results, table

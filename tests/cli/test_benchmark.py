@@ -50,3 +50,45 @@ def test_two_seeds_give_mean_and_std(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "±" in table and "| lora |" in table
     assert {r["seed"] for r in json.loads((tmp_path / "results.json").read_text())} == {0, 1}
+
+
+def test_jobs_run_in_parallel_with_the_same_results(tmp_path, capsys):
+    """`--jobs 2`: runs in two worker processes (lora-ts after lora), the same numbers as one after another."""
+    args = ["--quiet", "benchmark", "--preset", "smoke", "--methods", "pretrained", "lora", "lora-ts", "abmll",
+            "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [r["method"] for r in two] == ["pretrained", "lora", "lora-ts", "abmll"]
+    for a, b in zip(one, two):
+        assert a["pooled"] == b["pooled"] and a["per_task"].keys() == b["per_task"].keys()
+        assert (tmp_path / "one" / "runs" / f"{a['method']}-seed0" / "predictions.jsonl").read_text() == \
+            (tmp_path / "two" / "runs" / f"{b['method']}-seed0" / "predictions.jsonl").read_text()
+    assert "same training" in (tmp_path / "two" / "runs" / "lora-ts-seed0" / "log.txt").read_text()
+    assert json.loads((tmp_path / "two" / "benchmark.json").read_text())["jobs"] == 2
+    capsys.readouterr()
+    assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs" in err[0]
+
+
+def test_a_failed_parallel_run_keeps_the_others(tmp_path):
+    """With `--jobs`, a run that fails does not stop the others (their results are written), a run that
+    needs its checkpoint is not started, and the first failure is raised."""
+    import pytest
+
+    from abmll_pyro.presets import PRESETS, synthetic_task_folder
+    from abmll_pyro.train.benchmark import _Job, _run_parallel
+    from abmll_pyro.train.config import RunConfig
+
+    base = RunConfig.from_dict({**PRESETS["smoke"].config, "tasks": str(synthetic_task_folder(tmp_path / "tasks")),
+                                "steps": 1})
+    broken = base.updated(method="lora", tasks=str(tmp_path / "no-such-folder"))
+    runs = tmp_path / "runs"
+    jobs = [_Job(broken, runs / "lora-seed0", None),
+            _Job(base.updated(method="lora-ts"), runs / "lora-ts-seed0", runs / "lora-seed0"),
+            _Job(base.updated(method="pretrained"), runs / "pretrained-seed0", None)]
+    with pytest.raises(Exception, match="no-such-folder"):
+        _run_parallel(jobs, 2, progress=False)
+    validate_result(json.loads((runs / "pretrained-seed0" / "results.json").read_text()))
+    assert not (runs / "lora-ts-seed0").exists()
