@@ -170,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the methods to run (default: the preset's; 'all': every method)")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     bench.add_argument("--reference", default="abmll", help="the method every other is compared against")
-    bench.add_argument("--jobs", type=int, default=1,
+    bench.add_argument("--jobs", type=int,
                        help="run this many (method, seed) runs at once, each in its own process with the config's "
-                            "num_threads (default 1: one after another); the results do not depend on it")
+                            "num_threads (default: the preset's; 1 under torchrun / accelerate launch); the results "
+                            "do not depend on it")
     bench.add_argument("--config")
     _add_config_flags(bench, skip=("method", "seed"))
 
@@ -299,6 +300,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _benchmark_jobs(asked: int | None, preset_jobs: int) -> int:
+    """``--jobs`` if given, else the preset's (1 under a distributed launch, which parallelizes each run)."""
+    from .train.distributed import world_size
+
+    if asked is not None:
+        return asked
+    return preset_jobs if world_size() == 1 else 1
+
+
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
     from .train.benchmark import run_benchmark
@@ -319,7 +329,7 @@ def _cmd_benchmark(args) -> int:
 
         methods = ALL_METHODS
     _, table = run_benchmark(config, methods, list(seeds), args.out, progress=not args.quiet,
-                             reference=args.reference, jobs=args.jobs)
+                             reference=args.reference, jobs=_benchmark_jobs(args.jobs, preset.jobs))
     from .train.distributed import is_main_process
 
     if is_main_process():  # one copy of the table under torchrun / accelerate launch
