@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from abmll_pyro.data.cache import cache_dir
+from abmll_pyro.data.cache import cache_dir, cache_lock
 
 __all__ = ["SMOLLM2_GGUF", "smollm2_gguf_path", "load_smollm2"]
 
@@ -59,8 +59,10 @@ def load_smollm2(
     """``(model in eval mode, tokenizer)``; converts the GGUF file on first use (see module doc)."""
     target = Path(cache) if cache is not None else cache_dir("smollm2-135m")
     if not (target / DONE).exists():
-        target.mkdir(parents=True, exist_ok=True)
-        _convert(target)
+        with cache_lock(target):  # of several processes on an empty cache, one converts, the others wait
+            if not (target / DONE).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                _convert(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model.eval(), tokenizer

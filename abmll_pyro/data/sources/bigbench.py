@@ -23,12 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from abmll_pyro.data.cache import cache_dir
+from abmll_pyro.data.cache import build_task_folder, cache_dir
 from abmll_pyro.data.sources.bigbench_fetch import (
     BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs,
 )
@@ -128,16 +127,4 @@ def prepare_bigbench(root: str | Path | None = None, force: bool = False) -> Pat
     A finished folder holds ``manifest.json`` (written last); later calls return it without
     downloading. ``force`` rebuilds it."""
     base = Path(root) if root is not None else cache_dir(f"bigbench-{BIGBENCH_VERSION}")
-    out = base / "tasks"
-    if (out / MANIFEST).exists() and not force:
-        return out
-    staging = base / "staging"
-    try:
-        source = download_bigbench(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        manifest = _convert_all(source, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+    return build_task_folder(base, download_bigbench, _convert_all, force)

@@ -18,10 +18,9 @@ hash rule (:func:`~abmll_pyro.data.sources.bigbench.split_of`), written into the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from abmll_pyro.data.cache import cache_dir
+from abmll_pyro.data.cache import build_task_folder, cache_dir
 from abmll_pyro.data.sources.bigbench import MIN_EXAMPLES, convert_examples, split_of
 from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs
 from abmll_pyro.data.sources.folder import write_task_folder
@@ -90,16 +89,8 @@ def prepare_bigbench_generative(root: str | Path | None = None, force: bool = Fa
     use (``manifest.json`` written last). ``source``: an already fetched bigbench archive or source tree
     (no download)."""
     base = Path(root) if root is not None else cache_dir(f"{SUITE}-{BIGBENCH_VERSION}")
-    out = base / "tasks"
-    if (out / MANIFEST).exists() and not force:
-        return out
-    staging = base / "staging"
-    try:
-        tree = Path(source) if source is not None else download_bigbench(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        manifest = _convert_all(tree, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+
+    def fetch(staging: Path) -> Path:
+        return Path(source) if source is not None else download_bigbench(staging)
+
+    return build_task_folder(base, fetch, _convert_all, force)

@@ -228,25 +228,19 @@ def prepare_debian_cls(root: str | Path | None = None, force: bool = False) -> P
     ``apt-get download`` the :data:`~abmll_pyro.data.sources.debian_fetch.PACKAGES` into
     ``staging``, unpack them, convert, delete the staging folder. A finished folder holds
     ``manifest.json`` (written last); later calls return it at once; ``force`` rebuilds it."""
-    import shutil
-
-    from abmll_pyro.data.cache import cache_dir
+    from abmll_pyro.data.cache import build_task_folder, cache_dir
     from abmll_pyro.data.sources.debian_fetch import download_debs, unpack_deb
 
     base = Path(root) if root is not None else cache_dir(f"debian-cls-{SUITE_VERSION}")
-    out = base / "tasks"
-    if (out / MANIFEST).exists() and not force:
-        return out
-    staging = base / "staging"
-    try:
+
+    def fetch(staging: Path) -> tuple[Path, dict]:
         debs = download_debs(staging / "debs")
         for deb in debs.values():
             unpack_deb(deb, staging / "root")
-        if out.exists():
-            shutil.rmtree(out)
-        manifest = convert(staging / "root", out)
-        manifest["packages"] = {p: d.name for p, d in debs.items()}
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+        return staging / "root", debs
+
+    def build(fetched: tuple[Path, dict], out: Path) -> dict:
+        unpacked, debs = fetched
+        return {**convert(unpacked, out), "packages": {p: d.name for p, d in debs.items()}}
+
+    return build_task_folder(base, fetch, build, force)
