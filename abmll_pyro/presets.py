@@ -11,9 +11,10 @@
   made that way). Measured on 2 CPU cores: about 86 core-minutes per seed for the six, 41 more for
   in-context learning and Structured LoRA, about 2.5 hours more for ABMLL + ICL (its 768-token
   prompts) — so 3 seeds of the six take about 2¼ hours on 2 cores, not the 90 minutes the preset was
-  meant to fit (docs/RESULTS.md, "cpu-long"). Chosen on the suite's dev tasks (docs/RESULTS.md): kl_beta 1e-8 over 1e-6 (ABMLL and
-  bayes-lora alike), outer lr 1e-2 over 1e-3 (ABMLL, Regular LoRA and Structured LoRA alike) and
-  Reptile's ε 1.0 over 0.5 — one extra setting tried per meta-trained method.
+  meant to fit (docs/RESULTS.md, "cpu-long"). Chosen on the suite's dev tasks (docs/RESULTS.md):
+  kl_beta 1e-8 over 1e-6 (ABMLL and bayes-lora alike), outer lr 1e-2 over 1e-3 (ABMLL, Regular LoRA
+  and Structured LoRA alike) and Reptile's ε 1.0 over 0.5 — one extra setting tried per meta-trained
+  method.
 * ``paper`` — Llama-3-8B on CrossFit cls-45 with the paper's settings (rank 8, α 16, K = 5,
   kl_beta 1e-8, 2 tasks per step); for GPU users, never run in CI. Needs ``--data-dir DIR``
   (MetaICL-format data) and access to the model.

@@ -11,10 +11,9 @@ are over-confident, so T is fitted on **out-of-fold** scores (two-fold cross-fit
 is split into two halves (even and odd positions); for each half, a copy of the trained factors is
 fine-tuned on the other half with the same inner-loop budget and scores the held-out half. T minimizes
 the NLL of those held-out scores over a log-spaced grid (:data:`TEMPERATURES`, 0.05 to 20; a grid keeps
-the fit deterministic and bounded with 4–16 examples); results.json's ``per_task[t].temperature`` records
-it. The adaptation therefore costs three inner loops instead of one (two on half the support);
-``adapt_time_s`` in results.json shows it. With fewer
-than 2 support examples T = 1.
+the fit deterministic and bounded with 4–16 examples); results.json's ``per_task[t].temperature``
+records it. The adaptation therefore costs three inner loops instead of one (two on half the support);
+``adapt_time_s`` in results.json shows it. With fewer than 2 support examples T = 1.
 
 Sixteen out-of-fold scores do not pin T down: unregularized (``prior_std=None``), the fitted T ran to
 the grid's ends (0.05 or 20) on 5 of 26 test (seed, task) pairs of cpu-long and raised the pooled NLL
