@@ -128,7 +128,8 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             with torch.no_grad():
                 uncertainty = predict_with_uncertainty(method, state, episode)
         uncertainty = replace(uncertainty, **{f.name: getattr(uncertainty, f.name).cpu() for f in fields(uncertainty)})
-        diagnostics = {k: float(v) for k, v in method.adapt_diagnostics(state).items()}
+        report = getattr(method, "adapt_diagnostics", None)  # optional: duck-typed methods may lack it
+        diagnostics = {k: float(v) for k, v in report(state).items()} if report is not None else {}
         mine.append((i, split.name, uncertainty, episode.query.gold.cpu(), seconds, _query_indices(task, split),
                      diagnostics))
     per_task = TaskResults()
