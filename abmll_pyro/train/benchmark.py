@@ -203,14 +203,14 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     ``jobs`` > 1 runs that many (method, seed) runs at once, each in its own process with the config's
     ``num_threads`` (a run that evaluates another's checkpoint, ``lora-ts``, waits for it). Every run
     seeds itself, so the results are those of ``jobs`` = 1; only the wall time changes."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 1 and world_size() > 1:
         raise ValueError(f"--jobs {jobs} runs separate processes itself: it cannot be combined with torchrun or "
                          f"accelerate launch (WORLD_SIZE={world_size()})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     planned = _jobs(base, methods, seeds, out)
     if jobs > 1:
         results = _run_parallel(planned, jobs, progress)

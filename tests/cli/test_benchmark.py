@@ -69,7 +69,7 @@ def test_jobs_run_in_parallel_with_the_same_results(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--jobs" in err[0]
+    assert len(err) == 1 and "--jobs" in err[0] and not (tmp_path / "x" / "runs").exists()
 
 
 def test_a_failed_parallel_run_keeps_the_others(tmp_path):
