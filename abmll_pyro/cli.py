@@ -25,6 +25,10 @@ MAIN_FLAGS = ("seed", "steps", "kl_beta", "kl_gamma", "rank", "lora_alpha", "num
               "score_reduction")
 
 
+_TRUNK_HELP = ("share the frozen trunk's hidden states (the blocks below the adapted ones) with other runs "
+               "through this folder (safe for several processes; results do not depend on who filled it)")
+
+
 def _none_or(kind):
     def parse(text: str):
         return None if text.lower() in ("none", "null") else kind(text)
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trust-plugins", action="store_true",
                        help="with --resume: allow the run's config to import plug-in files (it runs their code)")
     train.add_argument("--config", help="YAML or JSON file of config keys")
+    train.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
     _add_config_flags(train, skip=("method", "model", "tasks"))
 
     ev = sub.add_parser("evaluate", help="adapt on each test task's support set, score its query set")
@@ -132,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config")
     ev.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
+    ev.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
     _add_config_flags(ev, skip=("method", "model", "tasks"))
 
     pr = sub.add_parser("predict", help="adapt to a new task and write the query's option probabilities")
@@ -174,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run this many (method, seed) runs at once, each in its own process with the config's "
                             "num_threads (default: the preset's; 1 under torchrun / accelerate launch); the results "
                             "do not depend on it")
+    bench.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR",
+                       help="the folder the runs share the frozen trunk's hidden states in (default: "
+                            "OUT/trunk-cache, deleted when every run has finished; a folder given here is kept; "
+                            "'none': each run keeps its own, in memory)")
     bench.add_argument("--config")
     _add_config_flags(bench, skip=("method", "seed"))
 
@@ -311,7 +321,7 @@ def _benchmark_jobs(asked: int | None, preset_jobs: int) -> int:
 
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
-    from .train.benchmark import run_benchmark
+    from .train.benchmark import AUTO_TRUNK, run_benchmark
 
     preset = get_preset(args.preset)
     base = dict(preset.config)
@@ -328,8 +338,10 @@ def _cmd_benchmark(args) -> int:
         from .presets import ALL_METHODS
 
         methods = ALL_METHODS
+    trunk = args.trunk_dir
+    trunk = AUTO_TRUNK if trunk is None else (None if trunk.lower() in ("none", "null") else trunk)
     _, table = run_benchmark(config, methods, list(seeds), args.out, progress=not args.quiet,
-                             reference=args.reference, jobs=_benchmark_jobs(args.jobs, preset.jobs))
+                             reference=args.reference, jobs=_benchmark_jobs(args.jobs, preset.jobs), trunk_dir=trunk)
     from .train.distributed import is_main_process
 
     if is_main_process():  # one copy of the table under torchrun / accelerate launch
@@ -428,6 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with _one_line_warnings():
         try:
+            if args.command in ("train", "evaluate") and args.trunk_dir is not None:
+                from .data.trunk import shared_trunk_dir
+
+                with shared_trunk_dir(args.trunk_dir):
+                    return COMMANDS[args.command](args)
             return COMMANDS[args.command](args)
         except (ValueError, KeyError, ImportError, OSError) as err:
             print(f"abmll: error: {_error_line(err)}", file=sys.stderr)

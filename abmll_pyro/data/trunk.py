@@ -16,15 +16,30 @@ rows), ``j`` and the dtype, and the whole cache is dropped when any frozen weigh
 
 The cache is opt-in per model (:func:`attach_trunk_cache`; ``RunConfig.trunk_cache`` turns it on
 for runs). Models without a :class:`~abmll_pyro.data.decoder.Decoder` are scored the old way.
+
+**Shared on disk** (``directory``; runs get it from ``$ABMLL_TRUNK_DIR``, which ``abmll benchmark``
+sets for all its runs): every run and process pointing at the folder reads the others' entries, so
+the 26 frozen blocks run once per example for a whole benchmark instead of once per (method, seed,
+example). A batched float32 pass gives a row slightly different round-off depending on which rows
+share its batch, so with a directory every missing row is computed on its own (batch of one, its own
+length): an entry is then a function of the row's content alone, and a run reads bit for bit what it
+would have computed itself — its results do not depend on which run filled the cache first, or on how
+many ran at once. The folder is keyed by the weights, the torch version, the device type and the
+thread count (all of which change round-off). Without a directory rows are computed batched (faster
+when nothing is shared; bit-identical within a process, within float round-off of the shared path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import uuid
+import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,16 +47,19 @@ from torch import Tensor, nn
 from ..lora.layer import BayesLoRALayer
 from .decoder import Decoder, decoder_of
 
-__all__ = ["TrunkCache", "attach_trunk_cache", "trunk_cache_of", "first_live_block", "final_hidden", "scored_logits"]
+__all__ = ["TRUNK_DIR_ENV", "TrunkCache", "shared_trunk_dir", "attach_trunk_cache", "trunk_cache_of", "first_live_block", "final_hidden", "scored_logits"]
 
 _ATTR = "_abmll_trunk_cache"
+TRUNK_DIR_ENV = "ABMLL_TRUNK_DIR"  # a run's shared on-disk trunk folder (set by `abmll benchmark`, `--trunk-dir`)
 
 
 class TrunkCache:
     """Per-row hidden states entering block ``j``; LRU-bounded to ``max_bytes`` in memory.
 
-    ``directory``: also keep every entry on disk under ``directory/<weights fingerprint>/`` (read back
-    when it falls out of memory or in a later process). ``hits``/``misses`` count rows.
+    ``directory``: also keep every entry on disk under ``directory/<weights fingerprint>-.../`` (read
+    back when it falls out of memory, by another process, or in a later one; safe for several
+    processes at once). Rows are then computed one at a time, so an entry does not depend on who
+    computed it (module docstring). ``hits``/``misses`` count rows; ``disk_hits`` those read from disk.
     """
 
     def __init__(self, max_bytes: int = 1 << 30, directory: str | Path | None = None):
@@ -49,7 +67,8 @@ class TrunkCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes, self.directory = max_bytes, None if directory is None else Path(directory)
         self.entries: OrderedDict[str, Tensor] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
+        self.bytes = self.hits = self.misses = self.disk_hits = 0
+        self._disk_ok = True  # cleared (with one warning) when the folder cannot be written
         self._signature: tuple | None = None
         self._fingerprint: str | None = None
 
@@ -77,7 +96,8 @@ class TrunkCache:
                     q = p.detach().double()
                     digest.update(f"{name}{tuple(p.shape)}{p.dtype}{float(q.sum())}{float(q.abs().sum())}".encode())
             self._fingerprint = digest.hexdigest()
-        return self.directory / self._fingerprint
+        runtime = f"torch{torch.__version__}-{_device_type(decoder)}-t{torch.get_num_threads()}"
+        return self.directory / f"{self._fingerprint}-{runtime.replace('+', '_')}"
 
     # ----------------------------------------------------------------- storage
     def get(self, key: str, decoder: Decoder) -> Tensor | None:
@@ -88,18 +108,28 @@ class TrunkCache:
         if self.directory is not None:
             path = self._dir(decoder) / f"{key}.pt"
             if path.exists():
-                value = torch.load(path, map_location=decoder.base.device if hasattr(decoder.base, "device") else "cpu")
+                try:
+                    value = torch.load(path, map_location=_device(decoder), weights_only=True)
+                except Exception:  # noqa: BLE001 - unreadable entry (a disk fault): recompute and rewrite it
+                    return None
+                self.disk_hits += 1
                 self._remember(key, value)
         return value
 
     def put(self, key: str, value: Tensor, decoder: Decoder) -> None:
         self._remember(key, value)
-        if self.directory is not None:
+        if self.directory is not None and self._disk_ok:
             folder = self._dir(decoder)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f"{key}.tmp"
-            torch.save(value.cpu(), tmp)
-            tmp.replace(folder / f"{key}.pt")
+            tmp = folder / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # unique: other processes write too
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.save(value.detach().cpu().clone(), tmp)
+                tmp.replace(folder / f"{key}.pt")  # atomic: a reader sees a whole entry or none
+            except OSError as err:  # e.g. a full disk: the run goes on with the memory cache alone
+                self._disk_ok = False
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                warnings.warn(f"trunk cache: cannot write {folder} ({err}); going on without the disk copy")
 
     def _remember(self, key: str, value: Tensor) -> None:
         size = value.numel() * value.element_size()
@@ -125,7 +155,10 @@ class TrunkCache:
         self.hits += n - len(missing)
         self.misses += len(missing)
         if missing:
-            computed = _trunk(decoder, j, input_ids, attention_mask, positions, lengths, missing)
+            if self.directory is not None:  # one row at a time: the entry depends on the row alone
+                computed = [_trunk(decoder, j, input_ids, attention_mask, positions, lengths, [r])[0] for r in missing]
+            else:
+                computed = _trunk(decoder, j, input_ids, attention_mask, positions, lengths, missing)
             for r, value in zip(missing, computed):
                 rows[r] = value
                 self.put(keys[r], value, decoder)
@@ -134,6 +167,14 @@ class TrunkCache:
         for r, value in enumerate(rows):
             out[r, : value.shape[0]] = value.to(out.device)
         return out
+
+
+def _device(decoder: Decoder) -> torch.device:
+    return next(decoder.base.parameters()).device
+
+
+def _device_type(decoder: Decoder) -> str:
+    return _device(decoder).type
 
 
 def _bytes(t: Tensor) -> bytes:
@@ -165,6 +206,26 @@ def _trunk(decoder: Decoder, j: int, input_ids: Tensor, attention_mask: Tensor |
     h = decoder.embed(ids, pos)
     h = decoder.run(h, decoder.prepare(h, mask, pos), pos, 0, j)
     return [h[k, : int(lengths[r])].clone() for k, r in enumerate(rows)]
+
+
+@contextlib.contextmanager
+def shared_trunk_dir(path: str | Path | None) -> Iterator[Path | None]:
+    """Runs built inside the block (:func:`~abmll_pyro.train.setup.build`, also in processes spawned
+    there) share the trunk folder ``path`` (made absolute; None: no shared folder); the previous
+    ``$ABMLL_TRUNK_DIR`` is restored on exit."""
+    previous = os.environ.get(TRUNK_DIR_ENV)
+    folder = None if path is None else Path(path).expanduser().resolve()
+    if folder is None:
+        os.environ.pop(TRUNK_DIR_ENV, None)
+    else:
+        os.environ[TRUNK_DIR_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(TRUNK_DIR_ENV, None)
+        else:
+            os.environ[TRUNK_DIR_ENV] = previous
 
 
 def attach_trunk_cache(lm: nn.Module, cache: TrunkCache | None = None) -> TrunkCache:

@@ -10,6 +10,12 @@ with ``results.json``, is reused, so an interrupted benchmark continues where it
   (``abmll`` when it ran) with 95% bootstrap CIs (:func:`~abmll_pyro.eval.compare.paired_comparison`);
 * ``<out>/reliability-<method>.png`` — reliability diagrams (test examples of all seeds pooled).
 
+The runs share one on-disk cache of the frozen trunk's hidden states (``<out>/trunk-cache`` by default,
+deleted once every run has finished; :mod:`~abmll_pyro.data.trunk`): every method of every seed sees
+the same examples, so the blocks below the adapted ones run once per example for the whole benchmark.
+Entries are computed one row at a time, so no run's results depend on which run filled the cache or on
+``jobs``.
+
 A method whose training is exactly another's (:data:`~abmll_pyro.methods.SAME_TRAINING`: ``lora-ts``
 trains as ``lora``) is evaluated from that method's checkpoint instead of being trained again.
 """
@@ -18,7 +24,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +35,25 @@ from typing import Sequence
 
 import torch
 
+from ..data.trunk import TRUNK_DIR_ENV, shared_trunk_dir
 from ..eval.compare import format_comparison, format_summary, load_predictions, paired_comparison, summarize
 from ..eval.metrics import ReliabilityDiagram
 from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
-from .distributed import is_main_process, world_size
+from .distributed import is_main_process, wait_for_everyone, world_size
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run
 
-__all__ = ["run_benchmark", "format_table", "pooled_diagram", "write_comparison"]
+__all__ = ["AUTO_TRUNK", "run_benchmark", "format_table", "pooled_diagram", "write_comparison"]
+
+
+AUTO_TRUNK = "auto"  # run_benchmark's default trunk folder: <out>/trunk-cache, deleted at the end
+
+
+def _folder_size(path: Path) -> tuple[int, int]:
+    files = [f for f in path.rglob("*.pt") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
 
 
 def _run_one(config: RunConfig, run_dir: Path, progress: bool, trained_by: Path | None = None) -> dict:
@@ -150,7 +168,6 @@ def _run_parallel(jobs: Sequence[_Job], workers: int, progress: bool) -> list[di
     only after that run finished; results in ``jobs``' order. A failed run does not stop the others
     (their finished work is kept); the first failure is raised once every run that could go on is done."""
     import multiprocessing
-    import sys
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     results: dict[int, dict] = {}
@@ -197,12 +214,16 @@ def _run_parallel(jobs: Sequence[_Job], workers: int, progress: bool) -> list[di
 
 
 def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path,
-                  progress: bool = True, reference: str = "abmll", jobs: int = 1) -> tuple[list[dict], str]:
+                  progress: bool = True, reference: str = "abmll", jobs: int = 1,
+                  trunk_dir: str | Path | None = AUTO_TRUNK) -> tuple[list[dict], str]:
     """Run every (method, seed); return the results and the printed text (table and comparison).
 
     ``jobs`` > 1 runs that many (method, seed) runs at once, each in its own process with the config's
     ``num_threads`` (a run that evaluates another's checkpoint, ``lora-ts``, waits for it). Every run
-    seeds itself, so the results are those of ``jobs`` = 1; only the wall time changes."""
+    seeds itself, so the results are those of ``jobs`` = 1; only the wall time changes.
+    ``trunk_dir``: the folder the runs share the frozen trunk in; :data:`AUTO_TRUNK` (default):
+    ``$ABMLL_TRUNK_DIR`` if set, else ``<out>/trunk-cache``, deleted after the last run finished (kept
+    when a run failed, for the rerun); a path: kept; None: no shared folder (each run's own memory cache)."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 1 and world_size() > 1:
@@ -212,10 +233,23 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     planned = _jobs(base, methods, seeds, out)
-    if jobs > 1:
-        results = _run_parallel(planned, jobs, progress)
-    else:
-        results = [_run_one(j.config, j.run_dir, progress, j.trained_by) for j in planned]
+    owned = trunk_dir == AUTO_TRUNK and not os.environ.get(TRUNK_DIR_ENV)
+    if trunk_dir == AUTO_TRUNK:
+        trunk_dir = os.environ.get(TRUNK_DIR_ENV) or out / "trunk-cache"
+    with shared_trunk_dir(trunk_dir if base.trunk_cache else None) as folder:
+        if jobs > 1:
+            results = _run_parallel(planned, jobs, progress)
+        else:
+            results = [_run_one(j.config, j.run_dir, progress, j.trained_by) for j in planned]
+    if folder is not None and folder.exists():
+        wait_for_everyone()  # every rank done with the folder before it goes
+        if is_main_process():
+            count, size = _folder_size(folder)
+            if owned:
+                shutil.rmtree(folder, ignore_errors=True)
+            if progress:
+                print(f"benchmark: shared trunk cache {count} entries, {size / 2**20:.0f} MiB in {folder}"
+                      f"{' (deleted)' if owned else ''}", file=sys.stderr, flush=True)
     if not is_main_process():  # one writer: the main process writes the summary files and plots
         return results, format_table(results)
     atomic_write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import warnings
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..data.sources import TaskSet, load_tasks
-from ..data.trunk import attach_trunk_cache
+from ..data.trunk import TRUNK_DIR_ENV, TrunkCache, attach_trunk_cache
 from ..export.peft import init_from_peft
 from ..lms import load_lm
 from ..lora.adapter import DEFAULT_TARGETS, FALLBACK_TARGETS, BayesLoRA
@@ -150,8 +151,8 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     adapter = BayesLoRA(lm, config.adapter_config(targets))
     if config.init_from_peft:  # θ's mean factors from an existing PEFT LoRA adapter (σ keeps its start)
         init_from_peft(adapter, config.init_from_peft)
-    if config.trunk_cache:
-        attach_trunk_cache(lm)
+    if config.trunk_cache:  # shared on disk where $ABMLL_TRUNK_DIR says (abmll benchmark, --trunk-dir)
+        attach_trunk_cache(lm, TrunkCache(directory=os.environ.get(TRUNK_DIR_ENV) or None))
     method = build_method(config.method, adapter, config, len(taskset.train))
     svi = getattr(method, "svi", None)
     if svi is not None:  # generative (token) episodes beside option episodes, one model

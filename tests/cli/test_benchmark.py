@@ -55,7 +55,7 @@ def test_two_seeds_give_mean_and_std(tmp_path, capsys):
 def test_jobs_run_in_parallel_with_the_same_results(tmp_path, capsys):
     """`--jobs 2`: runs in two worker processes (lora-ts after lora), the same numbers as one after another."""
     args = ["--quiet", "benchmark", "--preset", "smoke", "--methods", "pretrained", "lora", "lora-ts", "abmll",
-            "--steps", "2"]
+            "--steps", "2", "--last-layers", "1"]  # the top block adapted: the runs share the trunk below it
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -92,3 +92,25 @@ def test_a_failed_parallel_run_keeps_the_others(tmp_path):
         _run_parallel(jobs, 2, progress=False)
     validate_result(json.loads((runs / "pretrained-seed0" / "results.json").read_text()))
     assert not (runs / "lora-ts-seed0").exists()
+
+
+def test_runs_share_the_frozen_trunk(tmp_path, capsys):
+    """The benchmark's runs share one on-disk trunk cache: OUT/trunk-cache by default, deleted at the end;
+    a folder given with --trunk-dir is kept (the second method read the first's entries); 'none' turns it
+    off — and the predictions agree with a benchmark without it to float round-off."""
+    import pytest
+
+    args = ["benchmark", "--preset", "smoke", "--methods", "lora", "abmll", "--steps", "2", "--last-layers", "1"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert "shared trunk cache" in err and "(deleted)" in err and not (tmp_path / "auto" / "trunk-cache").exists()
+    assert main(["--quiet", *args, "--out", str(tmp_path / "kept"), "--trunk-dir", str(tmp_path / "trunk")]) == 0
+    assert len(list((tmp_path / "trunk").rglob("*.pt"))) > 0
+    assert main(["--quiet", *args, "--out", str(tmp_path / "off"), "--trunk-dir", "none"]) == 0
+    assert not (tmp_path / "off" / "trunk-cache").exists()
+    for method in ("lora", "abmll"):
+        shared, off = ([json.loads(line) for line in (tmp_path / d / "runs" / f"{method}-seed0" / "predictions.jsonl")
+                        .read_text().splitlines()] for d in ("auto", "off"))
+        assert [r["index"] for r in shared] == [r["index"] for r in off]
+        for a, b in zip(shared, off):
+            assert a["probs"] == pytest.approx(b["probs"], abs=1e-4)

@@ -174,3 +174,99 @@ def test_trunk_cache_exact_on_smollm2(packed):
     # in another order (float32: ~sqrt(V)·eps ≈ 3e-5 relative at worst; observed 1.9e-5 nats)
     finite = reference.isfinite()
     assert torch.allclose(uncached[finite], reference[finite], rtol=1e-6, atol=5e-5)
+
+
+# ------------------------------------------------------------------ the shared (on-disk) trunk
+def _trunk_rows(lm, batch, chunk, directory):
+    """Every row's cached trunk entry after scoring ``batch`` in pieces of ``chunk`` examples."""
+    cache = attach_trunk_cache(lm, TrunkCache(directory=directory))
+    with torch.no_grad():
+        for start in range(0, len(batch), chunk):
+            option_scores(lm, batch.select(torch.arange(start, min(start + chunk, len(batch)))))
+    detach_trunk_cache(lm)
+    return cache
+
+
+@pytest.mark.embedded
+def test_shared_trunk_entries_do_not_depend_on_the_batch(tmp_path):
+    """With a directory, a row's entry is computed on its own: scoring the same examples in batches of
+    2 or all at once stores bit-identical entries (a batched float32 pass does not: SmolLM2's trunk of a
+    row differs by up to ~2e-4 between a batch of 2 and of 16 — which run filled a shared cache would
+    then change the others' results)."""
+    from abmll_pyro.lms import load_smollm2
+    from abmll_pyro.train.setup import last_layer_targets
+
+    lm, tok = load_smollm2()
+    examples = [Example(f"Review {i}: {'good ' * (i % 5)}movie {'bad ' * (i % 3)}. Sentiment:", ("positive", "negative"),
+                        i % 2) for i in range(12)]
+    batch = encode_options(tok, examples)
+    BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0, target_modules=last_layer_targets(lm, None, 4)))
+    pieces = _trunk_rows(lm, batch, 2, tmp_path / "a")
+    whole = _trunk_rows(lm, batch, len(batch), tmp_path / "b")
+    assert pieces.misses == whole.misses == len(batch) and set(pieces.entries) == set(whole.entries)
+    assert all(torch.equal(pieces.entries[k], whole.entries[k]) for k in whole.entries)
+    # and a later run reads them back from disk bit for bit
+    again = _trunk_rows(lm, batch, 5, tmp_path / "a")
+    assert again.disk_hits == len(batch) and again.misses == 0
+    assert all(torch.equal(again.entries[k], whole.entries[k]) for k in whole.entries)
+
+
+def _fill(directory, queue):
+    lm, tok = tiny_model("llama")
+    adapter = top_block_adapter("llama", lm)
+    batch = encode_options(tok, EXAMPLES * 4)
+    with adapter.use(adapter.mean_deltas(adapter.global_params())):
+        cache = _trunk_rows(lm, batch, 3, directory)
+    queue.put((cache.misses, cache.disk_hits, {k: v.tolist() for k, v in cache.entries.items()}))
+
+
+def test_shared_trunk_several_processes_at_once(tmp_path):
+    """Three processes filling one folder at once: no failure, no partial file, the same entries."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fill, args=(tmp_path, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(entries == got[0][2] for _, _, entries in got)
+    assert not list(tmp_path.rglob("*.tmp"))
+    (folder,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert f"-t{torch.get_num_threads()}" in folder.name and "torch" in folder.name  # keyed by what changes round-off
+    assert len(list(folder.glob("*.pt"))) == len(got[0][2])
+    _fill(tmp_path, queue)  # a later process computes nothing
+    misses, disk_hits, entries = queue.get(timeout=60)
+    assert misses == 0 and disk_hits == len(entries) == len(got[0][2])
+
+
+def test_shared_trunk_unwritable_folder_warns_and_goes_on(tmp_path):
+    lm, tok = tiny_model("qwen2")
+    adapter = top_block_adapter("qwen2", lm)
+    batch = encode_options(tok, EXAMPLES)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with adapter.use(adapter.mean_deltas(adapter.global_params())), torch.no_grad():
+        expected = option_scores(lm, batch)
+        attach_trunk_cache(lm, TrunkCache(directory=blocker / "trunk"))
+        with pytest.warns(UserWarning, match="cannot write"):
+            got = option_scores(lm, batch)
+    detach_trunk_cache(lm)
+    assert_close(got, expected)
+
+
+def test_shared_trunk_dir_sets_and_restores_the_environment(tmp_path, monkeypatch):
+    import os
+
+    from abmll_pyro.data.trunk import TRUNK_DIR_ENV, shared_trunk_dir
+
+    monkeypatch.setenv(TRUNK_DIR_ENV, "/elsewhere")
+    with shared_trunk_dir(tmp_path / "t") as folder:
+        assert os.environ[TRUNK_DIR_ENV] == str(folder) == str((tmp_path / "t").resolve())
+        with shared_trunk_dir(None):
+            assert TRUNK_DIR_ENV not in os.environ
+        assert os.environ[TRUNK_DIR_ENV] == str(folder)
+    assert os.environ[TRUNK_DIR_ENV] == "/elsewhere"
