@@ -171,3 +171,24 @@ def test_boolean_flags_parse_true_and_false(tmp_path, handwritten, tiny):
     assert json.loads((run / "config.json").read_text())["drop_long_examples"] is False
     with pytest.raises(SystemExit):
         main(["train", "--method", "lora", "--out", str(tmp_path / "x"), "--drop-long-examples", "maybe"])
+
+
+def test_train_and_evaluate_share_a_trunk_folder(tmp_path, handwritten, tiny, capsys):
+    """`--trunk-dir`: train fills the folder with the frozen blocks' states; evaluate in another call
+    reads them (its results the same as without the folder, to float round-off), and the variable is
+    not left set after the command."""
+    import os
+
+    from abmll_pyro.data.trunk import TRUNK_DIR_ENV
+
+    trunk = tmp_path / "trunk"
+    run = _train(tmp_path, handwritten, tiny, "lora", "--last-layers", "1", "--trunk-dir", str(trunk))
+    filled = sorted(trunk.rglob("*.pt"))
+    assert filled and TRUNK_DIR_ENV not in os.environ
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", "--run", str(run), "--trunk-dir", str(trunk)]) == 0
+    shared = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["--quiet", "evaluate", "--run", str(run)]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shared["accuracy"] == alone["accuracy"] and shared["nll"] == pytest.approx(alone["nll"], abs=1e-4)
+    assert sorted(trunk.rglob("*.pt")) == filled  # the test tasks' rows were all there already
