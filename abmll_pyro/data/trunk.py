@@ -27,14 +27,18 @@ would have computed itself — its results do not depend on which run filled the
 many ran at once. The folder is keyed by the weights, the torch version, the device type and the
 thread count (all of which change round-off). Without a directory rows are computed batched (faster
 when nothing is shared; bit-identical within a process, within float round-off of the shared path).
+The disk copy stops, with one warning, before it would leave less than 5 GiB (or 5% of the disk) free;
+the run goes on with the memory cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import uuid
 import warnings
 from collections import OrderedDict
@@ -51,6 +55,7 @@ __all__ = ["TRUNK_DIR_ENV", "TrunkCache", "shared_trunk_dir", "attach_trunk_cach
 
 _ATTR = "_abmll_trunk_cache"
 TRUNK_DIR_ENV = "ABMLL_TRUNK_DIR"  # a run's shared on-disk trunk folder (set by `abmll benchmark`, `--trunk-dir`)
+MIN_FREE_BYTES = 5 << 30  # the disk copy stops (one warning) before it would leave less free than this or 5%
 
 
 class TrunkCache:
@@ -123,6 +128,10 @@ class TrunkCache:
             tmp = folder / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # unique: other processes write too
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                usage = shutil.disk_usage(folder)
+                if usage.free - value.numel() * value.element_size() < max(MIN_FREE_BYTES, usage.total // 20):
+                    raise OSError(errno.ENOSPC, f"fewer than {max(MIN_FREE_BYTES, usage.total // 20) >> 30} GiB "
+                                                f"would be left free")
                 torch.save(value.detach().cpu().clone(), tmp)
                 tmp.replace(folder / f"{key}.pt")  # atomic: a reader sees a whole entry or none
             except OSError as err:  # e.g. a full disk: the run goes on with the memory cache alone

@@ -43,7 +43,7 @@ from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .distributed import is_main_process, wait_for_everyone, world_size
 from .results import validate_result
-from .run import CONFIG, RESULTS, evaluate_run, train_run
+from .run import CONFIG, RESULTS, evaluate_run, train_run, wants_cpu
 
 __all__ = ["AUTO_TRUNK", "run_benchmark", "format_table", "pooled_diagram", "write_comparison"]
 
@@ -222,8 +222,9 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     ``num_threads`` (a run that evaluates another's checkpoint, ``lora-ts``, waits for it). Every run
     seeds itself, so the results are those of ``jobs`` = 1; only the wall time changes.
     ``trunk_dir``: the folder the runs share the frozen trunk in; :data:`AUTO_TRUNK` (default):
-    ``$ABMLL_TRUNK_DIR`` if set, else ``<out>/trunk-cache``, deleted after the last run finished (kept
-    when a run failed, for the rerun); a path: kept; None: no shared folder (each run's own memory cache)."""
+    ``$ABMLL_TRUNK_DIR`` if set, else on CPU ``<out>/trunk-cache``, deleted after the last run finished
+    (kept when a run failed, for the rerun), and on a GPU none; a path: kept; None: no shared folder
+    (each run's own memory cache)."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 1 and world_size() > 1:
@@ -234,8 +235,8 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     t0 = time.perf_counter()
     planned = _jobs(base, methods, seeds, out)
     owned = trunk_dir == AUTO_TRUNK and not os.environ.get(TRUNK_DIR_ENV)
-    if trunk_dir == AUTO_TRUNK:
-        trunk_dir = os.environ.get(TRUNK_DIR_ENV) or out / "trunk-cache"
+    if trunk_dir == AUTO_TRUNK:  # on a GPU a batch-of-one trunk pass costs more than the batched one saves
+        trunk_dir = os.environ.get(TRUNK_DIR_ENV) or (out / "trunk-cache" if wants_cpu(base) else None)
     with shared_trunk_dir(trunk_dir if base.trunk_cache else None) as folder:
         if jobs > 1:
             results = _run_parallel(planned, jobs, progress)

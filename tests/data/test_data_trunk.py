@@ -270,3 +270,27 @@ def test_shared_trunk_dir_sets_and_restores_the_environment(tmp_path, monkeypatc
             assert TRUNK_DIR_ENV not in os.environ
         assert os.environ[TRUNK_DIR_ENV] == str(folder)
     assert os.environ[TRUNK_DIR_ENV] == "/elsewhere"
+
+
+def test_shared_trunk_stops_writing_before_the_disk_fills(tmp_path, monkeypatch):
+    """The disk copy never takes the last MIN_FREE_BYTES (or 5%) of the disk: past it, one warning and
+    the run goes on from memory, with the same scores."""
+    import shutil
+
+    import abmll_pyro.data.trunk as trunk
+
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(trunk, "MIN_FREE_BYTES", free + (1 << 30))  # as if the disk were nearly full
+    lm, tok = tiny_model("llama")
+    adapter = top_block_adapter("llama", lm)
+    batch = encode_options(tok, EXAMPLES)
+    with adapter.use(adapter.mean_deltas(adapter.global_params())), torch.no_grad():
+        expected = option_scores(lm, batch)
+        cache = attach_trunk_cache(lm, TrunkCache(directory=tmp_path / "trunk"))
+        with pytest.warns(UserWarning, match="would be left free"):
+            got = option_scores(lm, batch)
+        again = option_scores(lm, batch)  # from memory, no second warning needed
+    detach_trunk_cache(lm)
+    assert_close(got, expected)
+    assert_close(again, expected)
+    assert not list((tmp_path / "trunk").rglob("*.pt")) and cache.hits == len(batch)
