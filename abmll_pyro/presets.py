@@ -8,10 +8,10 @@
   (real classification tasks with headroom, test families held out), 16 shots, K = 5, 60 outer steps,
   the six core methods and 3 seeds (``--methods all`` adds the other three; ``--tasks bigbench`` runs
   it on BIG-bench). One thread per run, two runs at once (``jobs=2``: docs/RESULTS.md's runs were
-  made that way). Measured on 2 CPU cores: about 86 core-minutes per seed for the six, 41 more for
-  in-context learning and Structured LoRA, about 2.5 hours more for ABMLL + ICL (its 768-token
-  prompts) — so 3 seeds of the six take about 2¼ hours on 2 cores, not the 90 minutes the preset was
-  meant to fit (docs/RESULTS.md, "cpu-long"). Chosen on the suite's dev tasks (docs/RESULTS.md):
+  made that way), every run reading the others' frozen-trunk states (``OUT/trunk-cache``). Measured
+  on 2 CPU cores: 72 minutes for the six and 3 seeds (about 2.4 core-hours; 4.3 before the runs
+  shared the trunk); in-context learning, Structured LoRA and ABMLL + ICL (its 768-token prompts)
+  cost hours more (docs/RESULTS.md, "cpu-long"). Chosen on the suite's dev tasks (docs/RESULTS.md):
   kl_beta 1e-8 over 1e-6 (ABMLL and bayes-lora alike), outer lr 1e-2 over 1e-3 (ABMLL, Regular LoRA
   and Structured LoRA alike) and Reptile's ε 1.0 over 0.5 — one extra setting tried per meta-trained
   method.
