@@ -28,7 +28,8 @@ many ran at once. The folder is keyed by the weights, the torch version, the dev
 thread count (all of which change round-off). Without a directory rows are computed batched (faster
 when nothing is shared; bit-identical within a process, within float round-off of the shared path).
 The disk copy stops, with one warning, before it would leave less than 5 GiB (or 5% of the disk) free;
-the run goes on with the memory cache.
+the run goes on with the memory cache. Rows of a model with nothing adapted (``j`` = the number of
+blocks: pretrained, in-context learning) never go to the folder: no other method could read them.
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ class TrunkCache:
         return self.directory / f"{self._fingerprint}-{runtime.replace('+', '_')}"
 
     # ----------------------------------------------------------------- storage
-    def get(self, key: str, decoder: Decoder) -> Tensor | None:
+    def get(self, key: str, decoder: Decoder, disk: bool = True) -> Tensor | None:
         value = self.entries.get(key)
         if value is not None:
             self.entries.move_to_end(key)
             return value
-        if self.directory is not None:
+        if self.directory is not None and disk:
             path = self._dir(decoder) / f"{key}.pt"
             if path.exists():
                 try:
@@ -121,9 +122,9 @@ class TrunkCache:
                 self._remember(key, value)
         return value
 
-    def put(self, key: str, value: Tensor, decoder: Decoder) -> None:
+    def put(self, key: str, value: Tensor, decoder: Decoder, disk: bool = True) -> None:
         self._remember(key, value)
-        if self.directory is not None and self._disk_ok:
+        if self.directory is not None and disk and self._disk_ok:
             folder = self._dir(decoder)
             tmp = folder / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # unique: other processes write too
             try:
@@ -159,18 +160,21 @@ class TrunkCache:
         positions = position_ids.expand(n, -1)
         dtype = next(decoder.base.parameters()).dtype
         keys = [_row_key(j, dtype, input_ids[r], positions[r], attention_mask, r, int(lengths[r])) for r in range(n)]
-        rows: list[Tensor | None] = [self.get(k, decoder) for k in keys]
+        # the folder holds states below adapted blocks; a model with nothing adapted (pretrained, icl) is
+        # its own "trunk" through the last block, shared with no other method: kept in memory only
+        shared = self.directory is not None and j < decoder.num_blocks
+        rows: list[Tensor | None] = [self.get(k, decoder, shared) for k in keys]
         missing = [r for r in range(n) if rows[r] is None]
         self.hits += n - len(missing)
         self.misses += len(missing)
         if missing:
-            if self.directory is not None:  # one row at a time: the entry depends on the row alone
+            if shared:  # one row at a time: the entry depends on the row alone
                 computed = [_trunk(decoder, j, input_ids, attention_mask, positions, lengths, [r])[0] for r in missing]
             else:
                 computed = _trunk(decoder, j, input_ids, attention_mask, positions, lengths, missing)
             for r, value in zip(missing, computed):
                 rows[r] = value
-                self.put(keys[r], value, decoder)
+                self.put(keys[r], value, decoder, shared)
         first = rows[0]
         out = first.new_zeros((n, width, first.shape[-1]))
         for r, value in enumerate(rows):

@@ -200,13 +200,13 @@ def test_shared_trunk_entries_do_not_depend_on_the_batch(tmp_path):
     examples = [Example(f"Review {i}: {'good ' * (i % 5)}movie {'bad ' * (i % 3)}. Sentiment:", ("positive", "negative"),
                         i % 2) for i in range(12)]
     batch = encode_options(tok, examples)
-    BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0, target_modules=last_layer_targets(lm, None, 4)))
-    pieces = _trunk_rows(lm, batch, 2, tmp_path / "a")
-    whole = _trunk_rows(lm, batch, len(batch), tmp_path / "b")
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0, target_modules=last_layer_targets(lm, None, 4)))
+    with adapter.use(adapter.mean_deltas(adapter.global_params())):  # the top 4 blocks live: trunk = 26 blocks
+        pieces = _trunk_rows(lm, batch, 2, tmp_path / "a")
+        whole = _trunk_rows(lm, batch, len(batch), tmp_path / "b")
+        again = _trunk_rows(lm, batch, 5, tmp_path / "a")  # a later run reads them back from disk
     assert pieces.misses == whole.misses == len(batch) and set(pieces.entries) == set(whole.entries)
     assert all(torch.equal(pieces.entries[k], whole.entries[k]) for k in whole.entries)
-    # and a later run reads them back from disk bit for bit
-    again = _trunk_rows(lm, batch, 5, tmp_path / "a")
     assert again.disk_hits == len(batch) and again.misses == 0
     assert all(torch.equal(again.entries[k], whole.entries[k]) for k in whole.entries)
 
@@ -294,3 +294,18 @@ def test_shared_trunk_stops_writing_before_the_disk_fills(tmp_path, monkeypatch)
     assert_close(got, expected)
     assert_close(again, expected)
     assert not list((tmp_path / "trunk").rglob("*.pt")) and cache.hits == len(batch)
+
+
+def test_shared_trunk_keeps_full_depth_rows_in_memory(tmp_path):
+    """With nothing adapted (pretrained, in-context learning) the "trunk" is the whole model and no other
+    method could read it: the folder gets nothing, scoring still goes through the memory cache."""
+    lm, tok = tiny_model("llama")
+    BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0, target_modules=(TOP["llama"] + "q_proj",)))  # no ΔW active
+    batch = encode_options(tok, EXAMPLES)
+    with torch.no_grad():
+        expected = option_scores(lm, batch)
+        cache = attach_trunk_cache(lm, TrunkCache(directory=tmp_path))
+        got = option_scores(lm, batch)
+    detach_trunk_cache(lm)
+    assert_close(got, expected)
+    assert cache.misses == len(batch) and not list(tmp_path.rglob("*.pt"))
