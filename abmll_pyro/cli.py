@@ -443,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("train", "evaluate") and args.trunk_dir is not None:
                 from .data.trunk import shared_trunk_dir
 
-                with shared_trunk_dir(args.trunk_dir):
+                folder = None if args.trunk_dir.lower() in ("none", "null") else args.trunk_dir  # none: $ABMLL_TRUNK_DIR off
+                with shared_trunk_dir(folder):
                     return COMMANDS[args.command](args)
             return COMMANDS[args.command](args)
         except (ValueError, KeyError, ImportError, OSError) as err:

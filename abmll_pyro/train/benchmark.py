@@ -10,8 +10,8 @@ with ``results.json``, is reused, so an interrupted benchmark continues where it
   (``abmll`` when it ran) with 95% bootstrap CIs (:func:`~abmll_pyro.eval.compare.paired_comparison`);
 * ``<out>/reliability-<method>.png`` — reliability diagrams (test examples of all seeds pooled).
 
-The runs share one on-disk cache of the frozen trunk's hidden states (``<out>/trunk-cache`` by default,
-deleted once every run has finished; :mod:`~abmll_pyro.data.trunk`): every method of every seed sees
+On CPU the runs share one on-disk cache of the frozen trunk's hidden states (``<out>/trunk-cache`` by
+default, deleted once every run has finished; :mod:`~abmll_pyro.data.trunk`): every method of every seed sees
 the same examples, so the blocks below the adapted ones run once per example for the whole benchmark.
 Entries are computed one row at a time, so no run's results depend on which run filled the cache or on
 ``jobs``.

@@ -173,7 +173,7 @@ def test_boolean_flags_parse_true_and_false(tmp_path, handwritten, tiny):
         main(["train", "--method", "lora", "--out", str(tmp_path / "x"), "--drop-long-examples", "maybe"])
 
 
-def test_train_and_evaluate_share_a_trunk_folder(tmp_path, handwritten, tiny, capsys):
+def test_train_and_evaluate_share_a_trunk_folder(tmp_path, handwritten, tiny, capsys, monkeypatch):
     """`--trunk-dir`: train fills the folder with the frozen blocks' states; evaluate in another call
     reads them (its results the same as without the folder, to float round-off), and the variable is
     not left set after the command."""
@@ -192,3 +192,6 @@ def test_train_and_evaluate_share_a_trunk_folder(tmp_path, handwritten, tiny, ca
     alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shared["accuracy"] == alone["accuracy"] and shared["nll"] == pytest.approx(alone["nll"], abs=1e-4)
     assert sorted(trunk.rglob("*.pt")) == filled  # the test tasks' rows were all there already
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet", "evaluate", "--run", str(run), "--trunk-dir", "none"]) == 0  # off, not a folder "none"
+    assert not (tmp_path / "none").exists()
