@@ -57,6 +57,7 @@ __all__ = ["TRUNK_DIR_ENV", "TrunkCache", "shared_trunk_dir", "attach_trunk_cach
 _ATTR = "_abmll_trunk_cache"
 TRUNK_DIR_ENV = "ABMLL_TRUNK_DIR"  # a run's shared on-disk trunk folder (set by `abmll benchmark`, `--trunk-dir`)
 MIN_FREE_BYTES = 5 << 30  # the disk copy stops (one warning) before it would leave less free than this or 5%
+CHECK_FREE_EVERY = 256 << 20  # the free space is looked at once per this many bytes written, not per entry
 
 
 class TrunkCache:
@@ -77,6 +78,8 @@ class TrunkCache:
         self._disk_ok = True  # cleared (with one warning) when the folder cannot be written
         self._signature: tuple | None = None
         self._fingerprint: str | None = None
+        self._made: Path | None = None  # the folder made (mkdir once, not per entry)
+        self._unchecked = 0  # bytes written since the free space was last looked at
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -102,7 +105,7 @@ class TrunkCache:
                     q = p.detach().double()
                     digest.update(f"{name}{tuple(p.shape)}{p.dtype}{float(q.sum())}{float(q.abs().sum())}".encode())
             self._fingerprint = digest.hexdigest()
-        runtime = f"torch{torch.__version__}-{_device_type(decoder)}-t{torch.get_num_threads()}"
+        runtime = f"torch{torch.__version__}-{_device(decoder).type}-t{torch.get_num_threads()}"
         return self.directory / f"{self._fingerprint}-{runtime.replace('+', '_')}"
 
     # ----------------------------------------------------------------- storage
@@ -127,13 +130,22 @@ class TrunkCache:
         if self.directory is not None and disk and self._disk_ok:
             folder = self._dir(decoder)
             tmp = folder / f"{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # unique: other processes write too
+            size = value.numel() * value.element_size()
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                usage = shutil.disk_usage(folder)
-                if usage.free - value.numel() * value.element_size() < max(MIN_FREE_BYTES, usage.total // 20):
-                    raise OSError(errno.ENOSPC, f"fewer than {max(MIN_FREE_BYTES, usage.total // 20) >> 30} GiB "
-                                                f"would be left free")
-                torch.save(value.detach().cpu().clone(), tmp)
+                if self._made != folder:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._made, self._unchecked = folder, CHECK_FREE_EVERY
+                self._unchecked += size
+                if self._unchecked >= CHECK_FREE_EVERY:  # look ahead one interval: never below the reserve
+                    usage = shutil.disk_usage(folder)
+                    reserve = max(MIN_FREE_BYTES, usage.total // 20)
+                    if usage.free - CHECK_FREE_EVERY - size < reserve:
+                        raise OSError(errno.ENOSPC, f"fewer than {reserve >> 30} GiB would be left free")
+                    self._unchecked = 0
+                value = value.detach().cpu()
+                # a view would save its whole storage: copy only then (_trunk's rows are already compact)
+                torch.save(value if value.is_contiguous() and value.untyped_storage().nbytes() == size
+                           else value.clone(), tmp)
                 tmp.replace(folder / f"{key}.pt")  # atomic: a reader sees a whole entry or none
             except OSError as err:  # e.g. a full disk: the run goes on with the memory cache alone
                 self._disk_ok = False
@@ -184,10 +196,6 @@ class TrunkCache:
 
 def _device(decoder: Decoder) -> torch.device:
     return next(decoder.base.parameters()).device
-
-
-def _device_type(decoder: Decoder) -> str:
-    return _device(decoder).type
 
 
 def _bytes(t: Tensor) -> bytes:

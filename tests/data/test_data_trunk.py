@@ -309,3 +309,19 @@ def test_shared_trunk_keeps_full_depth_rows_in_memory(tmp_path):
     detach_trunk_cache(lm)
     assert_close(got, expected)
     assert cache.misses == len(batch) and not list(tmp_path.rglob("*.pt"))
+
+
+def test_shared_entry_of_a_view_is_stored_compactly(tmp_path):
+    """An entry handed in as a view of a larger tensor is saved as its own rows, not the whole storage
+    (the disk copy of a row never drags its batch along), and reads back equal."""
+    lm, _ = tiny_model("llama")
+    decoder = decoder_of(lm)
+    big = torch.randn(64, 32, 16)
+    cache = TrunkCache(directory=tmp_path)
+    cache.put("row", big[3, :5], decoder)
+    cache.put("whole", big[4].clone(), decoder)
+    files = {p.stem: p.stat().st_size for p in tmp_path.rglob("*.pt")}
+    assert files["row"] < big[3].numel() * big.element_size()  # 5 of 32 positions, not 64 rows
+    assert files["whole"] < 2 * big[4].numel() * big.element_size()
+    cache.clear()
+    assert torch.equal(cache.get("row", decoder), big[3, :5]) and torch.equal(cache.get("whole", decoder), big[4])
