@@ -103,3 +103,60 @@ def test_compare_names_two_runs_of_one_method_and_restricts_tasks(tmp_path, caps
     assert len(err) == 1 and "'nope'" in err[0]
     assert main(["compare", str(tmp_path / "beta6"), "--names", "x", "y"]) == 2
     assert "one per path" in capsys.readouterr().err
+
+
+def test_student_t_quantiles():
+    from abmll_pyro.eval.compare import t975
+
+    # exact values from tables: df 2, 30, 40, 60, 120
+    for df, want in ((2, 4.303), (30, 2.042), (40, 2.021), (60, 2.000), (120, 1.980)):
+        assert abs(t975(df) - want) < 1.5e-3, df
+    with pytest.raises(ValueError):
+        t975(0)
+
+
+def _reseed(p: Predictions, seed: int) -> Predictions:
+    return Predictions(p.method, [(seed, t, i) for _, t, i in p.keys], p.gold, p.probs)
+
+
+def _concat(name: str, parts: list[Predictions]) -> Predictions:
+    return Predictions(name, [k for p in parts for k in p.keys], np.concatenate([p.gold for p in parts]),
+                       np.concatenate([p.probs for p in parts]))
+
+
+def test_across_seeds_is_the_t_interval_of_per_seed_differences():
+    """Each seed's difference equals the single-seed comparison's point difference; the interval is
+    mean ± t(k−1)·sd/√k, by hand. Seeds that disagree in sign give an interval covering 0."""
+    sharp = {0: (2.0, 0.0), 1: (0.0, 2.0), 2: (1.5, 0.5)}  # the reference wins on seeds 0 and 2, loses on 1
+    ref = _concat("ref", [_reseed(_preds("ref", sharp[s][0], seed=10 + s), s) for s in range(3)])
+    other = _concat("other", [_reseed(_preds("other", sharp[s][1], seed=20 + s), s) for s in range(3)])
+    row = paired_comparison({"ref": ref, "other": other}, "ref", num_resamples=50)[0]
+    across = row["across_seeds"]
+    assert across["seeds"] == [0, 1, 2]
+    for j, m in enumerate(("accuracy", "nll", "brier", "ece")):
+        single = []
+        for s in range(3):
+            keep = [i for i, k in enumerate(ref.keys) if k[0] == s]
+            one = {n: Predictions(n, [p.keys[i] for i in keep], p.gold[keep], p.probs[keep]) for n, p in (("ref", ref), ("other", other))}
+            single.append(paired_comparison(one, "ref", num_resamples=10)[0][m]["diff"])
+            assert paired_comparison(one, "ref", num_resamples=10)[0]["across_seeds"] is None
+        assert np.allclose(across[m]["per_seed"], single)
+        d = np.array(single)
+        half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+        assert np.allclose(across[m]["ci95"], [d.mean() - half, d.mean() + half])
+    acc = across["accuracy"]
+    assert acc["per_seed"][0] > 0.2 and acc["per_seed"][1] < -0.2 and not acc["excludes_zero"]
+
+
+def test_comparison_table_shows_the_across_seeds_interval():
+    from abmll_pyro.eval.compare import format_comparison
+
+    good = _concat("good", [_reseed(_preds("good", 2.0, seed=s), s) for s in range(3)])
+    bad = _concat("bad", [_reseed(_preds("bad", 0.0, seed=5 + s), s) for s in range(3)])
+    text = format_comparison(paired_comparison({"good": good, "bad": bad}, "good", num_resamples=50))
+    assert "Across seeds" in text
+    line = [l for l in text.splitlines() if l.startswith("| bad | 3 |")]
+    assert len(line) == 1 and line[0].count("→") == 4 and " * " in line[0] + " "
+    one = format_comparison(paired_comparison({"good": _preds("good", 2.0), "bad": _preds("bad", 0.0)}, "good",
+                                              num_resamples=50))
+    assert "Across seeds" not in one
