@@ -67,6 +67,8 @@ class InnerLoopConfig:
     β-KL's diagonal Gauss–Newton curvature, so the inner loop resolves the prior's scale σ at any β
     (Adam's ~lr-sized steps put a floor of about n·(step/σ)²/2 under the KL that β cannot lower;
     docs/posterior.md). Methods without a KL (LoRA, Reptile, Structured LoRA) run it as SGD.
+    ``adam_eps``: Adam's ε (:func:`~abmll_pyro.infer.inner.inner_loop`); elements whose gradient is
+    below it take SGD-like steps instead of full ±lr ones (docs/RESULTS.md, "round-off").
     """
 
     num_inner_steps: int = 5
@@ -75,8 +77,10 @@ class InnerLoopConfig:
     order: str = "first"
     pass_through: bool = True
     subsample_size: int | None = None
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        _check(self.adam_eps > 0 and math.isfinite(self.adam_eps), f"inner adam_eps must be finite and > 0, got {self.adam_eps!r}")
         _check(isinstance(self.num_inner_steps, int) and self.num_inner_steps >= 0,
                f"num_inner_steps must be an integer >= 0, got {self.num_inner_steps!r}")
         _check(self.inner_lr >= 0 and math.isfinite(self.inner_lr), f"inner_lr must be finite and >= 0, got {self.inner_lr!r}")

@@ -57,10 +57,14 @@ def inner_loop(
     optimizer: str = "adam",
     create_graph: bool = False,
     curvature: Callable[[Params], Mapping[str, Tensor]] | None = None,
+    adam_eps: float = _ADAM_EPS,
 ) -> Params:
     """Return the parameters after ``num_steps`` steps on ``loss_fn`` from ``start``.
 
     Adam keeps ε inside the square root, √(v̂ + ε²), so it stays differentiable at v = 0 (second order).
+    ``adam_eps`` (ε, default 1e-8): Adam's first step is ``lr · g/√(g² + ε²)``, i.e. a full ±lr step for
+    every element with ``|g| ≫ ε`` — also for one whose gradient is round-off around zero. A larger ε
+    makes elements with ``|g| ≲ ε`` take proportionally small (SGD-like, lr/ε) steps instead.
     ``curvature(params)`` (``"kl-precond"`` only): per-key diagonal curvature, same shapes, treated as
     a constant (no gradient through it). Zero steps return ``start`` itself (values unchanged; detached
     in first order).
@@ -69,6 +73,8 @@ def inner_loop(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    if not (adam_eps > 0 and math.isfinite(adam_eps)):
+        raise ValueError(f"adam_eps must be finite and > 0, got {adam_eps!r}")
     keys = list(start)
     params = dict(start) if create_graph else {k: v.detach().requires_grad_(True) for k, v in start.items()}
     m = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
@@ -95,7 +101,7 @@ def inner_loop(
                 m[k] = b1 * m[k] + (1 - b1) * g
                 v2[k] = b2 * v2[k] + (1 - b2) * g * g
                 m_hat, v_hat = m[k] / (1 - b1**t), v2[k] / (1 - b2**t)
-                step = m_hat / (v_hat + _ADAM_EPS**2).sqrt()
+                step = m_hat / (v_hat + adam_eps**2).sqrt()
             new[k] = p - lr * step
         params = new if create_graph else {k: v.detach().requires_grad_(True) for k, v in new.items()}
     return params

@@ -152,7 +152,7 @@ class MetaSVI:
         if inner.optimizer == "kl-precond":
             curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
         return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
-                          inner.optimizer, create_graph=create_graph, curvature=curvature)
+                          inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps)
 
     def adapt(self, support: TaskData, num_inner_steps: int | None = None) -> dict[str, Tensor]:
         """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""

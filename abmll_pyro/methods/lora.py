@@ -31,7 +31,7 @@ def finetune(adapter: BayesLoRA, start: dict[str, Tensor], support: OptionBatch,
              likelihood: OptionLikelihood | None = None) -> dict[str, Tensor]:
     """``inner.num_inner_steps`` steps of the inner optimizer on the support cross-entropy (detached)."""
     refined = inner_loop(lambda p: option_nll(adapter, p, support, likelihood), start, inner.num_inner_steps,
-                         inner.inner_lr, inner.optimizer)
+                         inner.inner_lr, inner.optimizer, adam_eps=inner.adam_eps)
     return {k: v.detach() for k, v in refined.items()}
 
 

@@ -63,7 +63,7 @@ class Reptile(Method):
         for ep in episodes:
             seen: list[float] = []
             phi = inner_loop(self._task_loss(ep.support, ep.query, seen), theta, self.inner.num_inner_steps,
-                             self.inner.inner_lr, self.inner.optimizer)
+                             self.inner.inner_lr, self.inner.optimizer, adam_eps=self.inner.adam_eps)
             with torch.no_grad():
                 for k in shift:
                     shift[k] += (phi[k].detach() - theta[k].detach()) / b

@@ -60,7 +60,7 @@ class StructuredLoRA(Method):
     def _refine(self, shared, start, support: OptionBatch) -> dict[str, Tensor]:
         fixed = {k: v.detach() for k, v in shared.items()}
         return inner_loop(lambda p: self._nll(fixed, p, support), start, self.inner.num_inner_steps,
-                          self.inner.inner_lr, self.inner.optimizer)
+                          self.inner.inner_lr, self.inner.optimizer, adam_eps=self.inner.adam_eps)
 
     def train_step(self, episodes: Sequence, backward: Backward) -> dict[str, float]:
         shared, start = self.shared.params(), self.task_init.params()

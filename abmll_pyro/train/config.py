@@ -95,6 +95,7 @@ class RunConfig:
     num_inner_steps: int = 5
     inner_lr: float = 1e-3
     inner_optimizer: str = "adam"
+    inner_adam_eps: float = 1e-8  # Adam's ε in the inner loop (InnerLoopConfig.adam_eps)
     outer_kl: str = "prior"
     reptile_step_size: float = 0.5
     ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, cpu-long section 4)
@@ -167,7 +168,7 @@ class RunConfig:
 
     def inner_config(self) -> InnerLoopConfig:
         return InnerLoopConfig(num_inner_steps=self.num_inner_steps, inner_lr=self.inner_lr,
-                               optimizer=self.inner_optimizer)
+                               optimizer=self.inner_optimizer, adam_eps=self.inner_adam_eps)
 
     def meta_config(self) -> MetaConfig:
         return MetaConfig(kl_beta=self.kl_beta, kl_gamma=self.kl_gamma, outer_lr=self.outer_lr,
