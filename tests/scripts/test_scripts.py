@@ -134,3 +134,17 @@ def test_difference_interval():
     d, lo, hi = difference_interval(a, b)
     assert d == 2.0 and 1.0 <= lo <= d <= hi <= 3.0
     assert difference_interval(a, a)[1:] == (0.0, 0.0)
+
+
+def test_roundoff_growth(tmp_path):
+    """Two runs from one start are identical (rel 0: the probe compares like with like); an ulp-sized
+    start differs by about 2^-23 before the first step."""
+    same = _run("roundoff_growth.py", tmp_path / "same", "--method", "abmll", "--steps", "2", "--rel", "0")
+    assert set(same["divergence"]) == {"mu_A", "mu_B", "sigma_A", "sigma_B"}
+    assert all(v == 0.0 for d in same["divergence"].values() for v in d) and len(same["divergence"]["mu_A"]) == 3
+    ulp = _run("roundoff_growth.py", tmp_path / "ulp", "--method", "lora", "--steps", "2")
+    assert list(ulp["divergence"]) == ["all"] and 1e-8 < ulp["divergence"]["all"][0] < 1e-6
+    assert json.loads((tmp_path / "ulp" / "roundoff_growth.json").read_text())["method"] == "lora"
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "roundoff_growth.py"), "--preset", "smoke", "--out",
+                          str(tmp_path / "bad"), "--method", "pretrained"], capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "trains nothing" in bad.stderr
