@@ -184,7 +184,9 @@ def _run_parallel(jobs: Sequence[_Job], workers: int, progress: bool) -> list[di
                     if dep is not None and dep in failed:
                         failed[jobs[i].run_dir] = RuntimeError(f"not run: {dep.name} failed")
                         waiting.remove(i)
-                    elif dep is None or dep in done_dirs:
+                    elif (dep is None or dep in done_dirs) and len(running) < workers:
+                        # submitted only into a free worker, never queued in the pool: a run whose
+                        # dependency just finished (lora-ts) starts before the runs listed after it
                         running[pool.submit(_run_job, jobs[i])] = i
                         waiting.remove(i)
                 if not running:
