@@ -72,3 +72,28 @@ def stepped_adam():
     p.grad = torch.ones(3)
     opt.step()
     return p, opt
+
+
+def method_predictions(name: str, examples, **settings) -> torch.Tensor:
+    """Method ``name`` built on a tiny random Llama (rank-2 LoRA, 1 inner step at lr 1e-2, 2 samples,
+    β 1e-3, unless ``settings`` say otherwise), adapted on ``examples[:4]`` and predicting
+    ``examples[4:]`` with torch seeded: the option probabilities, detached."""
+    from abmll_pyro.config import AdapterConfig
+    from abmll_pyro.data.tasks import TaskSplit
+    from abmll_pyro.lms import tiny_model
+    from abmll_pyro.lora import BayesLoRA
+    from abmll_pyro.methods import build_method
+    from abmll_pyro.train.config import RunConfig
+    from abmll_pyro.train.episodes import EpisodeEncoder
+
+    lm, tok = tiny_model("llama", seed=0)
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0), generator=torch.Generator().manual_seed(0))
+    values = dict(model="tiny-llama", rank=2, lora_alpha=4.0, num_inner_steps=1, inner_lr=1e-2, num_samples=2,
+                  kl_beta=1e-3)
+    config = RunConfig(**{**values, **settings})
+    method = build_method(name, adapter, config, num_train_tasks=2)
+    episode = EpisodeEncoder(tok, 128, in_context=method.in_context)(TaskSplit("t", tuple(examples[:4]),
+                                                                                 tuple(examples[4:])))
+    torch.manual_seed(0)
+    with torch.no_grad() if not method.trainable and name != "bayes-lora" else torch.enable_grad():
+        return method.predict(method.adapt(episode), episode).detach()

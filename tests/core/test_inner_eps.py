@@ -3,14 +3,12 @@
 import pytest
 import torch
 
-from abmll_pyro.config import AdapterConfig, InnerLoopConfig
-from abmll_pyro.data.tasks import Example, TaskSplit
+from _support.helpers import method_predictions
+
+from abmll_pyro.config import InnerLoopConfig
+from abmll_pyro.data.tasks import Example
 from abmll_pyro.infer.inner import inner_loop
-from abmll_pyro.lms import tiny_model
-from abmll_pyro.lora import BayesLoRA
-from abmll_pyro.methods import build_method
 from abmll_pyro.train.config import ConfigError, RunConfig
-from abmll_pyro.train.episodes import EpisodeEncoder
 
 EXAMPLES = tuple(Example(f"question {i}: is {w} blue?", ("no", "yes"), i % 2)
                  for i, w in enumerate(["sky", "grass", "sea", "snow", "ink", "coal", "ice", "sun"]))
@@ -45,14 +43,7 @@ def test_inner_adam_eps_reaches_the_inner_config_and_is_checked():
 
 
 def _probs(name: str, eps: float) -> torch.Tensor:
-    lm, tok = tiny_model("llama", seed=0)
-    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0), generator=torch.Generator().manual_seed(0))
-    config = RunConfig(model="tiny-llama", rank=2, lora_alpha=4.0, num_inner_steps=2, inner_lr=5e-2, num_samples=2,
-                       kl_beta=1e-3, inner_adam_eps=eps)
-    method = build_method(name, adapter, config, num_train_tasks=2)
-    episode = EpisodeEncoder(tok, 128, in_context=method.in_context)(TaskSplit("t", EXAMPLES[:4], EXAMPLES[4:]))
-    torch.manual_seed(0)
-    return method.predict(method.adapt(episode), episode).detach()
+    return method_predictions(name, EXAMPLES, num_inner_steps=2, inner_lr=5e-2, inner_adam_eps=eps)
 
 
 @pytest.mark.parametrize("name", ADAPTING)

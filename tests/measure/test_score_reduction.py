@@ -7,16 +7,14 @@ import json
 import pytest
 import torch
 
-from abmll_pyro.config import AdapterConfig
+from _support.helpers import method_predictions
 from abmll_pyro.data.encoding import encode_options
 from abmll_pyro.data.scoring import option_scores
-from abmll_pyro.data.tasks import Example, TaskSplit
+from abmll_pyro.data.tasks import Example
 from abmll_pyro.lms import tiny_model
-from abmll_pyro.lora import BayesLoRA
-from abmll_pyro.methods import METHODS, build_method
+from abmll_pyro.methods import METHODS
 from abmll_pyro.methods.temperature import fit_temperature
 from abmll_pyro.train.config import ConfigError, RunConfig
-from abmll_pyro.train.episodes import EpisodeEncoder
 
 # options of very different token and character lengths, so sum, mean and char disagree (the tiny models
 # tokenize bytes, so char != mean only where characters take several bytes)
@@ -26,15 +24,7 @@ EXAMPLES = tuple(Example(f"question {i}: is {w} blue?", OPTIONS, i % 2)
 
 
 def _probs(name: str, reduction: str) -> torch.Tensor:
-    lm, tok = tiny_model("llama", seed=0)
-    adapter = BayesLoRA(lm, AdapterConfig(rank=2, lora_alpha=4.0), generator=torch.Generator().manual_seed(0))
-    config = RunConfig(model="tiny-llama", rank=2, lora_alpha=4.0, num_inner_steps=1, inner_lr=1e-2, num_samples=2,
-                       kl_beta=1e-3, score_reduction=reduction)
-    method = build_method(name, adapter, config, num_train_tasks=2)
-    episode = EpisodeEncoder(tok, 128, in_context=method.in_context)(TaskSplit("t", EXAMPLES[:4], EXAMPLES[4:]))
-    torch.manual_seed(0)
-    with torch.no_grad() if not method.trainable and name != "bayes-lora" else torch.enable_grad():
-        return method.predict(method.adapt(episode), episode).detach()
+    return method_predictions(name, EXAMPLES, score_reduction=reduction)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
