@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks-file", dest="tasks_file",
                       help="only the tasks listed in this file (one per line; # starts a comment)")
     cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
+    cmp_.add_argument("--target", metavar="BASELINE",
+                      help="check the claim 'reference NLL <= --nll-ratio x and ECE <= --ece-ratio x BASELINE's, "
+                           "resolved, accuracy within 1 SE', and whether its ECE is reachable at this n "
+                           "(with --out also target.md, target.json)")
+    cmp_.add_argument("--nll-ratio", dest="nll_ratio", type=float, default=0.7, help="with --target (default 0.7)")
+    cmp_.add_argument("--ece-ratio", dest="ece_ratio", type=float, default=0.5, help="with --target (default 0.5)")
     return parser
 
 
@@ -370,6 +376,11 @@ def _cmd_compare(args) -> int:
         raise ValueError(f"--resamples must be >= 10, got {args.resamples}")
     if args.ece_bins < 1:
         raise ValueError(f"--ece-bins must be >= 1, got {args.ece_bins}")
+    for flag, value, default in (("--nll-ratio", args.nll_ratio, 0.7), ("--ece-ratio", args.ece_ratio, 0.5)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+        if value != default and not args.target:
+            raise ValueError(f"{flag} is a condition of --target BASELINE: give --target too")
     tasks = list(args.only_tasks or [])
     if args.tasks_file:
         tasks += _read_task_list(Path(args.tasks_file))
@@ -388,7 +399,25 @@ def _cmd_compare(args) -> int:
         comparison = format_comparison(paired_comparison(preds, reference, args.ece_bins, args.resamples, args.seed))
     print(table)
     print(comparison)
+    if args.target:
+        _compare_target(args, tasks)
     return 0
+
+
+def _compare_target(args, tasks) -> None:
+    """``abmll compare --target BASELINE``: the ratio claim and its reachability (eval/target.py)."""
+    from .eval.compare import load_predictions
+    from .eval.target import format_target, target_check
+
+    result = target_check(load_predictions(args.paths, args.names, tasks), args.reference, args.target, args.nll_ratio,
+                          args.ece_ratio, args.ece_bins, args.resamples, seed=args.seed)
+    text = format_target(result)
+    if args.out:
+        from .train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out) / "target.md", text)
+        atomic_write_text(Path(args.out) / "target.json", json.dumps(result, indent=1) + "\n")
+    print(text)
 
 
 def _print_summary(result: dict) -> None:

@@ -243,7 +243,8 @@ def paired_comparison(preds: dict[str, Predictions], reference: str, num_bins: i
                "num_tasks": len({k[1] for k in common}), "seeds": sorted({k[0] for k in common})}
         for j, metric in enumerate(METRICS):
             lo, hi = _ci(diffs[:, j])
-            row[metric] = {"diff": float(point[j]), "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
+            row[metric] = {"diff": float(point[j]), "ci95": [lo, hi], "se": float(diffs[:, j].std(ddof=1)),
+                           "excludes_zero": bool(lo > 0 or hi < 0)}
         row["across_seeds"] = _across_seeds(common, ta, tb, ba, bb, num_bins)
         out.append(row)
     return out

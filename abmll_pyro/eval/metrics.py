@@ -35,6 +35,7 @@ __all__ = [
     "compute_metrics",
     "expected_calibration_error",
     "ece_floor",
+    "ece_floor_draws",
     "pad_probs",
     "macro_average",
     "negative_log_likelihood",
@@ -147,17 +148,14 @@ def brier_score(probs: Tensor, gold: Tensor) -> float:
     return _brier(checked, gold)
 
 
-def ece_floor(probs: Tensor, num_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
-    """The ECE a perfectly calibrated predictor with these confidences scores at this ``n``: its noise floor.
+def ece_floor_draws(probs: Tensor, num_bins: int = 15, draws: int = 200, seed: int = 0) -> Tensor:
+    """The ECE of a perfectly calibrated predictor with these confidences, once per draw: ``[draws]`` float64.
 
     Labels are drawn from the predicted distributions themselves, so the prediction is calibrated by
-    construction; the top label is then correct with probability ``c_i`` (its confidence). The floor is
-    the ECE of ``probs`` against such labels averaged over ``draws`` draws (generator seeded by ``seed``):
-
-        floor = E_{z_i ~ Bernoulli(c_i)} [ Σ_b |Σ_{i ∈ B_b} (z_i − c_i)| / n ],
-
-    with the bins of :func:`reliability_diagram`. It shrinks like ``1/√n``: a measured ECE is only
-    evidence of miscalibration by how far it sits above this value.
+    construction; the top label is then correct with probability ``c_i`` (its confidence). Draw ``d``
+    scores ``Σ_b |Σ_{i ∈ B_b} (z_di − c_i)| / n`` with ``z_di ~ Bernoulli(c_i)`` (generator seeded by
+    ``seed``) and the bins of :func:`reliability_diagram`. Their mean is :func:`ece_floor`; their
+    spread says how often a calibrated predictor scores below a given ECE at this ``n``.
     """
     num_bins = check_num_bins(num_bins)
     if draws < 1:
@@ -170,7 +168,20 @@ def ece_floor(probs: Tensor, num_bins: int = 15, draws: int = 200, seed: int = 0
     hits = (torch.rand((draws, confidence.numel()), generator=g, dtype=torch.float64) < confidence.cpu()).double()
     gaps = hits - confidence.cpu()  # [D, n]
     per_bin = torch.zeros((draws, num_bins), dtype=torch.float64).index_add_(1, bins.cpu(), gaps)  # [D, B]
-    return float(per_bin.abs().sum(1).mean() / confidence.numel())
+    return per_bin.abs().sum(1) / confidence.numel()
+
+
+def ece_floor(probs: Tensor, num_bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated predictor with these confidences scores at this ``n``: its noise floor.
+
+    The mean of :func:`ece_floor_draws`:
+
+        floor = E_{z_i ~ Bernoulli(c_i)} [ Σ_b |Σ_{i ∈ B_b} (z_i − c_i)| / n ],
+
+    with ``c_i`` each example's top-label confidence. It shrinks like ``1/√n``: a measured ECE is only
+    evidence of miscalibration by how far it sits above this value.
+    """
+    return float(ece_floor_draws(probs, num_bins, draws, seed).mean())
 
 
 def pad_probs(parts: list[Tensor]) -> Tensor:
