@@ -12,7 +12,10 @@ draws of :func:`~abmll_pyro.eval.metrics.ece_floor_draws` (mean = the ECE floor)
 claim asks for (``ece_ratio`` × the baseline's ECE) lies below that floor, the claim asks the reference
 to beat a perfectly calibrated predictor; ``p_calibrated_meets`` is the fraction of draws that do —
 the chance that perfect calibration alone passes the ECE condition (before its interval must also
-exclude 0).
+exclude 0). Likewise for NLL: were the reference's predictions perfectly calibrated, their expected NLL
+would be their mean entropy (``nll_if_calibrated``); when the NLL asked is below it, making these
+predictions calibrated cannot meet the condition — only sharper ones can (better discrimination, or a
+recalibration that sharpens an under-confident predictor).
 """
 
 from __future__ import annotations
@@ -73,11 +76,15 @@ def target_check(preds: dict[str, Predictions], reference: str, baseline: str, n
              "p_calibrated_meets": float((floor <= threshold).mean()), "draws": int(draws),
              "baseline_ece_above_floor": float(base["ece"]["value"] - base["ece_floor"]),
              "below_floor": bool(threshold < floor.mean())}
+    probs = pair[reference].probs
+    entropy = float(-(probs * np.log(np.clip(probs, np.finfo(np.float64).tiny, None))).sum(1).mean())
+    nll_reach = {"nll_asked": float(nll_ratio * base["nll"]["value"]), "nll_if_calibrated": entropy,
+                 "needs_sharper": bool(nll_ratio * base["nll"]["value"] < entropy)}
     return {"reference": reference, "baseline": baseline, "n": len(common),
             "num_tasks": len({k[1] for k in common}), "seeds": sorted({k[0] for k in common}),
             "pooled": {m: {"accuracy": own[m]["accuracy"], "nll": own[m]["nll"], "ece": own[m]["ece"],
                            "ece_floor": own[m]["ece_floor"]} for m in (reference, baseline)},
-            "conditions": conditions, "ece_reachability": reach,
+            "conditions": conditions, "ece_reachability": reach, "nll_reachability": nll_reach,
             "met": bool(all(c["met"] for c in conditions.values()))}
 
 
@@ -107,6 +114,13 @@ def format_target(t: dict) -> str:
     if r["below_floor"]:
         lines.append(f"The ECE asked is below the noise floor: meeting it needs {ref} to score better than perfect "
                      "calibration usually does at this n, so the ECE condition cannot be a test of calibration here.")
+    q = t["nll_reachability"]
+    lines += ["", f"NLL: it asks {ref} for NLL ≤ {q['nll_asked']:.3f}; were {ref}'s predictions perfectly calibrated at "
+              f"their present confidences, their NLL would be their mean entropy, {q['nll_if_calibrated']:.3f}."]
+    if q["needs_sharper"]:
+        lines.append(f"So calibrating these predictions cannot meet the NLL condition: it needs {ref} to be sharper "
+                     "and still calibrated (to separate right from wrong answers better), or, where it is "
+                     "under-confident, a recalibration that sharpens it.")
     lines += ["", "Paired differences (reference − baseline) on identical examples, 95% two-level bootstrap "
                   "(tasks, then examples); SE: the bootstrap standard error of the accuracy difference."]
     return "\n".join(lines) + "\n"

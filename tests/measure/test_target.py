@@ -60,6 +60,11 @@ def test_reachability_is_the_share_of_calibrated_draws_below_the_ece_asked():
     assert r["floor_mean"] == pytest.approx(draws.mean())
     assert r["below_floor"] == (r["ece_asked"] < draws.mean())
     assert r["below_floor"] and "below the noise floor" in format_target(t)
+    # NLL of the calibrated reference in expectation: its mean entropy (binary, p = 0.7)
+    q = t["nll_reachability"]
+    assert q["nll_if_calibrated"] == pytest.approx(-(0.7 * np.log(0.7) + 0.3 * np.log(0.3)))
+    assert q["nll_asked"] == pytest.approx(0.7 * t["pooled"]["near"]["nll"]["value"])
+    assert q["needs_sharper"] and "cannot meet the NLL condition" in format_target(t)
 
 
 def test_target_check_rejects_what_it_cannot_compare():
