@@ -97,3 +97,14 @@ def method_predictions(name: str, examples, **settings) -> torch.Tensor:
     torch.manual_seed(0)
     with torch.no_grad() if not method.trainable and name != "bayes-lora" else torch.enable_grad():
         return method.predict(method.adapt(episode), episode).detach()
+
+
+def write_predictions_run(path, method: str, preds) -> None:
+    """A run directory holding only ``predictions.jsonl`` for ``preds`` (an eval.compare.Predictions)."""
+    import json
+
+    path.mkdir(parents=True)
+    with open(path / "predictions.jsonl", "w") as fh:
+        for (seed, task, idx), g, p in zip(preds.keys, preds.gold, preds.probs):
+            fh.write(json.dumps({"method": method, "seed": seed, "task": task, "index": idx, "gold": int(g),
+                                 "probs": p.tolist()}) + "\n")

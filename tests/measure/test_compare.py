@@ -8,6 +8,7 @@ import pytest
 from abmll_pyro.cli import main
 from abmll_pyro.eval.compare import (PredictionsError, Predictions, load_predictions, paired_comparison,
                                      summarize)
+from _support.helpers import write_predictions_run
 
 
 def _preds(method: str, sharp: float, seed: int = 0, n_tasks: int = 8, n: int = 40) -> Predictions:
@@ -53,17 +54,9 @@ def test_standard_error_shrinks_with_more_tasks():
     assert many["accuracy"]["se"] < few["accuracy"]["se"] / 2
 
 
-def _write_run(path, method, preds: Predictions):
-    path.mkdir(parents=True)
-    with open(path / "predictions.jsonl", "w") as fh:
-        for (seed, task, idx), g, p in zip(preds.keys, preds.gold, preds.probs):
-            fh.write(json.dumps({"method": method, "seed": seed, "task": task, "index": idx, "gold": int(g),
-                                 "probs": p.tolist()}) + "\n")
-
-
 def test_compare_command_on_two_run_directories(tmp_path, capsys):
-    _write_run(tmp_path / "r1", "abmll", _preds("abmll", 2.0, seed=1))
-    _write_run(tmp_path / "r2", "lora", _preds("lora", 0.0, seed=2))
+    write_predictions_run(tmp_path / "r1", "abmll", _preds("abmll", 2.0, seed=1))
+    write_predictions_run(tmp_path / "r2", "lora", _preds("lora", 0.0, seed=2))
     assert main(["compare", str(tmp_path / "r1"), str(tmp_path / "r2"), "--resamples", "100",
                  "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
@@ -78,15 +71,15 @@ def test_compare_command_bad_input_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no predictions.jsonl" in err[0]
-    _write_run(tmp_path / "r1", "lora", _preds("lora", 1.0))
+    write_predictions_run(tmp_path / "r1", "lora", _preds("lora", 1.0))
     assert main(["compare", str(tmp_path / "r1"), "--reference", "abmll"]) == 2
     assert "has no predictions" in capsys.readouterr().err
 
 
 def test_compare_names_two_runs_of_one_method_and_restricts_tasks(tmp_path, capsys):
     a, b = _preds("abmll", 2.0, seed=1), _preds("abmll", 0.0, seed=2)
-    _write_run(tmp_path / "beta6", "abmll", a)
-    _write_run(tmp_path / "beta8", "abmll", b)
+    write_predictions_run(tmp_path / "beta6", "abmll", a)
+    write_predictions_run(tmp_path / "beta8", "abmll", b)
     # one method name in both files: without --names they would merge into one method
     assert set(load_predictions([tmp_path / "beta6", tmp_path / "beta8"])) == {"abmll"}
     both = load_predictions([tmp_path / "beta6", tmp_path / "beta8"], names=["b6", "b8"])

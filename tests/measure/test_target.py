@@ -10,6 +10,7 @@ from abmll_pyro.cli import main
 from abmll_pyro.eval.compare import Predictions, PredictionsError
 from abmll_pyro.eval.metrics import ece_floor, ece_floor_draws
 from abmll_pyro.eval.target import format_target, target_check
+from _support.helpers import write_predictions_run
 
 
 def _pair(n_tasks: int = 10, n: int = 60, p_gold0: float = 0.7):
@@ -78,18 +79,10 @@ def test_target_check_rejects_what_it_cannot_compare():
         target_check({"cal": cal, "other": other}, "cal", "other")
 
 
-def _write(path, method, p: Predictions):
-    path.mkdir(parents=True)
-    with open(path / "predictions.jsonl", "w") as fh:
-        for (seed, task, idx), g, pr in zip(p.keys, p.gold, p.probs):
-            fh.write(json.dumps({"method": method, "seed": seed, "task": task, "index": idx, "gold": int(g),
-                                 "probs": pr.tolist()}) + "\n")
-
-
 def test_compare_target_command(tmp_path, capsys):
     cal, sure, _ = _pair()
-    _write(tmp_path / "a", "abmll", cal)
-    _write(tmp_path / "l", "lora", sure)
+    write_predictions_run(tmp_path / "a", "abmll", cal)
+    write_predictions_run(tmp_path / "l", "lora", sure)
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "l"), "--target", "lora", "--resamples", "100",
                  "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
