@@ -272,6 +272,8 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
 
         warnings.warn(f"reliability diagrams skipped: {err}")
     atomic_write_text(out / "benchmark.json", json.dumps({"methods": list(methods), "seeds": list(seeds),
-                                                          "wall_time_s": time.perf_counter() - t0, "jobs": jobs,
+                                                          "wall_time_s": time.perf_counter() - t0,
+                                                          "runs_wall_time_s": sum(r["wall_time_s"] for r in results),
+                                                          "jobs": jobs,
                                                           "config": base.to_dict()}, indent=1) + "\n")
     return results, table

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from abmll_pyro.cli import main
 from abmll_pyro.presets import ALL_METHODS
 from abmll_pyro.train.results import validate_result
@@ -38,10 +40,15 @@ def test_smoke_benchmark_end_to_end(tmp_path, capsys):
     assert all(len(row["nll"]["ci95"]) == 2 for row in paired)
     # lora-ts is evaluated from lora's checkpoint: the same trained factors, not a second training
     assert "same training" in (tmp_path / "runs" / "lora-ts-seed0" / "log.txt").read_text()
-    # a finished benchmark is reused, not rerun
+    bench = json.loads((tmp_path / "benchmark.json").read_text())
+    assert bench["runs_wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in results))
+    # a finished benchmark is reused, not rerun; benchmark.json keeps the run's own time beside this call's
     t1 = time.perf_counter()
     assert main(["--quiet", "benchmark", "--preset", "smoke", "--out", str(tmp_path), "--methods", "abmll"]) == 0
     assert time.perf_counter() - t1 < 10
+    bench = json.loads((tmp_path / "benchmark.json").read_text())
+    abmll_wall = next(r["wall_time_s"] for r in results if r["method"] == "abmll")
+    assert bench["runs_wall_time_s"] == pytest.approx(abmll_wall) and bench["wall_time_s"] < 10
 
 
 def test_two_seeds_give_mean_and_std(tmp_path, capsys):
