@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from abmll_pyro.presets import get_preset, synthetic_task_folder
-from abmll_pyro.train.config import RunConfig
+from abmll_pyro.train.config import RunConfig, load_yaml
 
 # the scripts' own smoke preset: the benchmark's smoke settings on more generated tasks
 SMOKE_TASKS = dict(num_train=12, num_test=3, examples=16)
@@ -42,5 +40,5 @@ def overrides(items: list[str], flag: str) -> dict:
         if not sep:
             print(f"error: {flag} expects KEY=VALUE, got {item!r}", file=sys.stderr)
             raise SystemExit(2)
-        values[key] = yaml.safe_load(value)
+        values[key] = load_yaml(value)
     return values

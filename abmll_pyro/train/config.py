@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
 from ..data.scoring import SCORE_REDUCTIONS
 
-__all__ = ["RunConfig", "load_config_file", "ConfigError"]
+__all__ = ["RunConfig", "load_config_file", "load_yaml", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -234,13 +234,31 @@ def _typed(key: str, annotation: str, value: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         hint = ""
         if isinstance(value, str) and kind in (int, float):
-            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if "e" in value.lower() else " (a string)"
+            hint = " (a string)"
         noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
         raise ConfigError(f"{key} must be {noun}"
                           f"{' or null' if optional else ''}, got {value!r}{hint}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{key} must be finite, got {value!r}")
     return value
+
+
+# YAML 1.2's floats, which YAML 1.1 (PyYAML) reads as strings when they have an exponent and no dot: 1e-3, 5E+2
+_EXPONENT_FLOAT = r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that ``1e-3`` is the float 0.001 (YAML 1.2 and JSON agree; PyYAML's
+    YAML 1.1 makes it the string ``'1e-3'``, and a config key would then reject it)."""
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):  # add_implicit_resolver copies the resolver table: SafeLoader unchanged
+        pass
+
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789"))
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -251,9 +269,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = load_yaml(text)
         else:
             values = json.loads(text)
     except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: report the file, keep the message

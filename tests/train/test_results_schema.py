@@ -53,3 +53,19 @@ def test_config_errors_name_the_value(tmp_path):
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config_file(bad)
     assert RunConfig.from_dict(json.loads(json.dumps(RunConfig().to_dict()))) == RunConfig()  # round trip
+
+
+def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; config files and `--set` read it as YAML 1.2 and JSON do."""
+    from abmll_pyro.train.config import load_yaml
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("outer_lr: 1e-3\nkl_beta: 5E-8\ninner_adam_eps: 1.0e-4\nsteps: 7\nmodel: 1e3x\n")
+    values = load_config_file(conf)
+    assert values == {"outer_lr": 1e-3, "kl_beta": 5e-8, "inner_adam_eps": 1e-4, "steps": 7, "model": "1e3x"}
+    assert isinstance(values["steps"], int) and isinstance(values["outer_lr"], float)
+    assert RunConfig.from_dict({k: v for k, v in values.items() if k != "model"}).outer_lr == 1e-3
+    assert load_yaml("-2e+2") == -200.0 and load_yaml("'1e-3'") == "1e-3" and load_yaml("1_000") == 1000
+    import yaml
+
+    assert yaml.safe_load("1e-3") == "1e-3"  # the stock loader is left as it was
