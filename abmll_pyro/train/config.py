@@ -8,6 +8,7 @@ known ones.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -247,18 +248,27 @@ def _typed(key: str, annotation: str, value: Any) -> Any:
 _EXPONENT_FLOAT = r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, except that ``1e-3`` is the float 0.001 (YAML 1.2 and JSON agree; PyYAML's
-    YAML 1.1 makes it the string ``'1e-3'``, and a config key would then reject it)."""
+@functools.lru_cache(maxsize=1)
+def _yaml_loader():
+    """A SafeLoader subclass that also resolves exponent-only floats (built once; SafeLoader unchanged:
+    add_implicit_resolver copies the resolver table into the subclass)."""
     import re
 
     import yaml
 
-    class _Loader(yaml.SafeLoader):  # add_implicit_resolver copies the resolver table: SafeLoader unchanged
+    class _Loader(yaml.SafeLoader):
         pass
 
     _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789"))
-    return yaml.load(text, Loader=_Loader)
+    return _Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that ``1e-3`` is the float 0.001 (YAML 1.2 and JSON agree; PyYAML's
+    YAML 1.1 makes it the string ``'1e-3'``, and a config key would then reject it)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
