@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="fetch and convert a task suite into the cache")
     prep.add_argument("suite", choices=["bigbench", "debian-cls", "bigbench-gen"])
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    prep.add_argument("--from", dest="source", metavar="PATH",
+                      help="bigbench, bigbench-gen: a local BIG-bench checkout, source tree or .tar.gz archive "
+                           "(the package index no longer serves bigbench 1.0.0)")
+    prep.add_argument("--mirror", metavar="URL",
+                      help="debian-cls: fetch the pinned .deb files by URL from this Debian archive mirror (the "
+                           "base URL holding pool/ and dists/) instead of apt-get; default $ABMLL_DEBIAN_MIRROR")
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True)
 
@@ -212,16 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- commands
 def _cmd_data(args) -> int:
-    if args.data_command == "prepare" and args.suite == "bigbench-gen":
-        from .data.sources.bigbench_generative import prepare_bigbench_generative
-
-        print(prepare_bigbench_generative(force=args.force))
-        return 0
     if args.data_command == "prepare":
         from .data.sources import prepare_bigbench, prepare_debian_cls
+        from .data.fingerprint import folder_fingerprint
+        from .data.sources.bigbench_generative import prepare_bigbench_generative
 
-        prepare = {"bigbench": prepare_bigbench, "debian-cls": prepare_debian_cls}[args.suite]
-        print(prepare(force=args.force))
+        if args.source is not None and args.suite == "debian-cls":
+            raise ValueError("--from is for bigbench and bigbench-gen; debian-cls is fetched with apt-get or --mirror")
+        if args.mirror is not None and args.suite != "debian-cls":
+            raise ValueError(f"--mirror is for debian-cls, not {args.suite}")
+        if args.suite == "debian-cls":
+            folder = prepare_debian_cls(force=args.force, mirror=args.mirror)
+        else:
+            prepare = {"bigbench": prepare_bigbench, "bigbench-gen": prepare_bigbench_generative}[args.suite]
+            folder = prepare(force=args.force, source=args.source)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        print(folder)
+        print(f"{args.suite}: {len(manifest.get('tasks', {}))} tasks, content fingerprint "
+              f"{manifest.get('fingerprint') or folder_fingerprint(folder)}", file=sys.stderr)
     else:
         from .presets import synthetic_task_folder
 

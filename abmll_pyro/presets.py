@@ -63,15 +63,15 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="SmolLM2-135M (dequantized Q4_1) on BIG-bench, top 4 blocks' q/v adapted, every test task with "
-                    "up to 32 query examples each, 20-minute budget",
-        config=dict(model="smollm2-135m", tasks="bigbench", rank=4, lora_alpha=8.0, last_layers=4, steps=24,
-                    tasks_per_step=2, shots=4, query_size=4, eval_query_size=32, max_examples=64,
-                    max_length=96, drop_long_examples=True, icl_max_length=192, num_inner_steps=2, inner_lr=1e-2,
-                    outer_lr=3e-3, reptile_step_size=0.5, kl_beta=1e-8, num_samples=4, checkpoint_every=12,
-                    num_threads=2),
+        description="SmolLM2-135M (dequantized Q4_1) on debian-cls (label-word classification, held-out families), "
+                    "16 shots, K = 5, 30 outer steps, 32 query examples per test task, one seed: the main job",
+        config=dict(model="smollm2-135m", tasks="debian-cls", rank=8, lora_alpha=16.0, last_layers=4, steps=30,
+                    tasks_per_step=2, shots=16, query_size=16, eval_query_size=32, max_length=128,
+                    drop_long_examples=True, icl_max_length=768, num_inner_steps=5, inner_lr=1e-2, outer_lr=1e-2,
+                    reptile_step_size=1.0, kl_beta=1e-8, num_samples=8, checkpoint_every=10, num_threads=1),
         methods=CORE_METHODS,
         seeds=1,
+        jobs=2,  # two one-thread runs at once
     ),
     "cpu-long": Preset(
         name="cpu-long",

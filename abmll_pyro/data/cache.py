@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from abmll_pyro.data.fingerprint import folder_fingerprint
+
 __all__ = ["cache_dir", "cache_lock", "build_task_folder"]
 
 MANIFEST = "manifest.json"
@@ -54,7 +56,8 @@ def build_task_folder(base: Path, fetch: Callable[[Path], Any], convert: Callabl
                       force: bool = False) -> Path:
     """``base/tasks``, built unless a finished one (``manifest.json``, written last) is there: under
     :func:`cache_lock`, ``fetch(base / "staging")`` gets the sources, the old folder is removed,
-    ``convert(fetched, base / "tasks")`` writes the tasks and returns the manifest; the staging folder is
+    ``convert(fetched, base / "tasks")`` writes the tasks and returns the manifest (to which the folder's
+    content fingerprint is added, :func:`~abmll_pyro.data.fingerprint.folder_fingerprint`); the staging folder is
     deleted whatever happens. ``force`` rebuilds it."""
     out = base / "tasks"
     if (out / MANIFEST).exists() and not force:
@@ -68,6 +71,7 @@ def build_task_folder(base: Path, fetch: Callable[[Path], Any], convert: Callabl
             if out.exists():
                 shutil.rmtree(out)
             manifest = convert(fetched, out)
+            manifest["fingerprint"] = folder_fingerprint(out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=1))

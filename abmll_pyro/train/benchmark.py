@@ -102,6 +102,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def data_line(results: Sequence[dict]) -> str:
+    """One line naming the task data every run saw: the source and its content fingerprint (two results
+    with the same fingerprint saw the same task files and split), or a warning when the runs disagree."""
+    prints = sorted({str(r.get("data_fingerprint")) for r in results})
+    source = results[0]["tasks"]
+    if len(prints) == 1:
+        return f"Data: {source}, content fingerprint {prints[0]} (every run)."
+    return f"Data: {source}; WARNING: the runs saw different task data (fingerprints {', '.join(prints)})."
+
+
 def format_table(results: Sequence[dict]) -> str:
     """Markdown: one row per method (in run order), macro metrics as mean ± sample std over seeds."""
     methods = list(dict.fromkeys(r["method"] for r in results))
@@ -260,7 +270,7 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     ref = reference if reference in methods else methods[0]
     table, comparison = write_comparison(out, run_dirs, ref, base.ece_bins)
     atomic_write_text(out / "macro_table.md", format_table(results))
-    table = table + "\n" + comparison
+    table = data_line(results) + "\n\n" + table + "\n" + comparison
     try:
         from ..eval.plots import plot_reliability
 

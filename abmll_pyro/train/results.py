@@ -2,7 +2,8 @@
 
 One run's result is a JSON object::
 
-    {"schema_version": 1, "method": str, "model": str, "tasks": str, "seed": int,
+    {"schema_version": 2, "method": str, "model": str, "tasks": str, "seed": int,
+     ["data_fingerprint": str | null (the task folder's content fingerprint, data/fingerprint.py),]
      "per_task": {task: {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int
                          [, "adapt_time_s": float] [, "temperature": float (lora-ts)]}},
      "macro": {"accuracy": float, "ece": float, "nll": float, "brier": float, "n": int, "num_tasks": int
@@ -59,6 +60,9 @@ def validate_result(result: Any) -> dict:
             raise ResultsError(f"result lacks the field {key!r}")
         if not isinstance(result[key], kind) or isinstance(result[key], bool):
             raise ResultsError(f"field {key!r} has type {type(result[key]).__name__}")
+    fingerprint = result.get("data_fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ResultsError(f"data_fingerprint must be a string or null, got {fingerprint!r}")
     if result["schema_version"] != SCHEMA_VERSION:
         raise ResultsError(f"schema_version {result['schema_version']} is not {SCHEMA_VERSION}")
     if not result["per_task"]:

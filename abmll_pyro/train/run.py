@@ -213,7 +213,8 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
         log.info(f"macro token NLL {result['macro']['token_nll']:.4f} exact match "
                  f"{result['macro']['exact_match']:.4f}; wall time {result['wall_time_s']:.1f} s")
         return result
-    result, predictions = _evaluate(config, built, taskset[config.eval_split], accelerator, progress, log)
+    result, predictions = _evaluate(config, built, taskset[config.eval_split], accelerator, progress, log,
+                                    taskset.fingerprint)
     result.update(wall_time_s=time.perf_counter() - t0, train_time_s=train_time,
                   eval_time_s=time.perf_counter() - t0 - train_time,
                   peak_memory_mb=peak_memory_mb(accelerator.device))
@@ -227,8 +228,10 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
     return result
 
 
-def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None) -> tuple[dict, list]:
-    """``(result without timing fields, per-example prediction records)``."""
+def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log: RunLog | None,
+              fingerprint: str | None = None) -> tuple[dict, list]:
+    """``(result without timing fields, per-example prediction records)``; ``fingerprint``: the task
+    source's content fingerprint (``data_fingerprint``, null where the source has none)."""
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(built.method.in_context), config.template,
                              built.method.in_context, accelerator.device)
     ranks = Ranks.of(accelerator)
@@ -236,7 +239,8 @@ def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log:
                                             accelerator.autocast, ranks)
     tasks_json, macro = metrics_json(per_task)
     result = {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model,
-              "tasks": str(config.tasks), "seed": config.seed, "per_task": tasks_json, "macro": macro,
+              "tasks": str(config.tasks), "data_fingerprint": fingerprint, "seed": config.seed,
+              "per_task": tasks_json, "macro": macro,
               "pooled": pooled_json(per_task, config.ece_bins, config.seed), "config": config.to_dict(),
               "steps": config.steps if built.method.trainable else 0, "reliability": reliability}
     return result, per_task.predictions()
@@ -279,7 +283,7 @@ def evaluate_run(config: RunConfig, run_dir: str | Path | None, progress: bool =
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
             return result
-        result, predictions = _evaluate(config, built, taskset[split], accelerator, progress, None)
+        result, predictions = _evaluate(config, built, taskset[split], accelerator, progress, None, taskset.fingerprint)
     if run_dir is not None and built.method.trainable:
         result["steps"] = built.trained_steps  # a partially trained run reports the step it was evaluated at
     wall = time.perf_counter() - t0

@@ -90,7 +90,7 @@ def fit_tasks(taskset: TaskSet, tokenizer: Any, max_length: int | None, min_exam
             else:
                 report["dropped_tasks"].append(task.name)
         splits[name] = tuple(kept)
-    return TaskSet(**splits), report
+    return TaskSet(**splits, fingerprint=taskset.fingerprint), report
 
 
 def context_length(lm: nn.Module) -> int | None:

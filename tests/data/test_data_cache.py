@@ -9,6 +9,7 @@ import time
 import pytest
 
 from abmll_pyro.data.cache import build_task_folder
+from abmll_pyro.data.fingerprint import folder_fingerprint
 
 
 def _builders(tmp_path, fail: bool = False):
@@ -43,7 +44,7 @@ def test_concurrent_builders_build_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text() == "built\n"  # one process built it; the others waited and found it finished
     out = tmp_path / "entry" / "tasks"
-    assert json.loads((out / "manifest.json").read_text()) == {"tasks": 1}
+    assert json.loads((out / "manifest.json").read_text()) == {"tasks": 1, "fingerprint": folder_fingerprint(out)}
     assert (out / "task.jsonl").read_text() == "fetched" and not (tmp_path / "entry" / "staging").exists()
     assert build_task_folder(tmp_path / "entry", fetch, convert) == out and log.read_text() == "built\n"
     build_task_folder(tmp_path / "entry", fetch, convert, force=True)

@@ -1,5 +1,5 @@
 """debian-cls: readers on real-format excerpts of the packages, task building, the split, the .deb
-unpacking, and prepare end to end with apt-get mocked (no network)."""
+unpacking. Fetching (apt-get mocked, or by URL from a local server) is in test_data_fetch.py."""
 
 from __future__ import annotations
 
@@ -130,25 +130,3 @@ def test_unpack_deb_extracts_usr_share_only(tmp_path):
         "usr/share/games/fortunes/food", "usr/share/odd"]
     with pytest.raises(ValueError, match="not an ar archive"):
         df.read_ar(b"PK\x03\x04")
-
-
-def test_prepare_end_to_end_with_apt_mocked(root, tmp_path, monkeypatch):
-    calls = []
-
-    def fake_download(spec, folder):  # apt-get download: one .deb holding the whole fixture tree
-        calls.append(spec)
-        package = spec.split("=")[0]
-        files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-        (folder / f"{package}_1_all.deb").write_bytes(_deb(files if package == "fortunes" else {}))
-        return type("R", (), {"returncode": 0, "stderr": ""})()
-
-    monkeypatch.setattr(df, "_apt_download", fake_download)
-    monkeypatch.setattr(dc, "MIN_EXAMPLES", 2)
-    monkeypatch.setenv("ABMLL_CACHE", str(tmp_path / "cache"))
-    out = dc.prepare_debian_cls()
-    assert calls == [f"{p}={v}" for p, v in df.PACKAGES.items()]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["tasks"]) == sorted(dc.TASKS) and not (out.parent / "staging").exists()
-    tasks = load_tasks("debian-cls")
-    assert {t.name for t in tasks.test} == set(dc.packaged_split()["test"])
-    assert dc.prepare_debian_cls() == out and len(calls) == len(df.PACKAGES)  # cached: no second download

