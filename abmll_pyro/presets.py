@@ -2,8 +2,10 @@
 
 * ``smoke`` — a tiny random Llama on a generated task set; every method, one seed, under 2 minutes on
   2 CPU cores (run by a test).
-* ``cpu`` — the default main job: SmolLM2-135M (embedded) on BIG-bench; budgets measured to finish
-  within 20 minutes on 2 CPU cores including the one-time BIG-bench prepare (see docs/RESULTS.md).
+* ``cpu`` — the main job (the README's command): SmolLM2-135M (embedded) on ``debian-cls``, which
+  builds from an empty cache with only the package registries reachable; 16 shots, where adaptation
+  pays on the held-out families; the six core methods, one seed; budgets measured to finish within
+  20 minutes on 2 CPU cores from an empty cache (README, "Set up").
 * ``cpu-long`` — what docs/RESULTS.md reports: SmolLM2-135M on the ``debian-cls`` label-word suite
   (real classification tasks with headroom, test families held out), 16 shots, K = 5, 60 outer steps,
   the six core methods and 3 seeds (``--methods all`` adds the other three; ``--tasks bigbench`` runs

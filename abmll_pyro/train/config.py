@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Everything a run needs; ``RunConfig.from_dict`` rejects unknown keys.
 
-    Data: ``tasks`` (``bigbench``, a task-folder path, or a CrossFit/MetaICL split with ``data_dir``;
+    Data: ``tasks`` (``debian-cls``, the default; ``bigbench``; a task-folder path; or a CrossFit/MetaICL split with ``data_dir``;
     ``train_tasks``/``dev_tasks``/``test_tasks`` name a folder's tasks by file stem, overriding its
     ``splits.json``),
     ``shots`` support and ``query_size`` query examples per training episode, ``eval_query_size``
@@ -57,7 +57,7 @@ class RunConfig:
 
     method: str = "abmll"
     model: str = "tiny-llama"
-    tasks: str = "bigbench"
+    tasks: str = "debian-cls"
     data_dir: str | None = None
     train_tasks: tuple[str, ...] | None = None
     dev_tasks: tuple[str, ...] | None = None

@@ -1,4 +1,4 @@
-"""``load_tasks(source, ...)``: BIG-bench, a task folder, or a named CrossFit/MetaICL split -> TaskSet."""
+"""``load_tasks(source, ...)``: debian-cls, BIG-bench, a task folder, or a CrossFit/MetaICL split -> TaskSet."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["load_tasks"]
 
 
 def load_tasks(
-    source: str | Path = "bigbench",
+    source: str | Path = "debian-cls",
     train: Sequence[str] | None = None,
     dev: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
@@ -26,10 +26,12 @@ def load_tasks(
 ) -> TaskSet:
     """Tasks with a train/dev/test split of *tasks*, from:
 
-    * ``"bigbench"``: the embedded default, prepared into the user cache on first use, split by the
-      packaged ``bigbench_split.json`` (``train``/``dev``/``test`` override it);
-    * ``"debian-cls"``: real label-word classification tasks from Debian packages' data, prepared into
-      the user cache on first use, split by family (``debian_cls_split.json``);
+    * ``"debian-cls"`` (the embedded default): real label-word classification tasks from Debian
+      packages' data, prepared into the user cache on first use (apt-get, or by URL from a Debian mirror),
+      split by family (``debian_cls_split.json``; ``train``/``dev``/``test`` override it);
+    * ``"bigbench"``: BIG-bench's English multiple-choice tasks, converted from a local copy of its task
+      files (``abmll data prepare bigbench --from PATH`` once, or ``$ABMLL_BIGBENCH_SOURCE``; the package index no longer serves them) into
+      the user cache on first use, split by the packaged ``bigbench_split.json``;
     * ``"bigbench-gen"``: BIG-bench's generative tasks with short targets, prepared likewise, split by
       the same hash rule (the folder's splits.json);
     * a CrossFit/MetaICL split name (see :func:`crossfit_splits`), read from ``data_dir`` in MetaICL's
