@@ -66,8 +66,8 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         description="SmolLM2-135M (dequantized Q4_1) on debian-cls (label-word classification, held-out families), "
-                    "16 shots, K = 5, 30 outer steps, 32 query examples per test task, one seed: the main job",
-        config=dict(model="smollm2-135m", tasks="debian-cls", rank=8, lora_alpha=16.0, last_layers=4, steps=30,
+                    "16 shots, K = 5, 20 outer steps, 32 query examples per test task, one seed: the main job",
+        config=dict(model="smollm2-135m", tasks="debian-cls", rank=8, lora_alpha=16.0, last_layers=4, steps=20,
                     tasks_per_step=2, shots=16, query_size=16, eval_query_size=32, max_length=128,
                     drop_long_examples=True, icl_max_length=768, num_inner_steps=5, inner_lr=1e-2, outer_lr=1e-2,
                     reptile_step_size=1.0, kl_beta=1e-8, num_samples=8, checkpoint_every=10, num_threads=1),

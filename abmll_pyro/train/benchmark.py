@@ -168,21 +168,29 @@ def _jobs(base: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Pa
     return jobs
 
 
+def _trains(job: _Job) -> bool:
+    from ..methods import TRAINABLE
+
+    return job.config.method in TRAINABLE and job.trained_by is None
+
+
 def _run_job(job: _Job) -> dict:
     """One run in a worker process (``--jobs``; the run sets the thread count from its config)."""
     return _run_one(job.config, job.run_dir, progress=False, trained_by=job.trained_by)
 
 
 def _run_parallel(jobs: Sequence[_Job], workers: int, progress: bool) -> list[dict]:
-    """Run ``jobs`` in up to ``workers`` processes at once, a run that evaluates another's checkpoint
-    only after that run finished; results in ``jobs``' order. A failed run does not stop the others
+    """Run ``jobs`` in up to ``workers`` processes at once, the runs that train first, a run that
+    evaluates another's checkpoint only after that run finished; results in ``jobs``' order. A failed run does not stop the others
     (their finished work is kept); the first failure is raised once every run that could go on is done."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     results: dict[int, dict] = {}
     failed: dict[Path, BaseException] = {}
-    waiting = list(range(len(jobs)))
+    # runs that train start first (they are the long ones; the evaluate-only runs fill in around them),
+    # otherwise in the sequential order; results come back in ``jobs``' order whatever the start order
+    waiting = sorted(range(len(jobs)), key=lambda i: (not _trains(jobs[i]), i))
     done_dirs: set[Path] = set()
     running = {}
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no torch state shared

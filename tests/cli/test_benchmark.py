@@ -120,6 +120,24 @@ def test_a_run_whose_checkpoint_is_ready_goes_before_runs_listed_after_it(tmp_pa
     assert [j.run_dir.name for j in finished] == ["lora-seed0", "lora-ts-seed0", "pretrained-seed0", "pretrained-seed1"]
 
 
+def test_runs_that_train_start_first_and_results_keep_the_listed_order(tmp_path):
+    """The long runs (those that train) are handed out first, so the evaluate-only ones fill in around
+    them; the results come back in the listed order."""
+    from abmll_pyro.presets import PRESETS, synthetic_task_folder
+    from abmll_pyro.train.benchmark import _Job, _run_parallel
+    from abmll_pyro.train.config import RunConfig
+
+    base = RunConfig.from_dict({**PRESETS["smoke"].config, "tasks": str(synthetic_task_folder(tmp_path / "tasks")),
+                                "steps": 1, "max_test_tasks": 1})
+    runs = tmp_path / "runs"
+    jobs = [_Job(base.updated(method="pretrained"), runs / "pretrained-seed0", None),
+            _Job(base.updated(method="lora"), runs / "lora-seed0", None)]
+    results = _run_parallel(jobs, 1, progress=False)
+    assert [r["method"] for r in results] == ["pretrained", "lora"]
+    finished = sorted(jobs, key=lambda j: (j.run_dir / "results.json").stat().st_mtime_ns)
+    assert [j.run_dir.name for j in finished] == ["lora-seed0", "pretrained-seed0"]
+
+
 def test_runs_share_the_frozen_trunk(tmp_path, capsys):
     """The benchmark's runs share one on-disk trunk cache: OUT/trunk-cache by default, deleted at the end;
     a folder given with --trunk-dir is kept (the second method read the first's entries); 'none' turns it
