@@ -241,3 +241,17 @@ def test_mc_dropout_lora_keeps_dropout_on_at_prediction(setup):
     torch.manual_seed(1)
     assert torch.allclose(method.predict(state, episode), samples.mean(0).float())
     assert (predict_with_uncertainty(method, state, episode).epistemic > 0).all()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ensemble_size", 0, "ensemble_size must be an integer >= 1"),
+    ("laplace_logit_samples", 0, "laplace_logit_samples must be an integer >= 1"),
+    ("mc_dropout_rate", 1.0, "mc_dropout_rate must be in \\(0, 1\\)"),
+    ("blob_prior_std", 0.0, "blob_prior_std must be > 0"),
+    ("blob_init_eps", -0.05, "blob_init_eps must be > 0"),
+])
+def test_the_peers_settings_are_validated(key, value, message):
+    from abmll_pyro.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({key: value})
