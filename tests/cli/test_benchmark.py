@@ -77,6 +77,15 @@ def test_the_bayesian_lora_peers_on_the_smoke_preset(tmp_path, capsys):
     assert all("log10_prior_precision" in v for v in laplace["per_task"].values())
     paired = json.loads((tmp_path / "comparison.json").read_text())["paired"]
     assert {row["method"] for row in paired} == set(PEER_METHODS)
+    # cost beside quality: every method has a row, and a task's state holds what the method says it does
+    costs = (tmp_path / "cost.md").read_text()
+    assert costs in table and all(f"| {r['method']} |" in costs for r in results)
+    cost = {r["method"]: r["cost"] for r in results}
+    lora_values = cost["lora"]["trained_values"]
+    assert cost["lora"]["adapted_values_per_task"] == lora_values and all(c["predict_s_per_query"] > 0 for c in cost.values())
+    # E members, each the trained pair plus an equally shaped member pair
+    assert cost["ensemble-lora"]["adapted_values_per_task"] == 2 * 5 * lora_values
+    assert lora_values < cost["blob"]["adapted_values_per_task"] < 2 * lora_values  # M, B and G (A's shape)
 
 
 def test_two_seeds_give_mean_and_std(tmp_path, capsys):
