@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..config import InnerLoopConfig
-from ..data.scoring import OptionBatch
+from ..data.scoring import OptionBatch, TokenBatch
 from ..infer.inner import inner_loop
 from ..lora.adapter import BayesLoRA
 from ..lora.layer import LowRankDelta
@@ -98,6 +98,8 @@ class BLoB(RegularLoRA):
         return nll + self.kl(params).to(nll.dtype) / len(support)
 
     def adapt(self, episode) -> dict[str, Tensor]:
+        if isinstance(episode.support, TokenBatch):
+            raise ValueError("blob scores options: it has no generative (token-level) evaluation")
         inner = self.inner
         refined = inner_loop(lambda p: self.negative_elbo(p, episode.support), self.variational_start(),
                              inner.num_inner_steps, inner.inner_lr, inner.optimizer, adam_eps=inner.adam_eps)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..config import InnerLoopConfig
-from ..data.scoring import OptionBatch
+from ..data.scoring import OptionBatch, TokenBatch
 from ..lora.adapter import BayesLoRA
 from .base import option_logits
 from .lora import RegularLoRA, finetune
@@ -149,6 +149,8 @@ class LaplaceLoRA(RegularLoRA):
         self.logit_samples = logit_samples
 
     def adapt(self, episode) -> LaplaceFit:
+        if isinstance(episode.support, TokenBatch):
+            raise ValueError("laplace-lora linearizes option scores: it has no generative (token-level) evaluation")
         start = {k: v.detach() for k, v in self.lora.params().items()}
         params = finetune(self.adapter, start, episode.support, self.inner, self.likelihood)
         scores, jac = option_jacobian(self.adapter, params, episode.support, self.likelihood)
