@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from abmll_pyro.train.cost import PeakMemory, cost_block, cost_table, state_values
