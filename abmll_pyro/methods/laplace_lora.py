@@ -23,12 +23,14 @@ everything exactly without a P × P matrix:
 κ_k the eigenvalues of K (the P log δ of the prior's normalizer cancels the one in log det(G + δI)).
 δ maximizes log Z on a log grid (:data:`PRECISIONS`), as Laplace-LoRA tunes its prior precision by the
 marginal likelihood (their post-hoc variant). ``laplace-torch`` (which Laplace-LoRA used, with a
-Kronecker-factored GGN) was not used: its curvature backends differentiate a ``model(X) -> logits``
-forward of a fixed class count made of modules they support, while this harness's logits are option
-scores (summed or normalized token log-probs of ragged option sets, −inf padded) computed under the
-adapter's context; and its exact ('full') GGN is a P × P matrix (61,440² for cpu-long's adapter), where
-the support set's few logits make the exact GGN cheap in function space. The Jacobian costs one
-forward pass per example and one backward pass per option.
+Kronecker-factored GGN) is not used (nor installed, nor tried): its curvature backends differentiate a
+``model(X) -> logits`` forward over a data loader, with a fixed class count, while this harness's logits
+are option scores (summed or normalized token log-probs of ragged option sets, −inf padded) computed
+under the adapter's context, so it would need a wrapper model; its exact ('full') GGN is a P × P
+matrix (61,440² for cpu-long's adapter, 15 GB) and its diagonal / Kronecker structures approximate what
+the support set's few logits make exact and cheap here, in function space (its own function-space
+option approximates the same kernel by Nyström or variational inducing points). The Jacobian costs one
+forward pass per example and one backward pass per option, for the support set and the query set.
 
 **Prior mean.** Laplace-LoRA's prior is N(0, δ⁻¹ I) over LoRA weights fine-tuned from LoRA's init.
 Here the per-task fine-tuning starts from trained factors (A nowhere near 0), so the prior is centred at
