@@ -42,6 +42,7 @@ predictive is then Regular LoRA's, up to the logit draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -52,36 +53,42 @@ from ..lora.adapter import BayesLoRA
 from .base import option_logits
 from .lora import RegularLoRA, finetune
 
-__all__ = ["LaplaceLoRA", "LaplaceFit", "option_jacobian", "softmax_hessian_sqrt", "fit_laplace",
+__all__ = ["LaplaceLoRA", "LaplaceFit", "example_jacobians", "option_jacobian", "softmax_hessian_sqrt", "fit_laplace",
            "predictive_cov", "log_marginal_likelihood", "PRECISIONS"]
 
 #: candidate prior precisions δ, log-spaced over 14 decades
 PRECISIONS = torch.logspace(-6, 8, 141, dtype=torch.float64)
 
 
-def option_jacobian(adapter: BayesLoRA, params: dict[str, Tensor], batch: OptionBatch, likelihood=None
-                    ) -> tuple[Tensor, Tensor]:
-    """``(scores [n, M] float64, J [n, M, P] float64)``: the option scores under the LoRA ``params`` and
-    their Jacobian in the flattened factors (in ``params``' key order); zero rows in padded slots."""
+def example_jacobians(adapter: BayesLoRA, params: dict[str, Tensor], batch: OptionBatch, likelihood=None
+                      ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per example of ``batch``: ``(scores [M_j] float64, J [M_j, P] float64)``, the option scores under
+    the LoRA ``params`` and their Jacobian in the flattened factors (``params``' key order); zero rows in
+    padded (−inf) slots. One forward pass per example, one backward pass per option."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     order = list(leaves.values())
-    rows, scores = [], []
+    size = sum(p.numel() for p in order)
     with torch.enable_grad():
         for j in range(len(batch)):
             f = option_logits(adapter, leaves, batch.select([j]), likelihood)[0]  # [M_j] (-inf padded)
-            jac = torch.zeros(f.shape[0], sum(p.numel() for p in order), dtype=torch.float64, device=f.device)
+            jac = torch.zeros(f.shape[0], size, dtype=torch.float64, device=f.device)
             for o in range(f.shape[0]):
                 if torch.isfinite(f[o]):
                     grads = torch.autograd.grad(f[o], order, retain_graph=True, allow_unused=True)
                     jac[o] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                         for g, p in zip(grads, order)]).double()
-            rows.append(jac)
-            scores.append(f.detach().double())
-    width = max([getattr(batch, "max_options", 0)] + [s.shape[0] for s in scores])
+            yield f.detach().double(), jac
+
+
+def option_jacobian(adapter: BayesLoRA, params: dict[str, Tensor], batch: OptionBatch, likelihood=None
+                    ) -> tuple[Tensor, Tensor]:
+    """``(scores [n, M] float64, J [n, M, P] float64)``: :func:`example_jacobians` stacked, M the
+    batch's option width (−inf scores and zero rows in padded slots)."""
+    scores, rows = zip(*example_jacobians(adapter, params, batch, likelihood))
+    width = max([batch.max_options] + [s.shape[0] for s in scores])
     pad = torch.nn.functional.pad
-    scores_t = torch.stack([pad(s, (0, width - s.shape[0]), value=float("-inf")) for s in scores])
-    jac_t = torch.stack([pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-    return scores_t, jac_t
+    return (torch.stack([pad(s, (0, width - s.shape[0]), value=float("-inf")) for s in scores]),
+            torch.stack([pad(r, (0, 0, 0, width - r.shape[0])) for r in rows]))
 
 
 def softmax_hessian_sqrt(scores: Tensor) -> Tensor:
@@ -165,9 +172,16 @@ class LaplaceLoRA(RegularLoRA):
 
     def predict_samples(self, state: LaplaceFit, episode) -> Tensor:
         """``[S, n, max_options]`` float64: softmax of each draw of the linearized predictive's logits."""
-        scores, jac = option_jacobian(self.adapter, state.params, episode.query, self.likelihood)
-        logits = sample_logits(scores, predictive_cov(state, jac), self.logit_samples)
-        return torch.softmax(logits, -1)
+        # one query example at a time: its [M, P] Jacobian is dropped once its covariance is formed
+        means, covs = [], []
+        for scores, jac in example_jacobians(self.adapter, state.params, episode.query, self.likelihood):
+            means.append(scores)
+            covs.append(predictive_cov(state, jac[None])[0])
+        width = max([episode.query.max_options] + [m.shape[0] for m in means])
+        pad = torch.nn.functional.pad
+        mean = torch.stack([pad(m, (0, width - m.shape[0]), value=float("-inf")) for m in means])
+        cov = torch.stack([pad(c, (0, width - c.shape[0], 0, width - c.shape[0])) for c in covs])
+        return torch.softmax(sample_logits(mean, cov, self.logit_samples), -1)
 
     def predict(self, state, episode) -> Tensor:
         return self.predict_samples(state, episode).mean(0).float()

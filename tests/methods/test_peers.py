@@ -131,6 +131,12 @@ def test_laplace_lora_on_the_tiny_model(setup):
     assert set(method.adapt_diagnostics(fit)) == {"log10_prior_precision", "log_marglik"}
     split = predict_with_uncertainty(method, fit, episode)
     assert split.probs.shape == (5, 2) and (split.epistemic >= 0).all() and split.epistemic.sum() > 0
+    # one query example at a time (prediction) = the whole query set's Jacobian at once (same draws)
+    scores, jac = option_jacobian(adapter, fit.params, episode.query, method.likelihood)
+    torch.manual_seed(5)
+    whole = torch.softmax(sample_logits(scores, predictive_cov(fit, jac), CONFIG.laplace_logit_samples), -1)
+    torch.manual_seed(5)
+    assert torch.allclose(method.predict_samples(fit, episode), whole, atol=1e-10)
     # the predictive mean sits near the MAP's (2000 logit draws, small posterior variance on 4 examples)
     assert torch.allclose(split.probs, option_probs(adapter, fit.params, episode.query, method.likelihood).double(), atol=0.1)
 
