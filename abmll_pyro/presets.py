@@ -1,14 +1,14 @@
 """Benchmark presets: the model, tasks, budgets and methods of ``abmll benchmark --preset NAME``.
 
-* ``smoke`` — a tiny random Llama on a generated task set; every method, one seed, under 2 minutes on
-  2 CPU cores (run by a test).
+* ``smoke`` — a tiny random Llama on a generated task set; every method (the Bayesian-LoRA peers
+  included), one seed, under 2 minutes on 2 CPU cores (run by a test).
 * ``cpu`` — the main job (the README's command): SmolLM2-135M (embedded) on ``debian-cls``, which
   builds from an empty cache with only the package registries reachable; 16 shots, where adaptation
   pays on the held-out families; the six core methods, one seed; budgets measured to finish within
   20 minutes on 2 CPU cores from an empty cache (README, "Set up").
 * ``cpu-long`` — what docs/RESULTS.md reports: SmolLM2-135M on the ``debian-cls`` label-word suite
   (real classification tasks with headroom, test families held out), 16 shots, K = 5, 60 outer steps,
-  the six core methods and 3 seeds (``--methods all`` adds the other three; ``--tasks bigbench`` runs
+  the six core methods and 3 seeds (``--methods all`` adds the other seven; ``--tasks bigbench`` runs
   it on BIG-bench). One thread per run, two runs at once (``jobs=2``: docs/RESULTS.md's runs were
   made that way), every run reading the others' frozen-trunk states (``OUT/trunk-cache``). Measured
   on 2 CPU cores: 72 minutes for the six and 3 seeds (about 2.4 core-hours; 4.3 before the runs
@@ -33,12 +33,16 @@ from typing import Any
 from .data.sources.folder import write_task_folder
 from .data.tasks import Example, Task
 
-__all__ = ["Preset", "PRESETS", "ALL_METHODS", "CORE_METHODS", "get_preset", "synthetic_task_folder"]
+__all__ = ["Preset", "PRESETS", "ALL_METHODS", "CORE_METHODS", "PEER_METHODS", "get_preset", "synthetic_task_folder"]
 
-ALL_METHODS = ("pretrained", "icl", "lora", "lora-ts", "structured-lora", "reptile", "bayes-lora", "abmll", "abmll-icl")
+# the Bayesian-LoRA peers and the two simplest uncertainty baselines, per task from Regular LoRA's start
+PEER_METHODS = ("laplace-lora", "blob", "ensemble-lora", "mc-dropout-lora")
+ALL_METHODS = ("pretrained", "icl", "lora", "lora-ts", "structured-lora", "reptile", "bayes-lora", "abmll", "abmll-icl",
+               *PEER_METHODS)
 # the comparison of ``cpu`` and ``cpu-long``: what calibration and meta-learning are judged against. In-context
-# learning, Structured LoRA and ABMLL + ICL cost 16 of the 36 minutes all nine took on 2 cores with ``cpu``, and
-# ABMLL + ICL alone about 2.5 hours per seed with ``cpu-long`` (docs/RESULTS.md); ``--methods all`` runs them too.
+# learning, Structured LoRA and ABMLL + ICL cost 16 of the 36 minutes the first nine took on 2 cores with ``cpu``, and
+# ABMLL + ICL alone about 2.5 hours per seed with ``cpu-long`` (docs/RESULTS.md); ``--methods all`` runs them and the
+# peers (PEER_METHODS) too, or name them: ``--methods lora abmll laplace-lora blob ensemble-lora mc-dropout-lora``.
 CORE_METHODS = ("pretrained", "lora", "lora-ts", "reptile", "bayes-lora", "abmll")
 
 

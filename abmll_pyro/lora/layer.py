@@ -4,7 +4,9 @@ The layer holds no adapter parameters and does no sampling or KL: what it adds i
 (by :class:`~abmll_pyro.lora.adapter.BayesLoRA`) as one of
 
 * ``None`` — off: exactly the base module;
-* :class:`LowRankDelta` — mean mode: ``y += scaling · (x Aᵀ) Bᵀ`` without forming ΔW;
+* :class:`LowRankDelta` — mean mode: ``y += scaling · (x Aᵀ) Bᵀ`` without forming ΔW (with ``dropout``
+  p > 0, x on the adapted path only is replaced by ``dropout(x, p)``, PEFT's ``lora_dropout``: a fresh
+  Bernoulli(1 − p) mask per element at every forward pass, kept elements scaled by 1/(1 − p));
 * a dense ``[out, in]`` tensor — sampled mode: ``y = x (W0 + ΔW)ᵀ + b`` (a reparameterized sample
   of ΔW), one matmul on the merged weight instead of ``base(x) + x ΔWᵀ`` (two): the forward pass and
   the input gradient each save one ``[T, out, in]`` product per adapted module; ∂L/∂ΔW = ∂L/∂(W0 + ΔW)
@@ -27,11 +29,13 @@ __all__ = ["LowRankDelta", "BayesLoRALayer", "linear_shape", "is_linear"]
 
 @dataclass(frozen=True)
 class LowRankDelta:
-    """ΔW = scaling · B @ A with ``A: [rank, in]``, ``B: [out, rank]``."""
+    """ΔW = scaling · B @ A with ``A: [rank, in]``, ``B: [out, rank]``; ``dropout`` p drops the adapted
+    path's inputs (``y = base(x) + scaling · B A dropout_p(x)``; 0: none)."""
 
     A: Tensor
     B: Tensor
     scaling: float
+    dropout: float = 0.0
 
     def dense(self) -> Tensor:
         return self.scaling * (self.B @ self.A)
@@ -77,7 +81,8 @@ class BayesLoRALayer(nn.Module):
             return self.base(x)
         if isinstance(delta, LowRankDelta):
             A, B = delta.A.to(x.dtype), delta.B.to(x.dtype)
-            return self.base(x) + delta.scaling * ((x @ A.transpose(0, 1)) @ B.transpose(0, 1))
+            h = nn.functional.dropout(x, delta.dropout, training=True) if delta.dropout > 0 else x
+            return self.base(x) + delta.scaling * ((h @ A.transpose(0, 1)) @ B.transpose(0, 1))
         if delta.shape != (self.out_features, self.in_features):
             raise ValueError(
                 f"ΔW for {self.name} must have shape {(self.out_features, self.in_features)}, got {tuple(delta.shape)}"

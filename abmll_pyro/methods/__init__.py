@@ -14,7 +14,11 @@ from ..models.likelihoods import OptionLikelihood
 from .abmll import ABMLL
 from .base import LoRAFactors, Method, option_logits, option_nll, option_probs
 from .bayes_lora import PerTaskBayesLoRA
+from .blob import BLoB
+from .ensemble_lora import EnsembleLoRA
+from .laplace_lora import LaplaceLoRA
 from .lora import RegularLoRA
+from .mc_dropout_lora import MCDropoutLoRA
 from .parts import make_guide, make_prior
 from .reptile import Reptile
 from .structured import StructuredLoRA
@@ -23,6 +27,7 @@ from .zero_shot import InContext, Pretrained
 
 __all__ = ["Method", "METHODS", "TRAINABLE", "SAME_TRAINING", "build_method", "ABMLL", "RegularLoRA",
            "TemperatureScaledLoRA", "StructuredLoRA", "Reptile", "PerTaskBayesLoRA", "Pretrained", "InContext",
+           "LaplaceLoRA", "BLoB", "EnsembleLoRA", "MCDropoutLoRA",
            "LoRAFactors", "option_logits", "option_nll", "option_probs", "make_prior", "make_guide"]
 
 
@@ -56,11 +61,21 @@ METHODS: dict[str, Callable[[BayesLoRA, object, int], Method]] = {
     "abmll": _abmll(in_context=False),
     "abmll-icl": _abmll(in_context=True),
     "bayes-lora": _bayes_lora,
+    # the Bayesian-LoRA peers: per-task methods from Regular LoRA's start (mc-dropout-lora trains its own)
+    "laplace-lora": lambda adapter, config, n: LaplaceLoRA(adapter, config.inner_config(), config.outer_lr,
+                                                           config.laplace_logit_samples),
+    "blob": lambda adapter, config, n: BLoB(adapter, config.inner_config(), config.outer_lr, config.blob_prior_std,
+                                            config.blob_init_eps, config.num_samples),
+    "ensemble-lora": lambda adapter, config, n: EnsembleLoRA(adapter, config.inner_config(), config.outer_lr,
+                                                             config.ensemble_size),
+    "mc-dropout-lora": lambda adapter, config, n: MCDropoutLoRA(adapter, config.inner_config(), config.outer_lr,
+                                                                config.mc_dropout_rate, config.num_samples),
 }
-TRAINABLE = ("lora", "lora-ts", "structured-lora", "reptile", "abmll", "abmll-icl")
+TRAINABLE = ("lora", "lora-ts", "structured-lora", "reptile", "abmll", "abmll-icl", "laplace-lora", "blob",
+             "ensemble-lora", "mc-dropout-lora")
 #: methods whose training is another method's, exactly (same parameters, loss and draws): a benchmark
 #: evaluates them from that method's checkpoint instead of training twice
-SAME_TRAINING = {"lora-ts": "lora"}
+SAME_TRAINING = {"lora-ts": "lora", "laplace-lora": "lora", "blob": "lora", "ensemble-lora": "lora"}
 
 
 def check_method(name: str) -> str:

@@ -55,10 +55,14 @@ class RegularLoRA(Method):
         total, nll = sum(sizes), 0.0
         for ep in episodes:
             for batch in (ep.support, ep.query):
-                loss = option_nll(self.adapter, self.lora.params(), batch, self.likelihood) * (len(batch) / total)
+                loss = self.loss(self.lora.params(), batch) * (len(batch) / total)
                 backward(loss)
                 nll += float(loss.detach())
         return {"loss": nll, "nll": nll}
+
+    def loss(self, params: dict[str, Tensor], batch: OptionBatch) -> Tensor:
+        """The mean cross-entropy of ``batch`` under the LoRA ``params`` (what training minimizes)."""
+        return option_nll(self.adapter, params, batch, self.likelihood)
 
     def episode_weight(self, split) -> float:
         """Its example count: one-episode steps weighted by it pool the batch's examples as above."""

@@ -8,7 +8,9 @@ with ``results.json``, is reused, so an interrupted benchmark continues where it
   seeds, ± the bootstrap standard error, with the ECE floor (:func:`~abmll_pyro.eval.compare.summarize`);
 * ``<out>/comparison.md`` / ``comparison.json`` — paired differences against the reference method
   (``abmll`` when it ran) with 95% bootstrap CIs (:func:`~abmll_pyro.eval.compare.paired_comparison`);
-* ``<out>/reliability-<method>.png`` — reliability diagrams (test examples of all seeds pooled).
+* ``<out>/reliability-<method>.png`` — reliability diagrams (test examples of all seeds pooled);
+* ``<out>/cost.md`` — each method's test-time cost: adaptation seconds per task, prediction
+  milliseconds per query, peak memory, trained and per-task adapted values (:mod:`~abmll_pyro.train.cost`).
 
 On CPU the runs share one on-disk cache of the frozen trunk's hidden states (``<out>/trunk-cache`` by
 default, deleted once every run has finished; :mod:`~abmll_pyro.data.trunk`): every method of every seed sees
@@ -41,6 +43,7 @@ from ..eval.metrics import ReliabilityDiagram
 from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
+from .cost import cost_table
 from .distributed import is_main_process, wait_for_everyone, world_size
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run, wants_cpu
@@ -278,7 +281,9 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     ref = reference if reference in methods else methods[0]
     table, comparison = write_comparison(out, run_dirs, ref, base.ece_bins)
     atomic_write_text(out / "macro_table.md", format_table(results))
-    table = data_line(results) + "\n\n" + table + "\n" + comparison
+    costs = cost_table(results)
+    atomic_write_text(out / "cost.md", costs)
+    table = data_line(results) + "\n\n" + table + "\n" + comparison + "\n" + costs
     try:
         from ..eval.plots import plot_reliability
 

@@ -43,7 +43,11 @@ class RunConfig:
     per optimizer step; ``num_inner_steps`` at ``inner_lr`` for every method that adapts (train and
     test alike); ``reptile_step_size`` is Reptile's outer ε; ``ts_prior_std`` the standard deviation of
     ``lora-ts``'s Normal prior on log T (null: the unregularized fit; 0.25 chosen on cpu-long's dev
-    tasks). Prediction: ``num_samples`` draws of φ
+    tasks). The Bayesian-LoRA peers: ``laplace_logit_samples`` draws of the linearized Laplace predictive's
+    option logits (``laplace-lora``), ``blob_prior_std`` (BLoB's prior σ_p on A) and ``blob_init_eps``
+    (BLoB's ε: the scale factor G starts U(ε/√2, ε), σ = G²), ``ensemble_size`` members E of
+    ``ensemble-lora``, ``mc_dropout_rate`` p of ``mc-dropout-lora`` (its passes are ``num_samples``).
+    Prediction: ``num_samples`` draws of φ
     (``predict_mode="sample"``) or the posterior mean (``"mean"``). Scoring: ``score_reduction``
     (``sum``, ``mean`` per option token as MetaICL, ``char`` per character as lm-eval's ``acc_norm``)
     turns each option's token log-probs into its score, for every method alike. ``init_from_peft``:
@@ -100,6 +104,12 @@ class RunConfig:
     outer_kl: str = "prior"
     reptile_step_size: float = 0.5
     ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, cpu-long section 4)
+    # the Bayesian-LoRA peers (methods/laplace_lora.py, blob.py, ensemble_lora.py, mc_dropout_lora.py)
+    laplace_logit_samples: int = 1000
+    blob_prior_std: float = 0.2
+    blob_init_eps: float = 0.05
+    ensemble_size: int = 5
+    mc_dropout_rate: float = 0.1
     # prediction
     num_samples: int = 8
     predict_mode: str = "sample"
@@ -125,7 +135,8 @@ class RunConfig:
             object.__setattr__(self, f.name, _typed(f.name, str(f.type), getattr(self, f.name)))
 
         for name in ("steps", "tasks_per_step", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "eval_query_size", "query_size", "num_samples", "ece_bins"):
+                     "eval_query_size", "query_size", "num_samples", "ece_bins", "ensemble_size",
+                     "laplace_logit_samples"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(isinstance(self.shots, int) and self.shots >= 1, f"shots must be an integer >= 1, got {self.shots!r}")
@@ -139,6 +150,9 @@ class RunConfig:
         check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
         check(self.ts_prior_std is None or self.ts_prior_std > 0,
               f"ts_prior_std must be > 0 (or null), got {self.ts_prior_std!r}")
+        for name in ("blob_prior_std", "blob_init_eps"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
+        check(0 < self.mc_dropout_rate < 1, f"mc_dropout_rate must be in (0, 1), got {self.mc_dropout_rate!r}")
         check(self.score_reduction in SCORE_REDUCTIONS,
               f"score_reduction must be one of {list(SCORE_REDUCTIONS)}, got {self.score_reduction!r}")
         check(self.eval_split in ("test", "dev"), f"eval_split must be 'test' or 'dev', got {self.eval_split!r}")

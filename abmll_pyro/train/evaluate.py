@@ -23,7 +23,10 @@ without posterior samples).
 Adaptation time: the wall-clock seconds of ``method.adapt(episode)`` alone (the guide's start, e.g. the
 amortized guide's LM pass over the support set, plus the K inner steps; not encoding, not prediction;
 CUDA is synchronized around it). :func:`metrics_json` writes them per task (``per_task[t].adapt_time_s``)
-and their mean over the test tasks (``macro.adapt_time_s_per_task``).
+and their mean over the test tasks (``macro.adapt_time_s_per_task``). Prediction time (the query set's
+probabilities with every posterior sample, ``per_task[t].predict_time_s``), the numbers each task's
+adapted state holds (``per_task[t].adapted_values``) and the evaluation's peak memory feed results.json's
+``cost`` block (:mod:`abmll_pyro.train.cost`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ..eval.metrics import compute_metrics, ece_floor, macro_average, pad_probs
 from ..eval.uncertainty import example_fields, predict_with_uncertainty, uncertainty_means
 from ..methods import Method
 from .config import RunConfig
+from .cost import PeakMemory, state_values
 from .distributed import Ranks, seed_rng
 from .episodes import EpisodeEncoder, test_splits
 
@@ -63,6 +67,9 @@ class TaskResults(dict):
         self.example_index: dict[str, list[int]] = {}
         self.uncertainty: dict = {}  # task name → UncertaintySplit of its query set
         self.diagnostics: dict[str, dict[str, float]] = {}  # task name → method.adapt_diagnostics(state)
+        self.predict_time_s: dict[str, float] = {}  # task name → seconds predicting its query set
+        self.adapted_values: dict[str, int] = {}  # task name → numbers in its adapted state
+        self.peak_memory_mb: float = float("nan")  # this rank's peak while adapting and predicting
 
     def predictions(self) -> list[dict]:
         """One record per query example, in task order: ``task``, ``index``, ``gold``, ``probs``."""
@@ -114,12 +121,16 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
     ranks = ranks or Ranks()
     mine = []  # (task index, name, uncertainty split, gold, adapt seconds, example indices, diagnostics) of this rank's tasks
     splits = test_splits(tasks, config.shots, config.eval_query_size, config.seed)
+    memory = None
     for i in tqdm(ranks.shard(len(splits)), desc=f"evaluate {method.name}", disable=not progress, leave=False):
         task, split = tasks[i], splits[i]
         seed_rng(config.seed, "evaluate", i)  # posterior draws independent of training and of other tasks
         episode = encoder(split)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             device = episode.query.gold.device
+            if memory is None:
+                memory = PeakMemory(device)
+                memory.start()
             _sync(device)
             start = time.perf_counter()
             state = method.adapt(episode)
@@ -127,14 +138,18 @@ def evaluate_method(method: Method, tasks: Sequence[Task], encoder: EpisodeEncod
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 uncertainty = predict_with_uncertainty(method, state, episode)
+            _sync(device)
+            predict_seconds = time.perf_counter() - start - seconds
         uncertainty = replace(uncertainty, **{f.name: getattr(uncertainty, f.name).cpu() for f in fields(uncertainty)})
         report = getattr(method, "adapt_diagnostics", None)  # optional: duck-typed methods may lack it
         diagnostics = {k: float(v) for k, v in report(state).items()} if report is not None else {}
         mine.append((i, split.name, uncertainty, episode.query.gold.cpu(), seconds, _query_indices(task, split),
-                     diagnostics))
+                     diagnostics, predict_seconds, state_values(state)))
     per_task = TaskResults()
     gathered = sorted((r for part in ranks.all_gather(mine) for r in part), key=lambda r: r[0])  # task order
-    for _, name, uncertainty, gold, seconds, index, diagnostics in gathered:
+    per_task.peak_memory_mb = memory.peak_mb() if memory is not None else float("nan")
+    for _, name, uncertainty, gold, seconds, index, diagnostics, predict_seconds, values in gathered:
+        per_task.predict_time_s[name], per_task.adapted_values[name] = predict_seconds, values
         probs = uncertainty.probs.float()  # = method.predict(state, episode) (the mean over its samples)
         per_task[name] = compute_metrics(probs, gold, config.ece_bins)
         per_task.adapt_time_s[name], per_task.uncertainty[name] = seconds, uncertainty
@@ -160,6 +175,8 @@ def metrics_json(per_task: dict) -> tuple[dict, dict]:
         for name, seconds in times.items():
             tasks[name]["adapt_time_s"] = seconds
         macro["adapt_time_s_per_task"] = sum(times.values()) / len(times)
+    for name, seconds in getattr(per_task, "predict_time_s", {}).items():
+        tasks[name].update(predict_time_s=seconds, adapted_values=per_task.adapted_values[name])
     for name, values in getattr(per_task, "diagnostics", {}).items():
         tasks[name].update(values)
     return tasks, macro

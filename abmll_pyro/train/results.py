@@ -12,7 +12,11 @@ One run's result is a JSON object::
                 "ece_floor": float, "ece_bins": int [, "entropy": float, "aleatoric": float, "epistemic": float, "spread": float]},
      "config": {...the resolved RunConfig...}, "wall_time_s": float, "train_time_s": float,
      "eval_time_s": float, "peak_memory_mb": float, "steps": int,
-     "reliability": {"num_bins": int, "count": [int], "confidence_sum": [float], "correct_sum": [float]}}
+     "reliability": {"num_bins": int, "count": [int], "confidence_sum": [float], "correct_sum": [float]}
+     [, "cost": {"adapt_s_per_task": float, "predict_s_per_query": float, "eval_peak_memory_mb": float,
+                 "trained_values": int, "adapted_values_per_task": float}]}
+
+(``per_task[t]`` also carries ``predict_time_s`` and ``adapted_values`` when ``cost`` is there.)
 
 ``benchmark`` writes a JSON list of these.
 """

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 from .config import ConfigError, RunConfig
+from .cost import cost_block
 from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
                      summarize_truncation)
 from .lock import RunLock
@@ -238,11 +239,14 @@ def _evaluate(config: RunConfig, built, tasks, accelerator, progress: bool, log:
     per_task, reliability = evaluate_method(built.method, tasks, encoder, config, progress and ranks.local_main,
                                             accelerator.autocast, ranks)
     tasks_json, macro = metrics_json(per_task)
+    cost = cost_block(list(per_task.adapt_time_s.values()), list(per_task.predict_time_s.values()),
+                      sum(len(g) for g in per_task.gold.values()), per_task.peak_memory_mb,
+                      sum(p.numel() for p in built.method.parameters()), list(per_task.adapted_values.values()))
     result = {"schema_version": SCHEMA_VERSION, "method": config.method, "model": config.model,
               "tasks": str(config.tasks), "data_fingerprint": fingerprint, "seed": config.seed,
               "per_task": tasks_json, "macro": macro,
               "pooled": pooled_json(per_task, config.ece_bins, config.seed), "config": config.to_dict(),
-              "steps": config.steps if built.method.trainable else 0, "reliability": reliability}
+              "steps": config.steps if built.method.trainable else 0, "reliability": reliability, "cost": cost}
     return result, per_task.predictions()
 
 

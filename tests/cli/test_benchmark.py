@@ -8,7 +8,7 @@ import time
 import pytest
 
 from abmll_pyro.cli import main
-from abmll_pyro.presets import ALL_METHODS
+from abmll_pyro.presets import ALL_METHODS, PEER_METHODS
 from abmll_pyro.train.results import validate_result
 
 
@@ -49,6 +49,43 @@ def test_smoke_benchmark_end_to_end(tmp_path, capsys):
     bench = json.loads((tmp_path / "benchmark.json").read_text())
     abmll_wall = next(r["wall_time_s"] for r in results if r["method"] == "abmll")
     assert bench["runs_wall_time_s"] == pytest.approx(abmll_wall) and bench["wall_time_s"] < 10
+
+
+def test_the_bayesian_lora_peers_on_the_smoke_preset(tmp_path, capsys):
+    """`abmll benchmark --methods lora <the four peers>`: schema-valid results and predictions with their
+    epistemic part, paired against lora; laplace-lora, blob and ensemble-lora evaluate lora's checkpoint,
+    mc-dropout-lora trains with dropout; seconds on the tiny model."""
+    t0 = time.perf_counter()
+    assert main(["--quiet", "benchmark", "--preset", "smoke", "--methods", "lora", *PEER_METHODS, "--reference", "lora",
+                 "--out", str(tmp_path)]) == 0
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 60, f"the peers on the smoke preset should take seconds, took {elapsed:.0f} s"
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results] == ["lora", *PEER_METHODS]
+    for r in results:
+        validate_result(r)
+        assert f"| {r['method']} |" in table and r["macro"]["n"] == results[0]["macro"]["n"]
+        lines = (tmp_path / "runs" / f"{r['method']}-seed0" / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == r["pooled"]["n"]
+        if r["method"] != "lora":  # several samples per prediction: a non-zero epistemic part
+            assert sum(json.loads(line)["epistemic"] for line in lines) > 0, r["method"]
+    for method in ("laplace-lora", "blob", "ensemble-lora"):
+        assert "same training" in (tmp_path / "runs" / f"{method}-seed0" / "log.txt").read_text()
+    assert (tmp_path / "runs" / "mc-dropout-lora-seed0" / "checkpoints" / "latest.json").exists()
+    laplace = next(r for r in results if r["method"] == "laplace-lora")
+    assert all("log10_prior_precision" in v for v in laplace["per_task"].values())
+    paired = json.loads((tmp_path / "comparison.json").read_text())["paired"]
+    assert {row["method"] for row in paired} == set(PEER_METHODS)
+    # cost beside quality: every method has a row, and a task's state holds what the method says it does
+    costs = (tmp_path / "cost.md").read_text()
+    assert costs in table and all(f"| {r['method']} |" in costs for r in results)
+    cost = {r["method"]: r["cost"] for r in results}
+    lora_values = cost["lora"]["trained_values"]
+    assert cost["lora"]["adapted_values_per_task"] == lora_values and all(c["predict_s_per_query"] > 0 for c in cost.values())
+    # E members, each the trained pair plus an equally shaped member pair
+    assert cost["ensemble-lora"]["adapted_values_per_task"] == 2 * 5 * lora_values
+    assert lora_values < cost["blob"]["adapted_values_per_task"] < 2 * lora_values  # M, B and G (A's shape)
 
 
 def test_two_seeds_give_mean_and_std(tmp_path, capsys):

@@ -45,7 +45,8 @@ def test_config_file_yaml_and_flags_precedence(tmp_path, handwritten, tiny):
     assert saved["kl_beta"] == 0.001 and saved["steps"] == 1  # the flag beats the file
 
 
-@pytest.mark.parametrize("method", ["lora", "structured-lora", "reptile", "abmll-icl"])
+@pytest.mark.parametrize("method", ["lora", "structured-lora", "reptile", "abmll-icl", "laplace-lora", "blob",
+                                    "ensemble-lora", "mc-dropout-lora"])
 def test_every_trainable_method_trains_and_evaluates(tmp_path, handwritten, tiny, method, capsys):
     run = _train(tmp_path, handwritten, tiny, method)
     capsys.readouterr()

@@ -34,7 +34,7 @@ def _final(run: Path) -> tuple[dict, dict]:
     return metrics, load_file(str(ckpt / "adapter.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["abmll", "reptile"])
+@pytest.mark.parametrize("method", ["abmll", "reptile", "mc-dropout-lora"])  # the last: dropout masks in training
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     full, killed = tmp_path / "full", tmp_path / "killed"
     reference = _abmll("train", "--method", method, "--out", str(full), *ARGS)
