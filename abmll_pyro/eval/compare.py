@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .metrics import ece_floor
+from .predictions_io import PREDICTION_SUFFIXES, open_predictions
 
 __all__ = ["Predictions", "load_predictions", "find_prediction_files", "paired_comparison", "summarize",
            "format_comparison", "format_summary", "PredictionsError", "t975"]
@@ -62,17 +63,19 @@ class Predictions:
 
 
 def find_prediction_files(paths: Iterable[str | Path]) -> list[Path]:
-    """``predictions.jsonl`` files under each path: a run directory, a benchmark directory (its
-    ``runs/*/``), or the file itself."""
+    """``predictions.jsonl`` files (or their compact ``.jsonl.xz`` / ``.jsonl.gz`` forms) under each path:
+    a run directory, a benchmark directory (its ``runs/*/``), or the file itself."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
+        in_run = [path / f"predictions{s}" for s in PREDICTION_SUFFIXES if (path / f"predictions{s}").is_file()]
+        in_runs = sorted(f for s in PREDICTION_SUFFIXES for f in path.glob(f"runs/*/predictions{s}")) if path.is_dir() else []
         if path.is_file():
             found.append(path)
-        elif (path / "predictions.jsonl").is_file():
-            found.append(path / "predictions.jsonl")
-        elif path.is_dir() and sorted(path.glob("runs/*/predictions.jsonl")):
-            found.extend(sorted(path.glob("runs/*/predictions.jsonl")))
+        elif in_run:
+            found.append(in_run[0])
+        elif in_runs:
+            found.extend(in_runs)
         elif path.is_dir():
             raise PredictionsError(f"{path} holds no predictions.jsonl (neither a run nor a benchmark directory)")
         else:
@@ -95,7 +98,7 @@ def load_predictions(paths: Iterable[str | Path], names: Sequence[str] | None = 
     rows: dict[str, dict[tuple[int, str, int], tuple[int, list[float]]]] = {}
     seen_tasks: set[str] = set()
     for file, label in labelled:
-        with open(file, encoding="utf-8") as fh:
+        with open_predictions(file) as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
