@@ -11,7 +11,7 @@ from abmll_pyro.eval.metrics import (
     negative_log_likelihood,
     reliability_diagram,
 )
-from abmll_pyro.eval.plots import plot_metric_curve, plot_reliability
+from abmll_pyro.eval.plots import plot_metric_curve, plot_reliability, plot_reliability_overlay
 
 __all__ = [
     "ReliabilityDiagram",
@@ -24,5 +24,6 @@ __all__ = [
     "negative_log_likelihood",
     "plot_metric_curve",
     "plot_reliability",
+    "plot_reliability_overlay",
     "reliability_diagram",
 ]

@@ -285,11 +285,15 @@ def run_benchmark(base: RunConfig, methods: Sequence[str], seeds: Sequence[int],
     atomic_write_text(out / "cost.md", costs)
     table = data_line(results) + "\n\n" + table + "\n" + comparison + "\n" + costs
     try:
-        from ..eval.plots import plot_reliability
+        from ..eval.plots import plot_reliability, plot_reliability_overlay
 
-        for method in dict.fromkeys(r["method"] for r in results):
-            plot_reliability({method: pooled_diagram([r for r in results if r["method"] == method])},
-                             out / f"reliability-{method}.png")
+        floors = {row["method"]: row["ece_floor"]
+                  for row in json.loads((out / "comparison.json").read_text())["summary"]}
+        diagrams = {m: pooled_diagram([r for r in results if r["method"] == m])
+                    for m in dict.fromkeys(r["method"] for r in results)}
+        for method, diagram in diagrams.items():
+            plot_reliability({method: diagram}, out / f"reliability-{method}.png", {method: floors.get(method)})
+        plot_reliability_overlay(diagrams, out / "reliability-all.png", {m: floors.get(m) for m in diagrams})
     except ImportError as err:  # matplotlib is optional: the table still stands
         import warnings
 

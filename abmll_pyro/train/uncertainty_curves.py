@@ -222,7 +222,8 @@ def _plots(result: dict, out: Path) -> None:
         ys = {n: [next(r["epistemic"] for r in c if r["shots"] == x) for x in xs] for n, c in curves.items()}
         # symlog: epistemic is exactly 0 for deterministic methods and ~1e-7 nats at small σ
         plot_metric_curve(xs, ys, "support examples (shots)", "mean epistemic uncertainty (nats)",
-                          out / "epistemic_vs_shots.png", yscale="symlog" if any(max(v) > 0 for v in ys.values()) else "linear")
+                          out / "epistemic_vs_shots.png", categorical=True,
+                          yscale="symlog" if any(max(v) > 0 for v in ys.values()) else "linear")
     for key, label in (("by_total", "total"), ("by_epistemic", "epistemic")):
         ys = {n: e["selective"][key] for n, e in result["methods"].items() if "selective" in e}
         if ys:
@@ -231,5 +232,5 @@ def _plots(result: dict, out: Path) -> None:
     ood = {n: e["out_of_family"] for n, e in result["methods"].items() if "out_of_family" in e}
     if ood:
         ys = {n: [o["in"]["entropy"], o["out"]["entropy"]] for n, o in ood.items()}
-        plot_metric_curve([0, 1], ys, f"0 = own test tasks, 1 = {result.get('ood_tasks')} test tasks",
-                          "mean total uncertainty (nats)", out / "out_of_family.png")
+        plot_metric_curve(["own test tasks", f"{result.get('ood_tasks')} test tasks"], ys, "tasks",
+                          "mean total uncertainty (nats)", out / "out_of_family.png", categorical=True)

@@ -60,3 +60,24 @@ def test_missing_matplotlib_raises_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="plotting needs matplotlib"):
         plot_reliability({"m": _diagram(0)}, tmp_path / "x.png")
+
+
+def test_reliability_with_floors_and_the_overlay(tmp_path):
+    pytest.importorskip("matplotlib")
+    from abmll_pyro.eval import plot_reliability_overlay
+
+    diagrams = {"abmll": _diagram(0), "lora": _diagram(1), "pretrained": _diagram(2)}
+    floors = {"abmll": 0.05, "lora": 0.06}
+    one = plot_reliability({"abmll": diagrams["abmll"]}, tmp_path / "one.png", {"abmll": 0.05})
+    every = plot_reliability_overlay(diagrams, tmp_path / "all.png", floors)
+    assert one.read_bytes()[:8] == PNG_MAGIC and every.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match=r"floors has methods \['z'\]"):
+        plot_reliability_overlay(diagrams, tmp_path / "bad.png", {"z": 0.1})
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_categorical_axis_for_shots(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot_metric_curve([0, 1, 2, 4, 8, 16], {"abmll": [6.4e-7, 5e-7, 4e-7, 3e-7, 2e-7, 1e-7]}, "shots",
+                             "epistemic (nats)", tmp_path / "shots.png", categorical=True)
+    assert path.read_bytes()[:8] == PNG_MAGIC
