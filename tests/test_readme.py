@@ -30,3 +30,11 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_command():
     assert main.count("\n") == 1 and test.count("\n") == 1  # one line each, copy-paste ready
     assert "pip install torch==2.13.0" in main.split("&&")[2] and "pip install torch==2.13.0" in test.split("&&")[2]
     assert "test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_is_short_and_its_example_imports_from_the_top_level():
+    assert README.count("\n") <= 150
+    example = _block("python-example", "python")
+    assert example.count("\n") <= 30
+    imports = [line for line in example.splitlines() if line.startswith(("import", "from"))]
+    assert all(line.startswith(("import torch", "from abmll_pyro import")) for line in imports), imports
