@@ -113,6 +113,7 @@ class MetaSVI:
     ):
         self.adapter = adapter
         self.config = config or MetaConfig()
+        prior = prior.for_adapter(adapter) if hasattr(prior, "for_adapter") else prior  # its init_std, not a default's
         self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood())
         self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
         self.elbo = elbo if elbo is not None else LeanMeanFieldELBO(max_plate_nesting=1)

@@ -78,6 +78,10 @@ class HierarchicalPrior(TaskPrior):
                  init_std: float | None = None, adapter=None):
         if not mean_scale > 0:
             raise ValueError(f"mean_scale must be > 0, got {mean_scale!r}")
+        # centred on AdapterConfig's default scale only because nothing said otherwise: MetaSVI re-centres
+        # it on its adapter's init_std (:meth:`for_adapter`)
+        self.centre_defaulted = b0 is None and init_std is None and getattr(adapter, "config", None) is None
+        self._args = dict(mean_scale=mean_scale, a0=a0)
         if b0 is None:
             if not a0 > 1:
                 raise ValueError(f"a0 must be > 1 for a prior centred on init_std (b0 derived), got {a0!r}; "
@@ -92,6 +96,13 @@ class HierarchicalPrior(TaskPrior):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         self.mean_scale, self.a0, self.b0 = float(mean_scale), float(a0), float(b0)
+
+    def for_adapter(self, adapter) -> "HierarchicalPrior":
+        """This prior, or, when it was built without ``init_std``, ``b0`` or an adapter (so centred on
+        AdapterConfig's default scale), the same prior centred on ``adapter``'s ``init_std``."""
+        if not self.centre_defaulted:
+            return self
+        return type(self)(**self._args, adapter=adapter)
 
     @classmethod
     def abml(cls, mean_scale: float = 1.0) -> "HierarchicalPrior":
@@ -155,6 +166,7 @@ class StudentTPrior(HierarchicalPrior):
         if not df > 0:
             raise ValueError(f"df must be > 0, got {df!r}")
         self.df = float(df)
+        self._args = {**self._args, "df": df}
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
         loc = theta["mean"]

@@ -110,3 +110,20 @@ def test_with_data_sigma_moves_and_is_logged(data):
     # (up and down, so the mean moves less). Seen: 6.6e-4 with data after 5 steps, 0 without.
     change = _elementwise_change(adapter, svi)
     assert (change > 1e-4) if data else (change < 1e-6), change
+
+
+def test_a_prior_built_without_an_adapter_is_centred_on_the_adapters_init_std_by_meta_svi():
+    """Python's default equals the CLI's: HierarchicalPrior() given to MetaSVI centres on the adapter's
+    init_std (b0 = (a0 - 1)·init_std²), not on AdapterConfig's default; an explicit b0 is kept."""
+    from abmll_pyro import AdapterConfig, BayesLoRA, MetaSVI
+    from abmll_pyro.lms import load_lm
+    from abmll_pyro.models.priors import HierarchicalPrior, StudentTPrior
+
+    model, _ = load_lm("tiny-llama")
+    adapter = BayesLoRA(model, AdapterConfig(rank=2, init_std=0.05))
+    svi = MetaSVI(adapter, prior=HierarchicalPrior())
+    assert svi.model.prior.b0 == pytest.approx(0.05 ** 2)
+    t = MetaSVI(adapter, prior=StudentTPrior(df=5.0)).model.prior
+    assert isinstance(t, StudentTPrior) and t.df == 5.0 and t.b0 == pytest.approx(0.05 ** 2)
+    kept = HierarchicalPrior(b0=0.01)
+    assert MetaSVI(adapter, prior=kept).model.prior is kept
