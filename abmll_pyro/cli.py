@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     gen.add_argument("--stop", nargs="*", default=["\n"], help="stop strings (default: newline)")
     gen.add_argument("--seed", type=int, help="default: the run's seed")
+    gen.add_argument("--trust-plugins", action="store_true",
+                     help="allow the run's config to import plug-in files (it runs their code)")
 
     ex = sub.add_parser("export", help="write θ's mean, or a support set's adapted mean, as a PEFT LoRA adapter")
     ex.add_argument("--run", metavar="RUN_DIR", required=True)
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", dest="fmt", choices=["peft"], default="peft")
     ex.add_argument("--out", required=True, help="the adapter folder")
     ex.add_argument("--seed", type=int, help="default: the run's seed")
+    ex.add_argument("--trust-plugins", action="store_true",
+                    help="allow the run's config to import plug-in files (it runs their code)")
 
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
@@ -289,14 +293,9 @@ def _cmd_predict(args) -> int:
 
 def _stored_config(run_dir: Path, args):
     """A run directory's saved config; its file plug-ins need ``--trust-plugins`` unless a flag replaces them."""
-    from .registry import check_trusted
-    from .train.run import CONFIG, load_run_config
+    from .train.run import open_run
 
-    config = load_run_config(run_dir)
-    given = _overrides(args)
-    check_trusted({k: getattr(config, k) for k in ("prior", "guide") if k not in given}, str(run_dir / CONFIG),
-                  args.trust_plugins)
-    return config
+    return open_run(run_dir, args.trust_plugins, tuple(_overrides(args)))
 
 
 def _cmd_generate(args) -> int:
@@ -305,14 +304,16 @@ def _cmd_generate(args) -> int:
 
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, stop_strings=tuple(args.stop))
-    generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed)
+    generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed,
+                  trust_plugins=args.trust_plugins)
     return 0
 
 
 def _cmd_export(args) -> int:
     from .export.run import export_run
 
-    print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed))
+    print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed,
+                     trust_plugins=args.trust_plugins))
     return 0
 
 

@@ -37,10 +37,11 @@ def _check_low_rank(method: ABMLL, params) -> None:
                              f"(α/r)·B_μ A_μ: it cannot be written as a LoRA adapter")
 
 
-def export_run(run_dir: Path, out: Path, support: Path | None = None, fmt: str = "peft", seed: int | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, support: Path | None = None, fmt: str = "peft", seed: int | None = None,
+               trust_plugins: bool = False) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; supported: {list(FORMATS)}")
-    adapted = load_adapted(Path(run_dir), support, seed)
+    adapted = load_adapted(Path(run_dir), support, seed, trust_plugins)
     method = adapted.built.method
     if isinstance(method, ABMLL):
         params = adapted.state if adapted.state is not None else method.svi.theta()

@@ -23,10 +23,9 @@ import torch
 from ..data.sources.folder import iter_jsonl, parse_example, read_jsonl_examples
 from ..data.tasks import DataError, Example, TaskSplit
 from ..eval.uncertainty import example_fields, predict_with_uncertainty
-from ..registry import check_trusted
 from .episodes import EpisodeEncoder
 from .faults import summarize_truncation
-from .run import CONFIG, load_run_config, load_trained, make_accelerator
+from .run import load_trained, make_accelerator, open_run
 
 __all__ = ["predict_file", "read_query"]
 
@@ -44,8 +43,7 @@ def read_query(path: Path) -> tuple[list[Example], list[bool]]:
 
 def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num_samples: int | None = None,
                  progress: bool = True, trust_plugins: bool = False) -> list[dict]:
-    config = load_run_config(run_dir)
-    check_trusted({"prior": config.prior, "guide": config.guide}, str(Path(run_dir) / CONFIG), trust_plugins)
+    config = open_run(run_dir, trust_plugins)
     if num_samples is not None:
         config = config.updated(num_samples=num_samples)
     for path in (support, query):

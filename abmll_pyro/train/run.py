@@ -41,7 +41,7 @@ from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
 from .setup import build
 
-__all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config"]
+__all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config", "open_run"]
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -80,6 +80,19 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CONFIG}")
     return RunConfig.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+def open_run(run_dir: Path, trust_plugins: bool, replaced: tuple[str, ...] = ()) -> RunConfig:
+    """The one way a command loads a run directory's config (``evaluate``, ``predict``, ``generate``,
+    ``export``, ``train --resume``): a plug-in *file* it names (prior, guide) is refused unless
+    ``trust_plugins`` (loading it would run that file's code), except a key in ``replaced`` (a flag
+    gives another value, so the stored one is never imported)."""
+    from ..registry import check_trusted
+
+    config = load_run_config(run_dir)
+    check_trusted({k: getattr(config, k) for k in ("prior", "guide") if k not in replaced},
+                  str(Path(run_dir) / CONFIG), trust_plugins)
+    return config
 
 
 def _restore(ckpt, method, optimizer) -> int:
