@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True)
+    syn.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
 
     train = sub.add_parser("train", help="meta-train a method; evaluates on the test tasks at the end")
     train.add_argument("--method", choices=list(TRAINABLE))
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks")
     ev.add_argument("--split", choices=["test", "dev"], default="test")
     ev.add_argument("--out", help="write the result JSON here (default: print only)")
+    ev.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
     ev.add_argument("--config")
     ev.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--support", required=True, help="JSONL of labelled examples (input, options, output)")
     pr.add_argument("--query", required=True, help="JSONL of examples (input, options; output optional)")
     pr.add_argument("--out", help="output JSONL (default: stdout)")
+    pr.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
     pr.add_argument("--num-samples", dest="num_samples", type=int)
     pr.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", required=True, help="JSONL of prompts (input; target optional)")
     gen.add_argument("--num-samples", dest="num_samples", type=int, default=8, help="posterior draws per prompt")
     gen.add_argument("--out", help="output JSONL (default: stdout)")
+    gen.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
     gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     gen.add_argument("--do-sample", dest="do_sample", type=_bool, default=False, help="sample tokens (default greedy)")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -168,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", metavar="RUN_DIR", required=True)
     ex.add_argument("--support", help="JSONL task lines: export this task's adapted posterior mean")
     ex.add_argument("--format", dest="fmt", choices=["peft"], default="peft")
-    ex.add_argument("--out", required=True, help="the adapter folder")
+    ex.add_argument("--out", required=True, help="the adapter folder (new or empty)")
+    ex.add_argument("--overwrite", action="store_true", help="write into a folder that holds files (another adapter)")
     ex.add_argument("--seed", type=int, help="default: the run's seed")
     ex.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -176,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
     bench.add_argument("--out", required=True)
+    bench.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     bench.add_argument("--methods", nargs="+", choices=[*METHODS, "all"],
                        help="the methods to run (default: the preset's; 'all': every method)")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks-file", dest="tasks_file",
                       help="only the tasks listed in this file (one per line; # starts a comment)")
     cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
+    cmp_.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     cmp_.add_argument("--target", metavar="BASELINE",
                       help="check the claim 'reference NLL <= --nll-ratio x and ECE <= --ece-ratio x BASELINE's, "
                            "resolved, accuracy within 1 SE', and whether its ECE is reachable at this n "
@@ -229,7 +236,7 @@ def _cmd_data(args) -> int:
     else:
         from .presets import synthetic_task_folder
 
-        print(synthetic_task_folder(args.out))
+        print(synthetic_task_folder(args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -278,6 +285,13 @@ def _cmd_evaluate(args) -> int:
 
         if config.method in TRAINABLE:
             raise ConfigError(f"method {config.method!r} needs training: evaluate it with --run RUN_DIR")
+    if args.out:
+        from .train.evaluate import predictions_path
+        from .train.outputs import check_output_file, first_record_has
+
+        check_output_file(args.out, args.overwrite, ours=first_record_has("schema_version", "method"))
+        check_output_file(predictions_path(args.out), args.overwrite, ours=first_record_has("method", "task", "probs"),
+                          flag="--out's predictions file")
     result = evaluate_run(config, args.run, progress=not args.quiet, out=args.out, split=args.split)
     _print_summary(result)
     return 0
@@ -287,7 +301,7 @@ def _cmd_predict(args) -> int:
     from .train.predict import predict_file
 
     predict_file(Path(args.run), Path(args.support), Path(args.query), args.out, args.num_samples, progress=not args.quiet,
-                 trust_plugins=args.trust_plugins)
+                 trust_plugins=args.trust_plugins, overwrite=args.overwrite)
     return 0
 
 
@@ -305,7 +319,7 @@ def _cmd_generate(args) -> int:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, stop_strings=tuple(args.stop))
     generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed,
-                  trust_plugins=args.trust_plugins)
+                  trust_plugins=args.trust_plugins, overwrite=args.overwrite)
     return 0
 
 
@@ -313,7 +327,7 @@ def _cmd_export(args) -> int:
     from .export.run import export_run
 
     print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed,
-                     trust_plugins=args.trust_plugins))
+                     trust_plugins=args.trust_plugins, overwrite=args.overwrite))
     return 0
 
 
@@ -326,10 +340,30 @@ def _benchmark_jobs(asked: int | None, preset_jobs: int) -> int:
     return preset_jobs if world_size() == 1 else 1
 
 
+def _legacy_benchmark(folder: Path) -> bool:
+    """A benchmark folder written before the output marker: its ``runs/`` holds only ``<method>-seed<N>`` runs."""
+    import re
+
+    runs = folder / "runs"
+    return runs.is_dir() and all(re.fullmatch(r"[\w.-]+-seed\d+", p.name) for p in runs.iterdir())
+
+
+def _mark_benchmark(out: Path) -> None:
+    from .train.outputs import mark_output
+
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "benchmark")
+
+
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
     from .train.benchmark import AUTO_TRUNK, run_benchmark
 
+    from .train.distributed import main_writes
+    from .train.outputs import check_output_dir
+
+    check_output_dir(args.out, "benchmark", ("*",), args.overwrite, legacy=_legacy_benchmark)
+    main_writes(_mark_benchmark, Path(args.out))
     preset = get_preset(args.preset)
     base = dict(preset.config)
     if preset.synthetic is not None and not getattr(args, "tasks", None):
@@ -369,6 +403,9 @@ def _read_task_list(path: Path) -> list[str]:
     return names
 
 
+COMPARE_FILES = ("table.md", "comparison.md", "comparison.json", "target.md", "target.json", ".*.tmp-*")
+
+
 def _cmd_compare(args) -> int:
     from .eval.compare import (format_comparison, format_summary, load_predictions, paired_comparison,
                                summarize)
@@ -388,6 +425,13 @@ def _cmd_compare(args) -> int:
     tasks = tasks or None
     if args.out:
         from .train.benchmark import write_comparison
+        from .train.outputs import check_output_dir, mark_output, marker_kind
+
+        check_output_dir(args.out, ("compare", "benchmark"), COMPARE_FILES, args.overwrite,
+                         legacy=lambda f: (f / "comparison.json").is_file())
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        if marker_kind(Path(args.out)) is None:
+            mark_output(args.out, "compare")
 
         table, comparison = write_comparison(Path(args.out), [Path(p) for p in args.paths], args.reference, args.ece_bins,
                                              args.seed, args.resamples, args.names, tasks)

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from .checkpoint import CheckpointError, checkpoint_folders, clean_temporaries, defer_interrupts, load_latest
 from .config import ConfigError, RunConfig
+from .outputs import TEMPORARIES, check_output_dir, mark_output
 
 __all__ = ["prepare_run_dir", "check_resume", "RESUMABLE", "RunInterrupted", "defer_interrupts",
            "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES"]
@@ -68,24 +69,34 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> int | None:
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher rank 0 alone changes the directory
         ckpt = load_latest(run_dir) if resume else None
         return ckpt.step if ckpt is not None else None
+    if not resume:  # before anything is removed: nothing of the user's is replaced
+        check_output_dir(run_dir, "run", (*RUN_FILES, TEMPORARIES), overwrite)
     clean_temporaries(run_dir)
     if resume:
         ckpt = load_latest(run_dir, repair=True)
         step = ckpt.step if ckpt is not None else 0
         truncate_metrics(run_dir, step)
+        mark_output(run_dir, "run")
         return ckpt.step if ckpt is not None else None
+    corrupt = [p.name for p in (run_dir / "checkpoints").glob("corrupt-*")] if (run_dir / "checkpoints").is_dir() else []
     held = [name for name, present in (("results.json", (run_dir / "results.json").exists()),
-                                       ("checkpoints", bool(checkpoint_folders(run_dir)))) if present]
+                                       ("checkpoints", bool(checkpoint_folders(run_dir))),
+                                       ("set-aside corrupt checkpoints", bool(corrupt))) if present]
     if held and not overwrite:
         what = "a finished run" if "results.json" in held else "a checkpointed run"
         raise ConfigError(f"{run_dir} already holds {what} ({', '.join(held)}); pass --resume {run_dir} to "
                           f"continue it, --overwrite to replace it, or choose a new --out")
     for name in RUN_FILES:  # a fresh run starts from a clean directory (metrics.jsonl is appended to)
         path = run_dir / name
-        if path.is_dir():
+        if name == "checkpoints" and path.is_dir():  # set-aside corrupt checkpoints stay, for inspection
+            for child in path.iterdir():
+                if not child.name.startswith("corrupt-"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    mark_output(run_dir, "run")
     return None
 
 

@@ -31,6 +31,7 @@ from ..methods import ABMLL
 from .config import RunConfig
 from .episodes import EpisodeEncoder
 from .generative import adapted_draws
+from .outputs import check_output_file, first_record_has
 from .run import load_trained, make_accelerator, open_run
 
 __all__ = ["Adapted", "load_adapted", "read_prompts", "generate_file"]
@@ -85,8 +86,11 @@ def read_prompts(path: Path) -> tuple[list[str], list[str | None]]:
 
 
 def generate_file(run_dir: Path, support: Path, prompts: Path, out: str | None, num_samples: int,
-                  gen: GenerationConfig | None = None, seed: int | None = None, trust_plugins: bool = False) -> list[dict]:
-    """Write one JSON line per prompt (see the module docstring); returns the rows."""
+                  gen: GenerationConfig | None = None, seed: int | None = None, trust_plugins: bool = False,
+                  overwrite: bool = False) -> list[dict]:
+    """Write one JSON line per prompt (see the module docstring); returns the rows. ``out`` must not be an
+    input, nor an existing file of another kind unless ``overwrite``."""
+    check_output_file(out, overwrite, {"--prompts": prompts, "--support": support}, first_record_has("input", "answers"))
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if not Path(prompts).is_file():

@@ -25,6 +25,7 @@ from ..data.tasks import DataError, Example, TaskSplit
 from ..eval.uncertainty import example_fields, predict_with_uncertainty
 from .episodes import EpisodeEncoder
 from .faults import summarize_truncation
+from .outputs import check_output_file, first_record_has
 from .run import load_trained, make_accelerator, open_run
 
 __all__ = ["predict_file", "read_query"]
@@ -42,7 +43,8 @@ def read_query(path: Path) -> tuple[list[Example], list[bool]]:
 
 
 def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num_samples: int | None = None,
-                 progress: bool = True, trust_plugins: bool = False) -> list[dict]:
+                 progress: bool = True, trust_plugins: bool = False, overwrite: bool = False) -> list[dict]:
+    check_output_file(out, overwrite, {"--query": query, "--support": support}, first_record_has("probs", "prediction"))
     config = open_run(run_dir, trust_plugins)
     if num_samples is not None:
         config = config.updated(num_samples=num_samples)

@@ -33,6 +33,7 @@ from .config import ConfigError, RunConfig
 from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
                      summarize_truncation)
 from .lock import RunLock
+from .outputs import refuse_root
 from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng, wait_for_everyone
 from .episodes import EpisodeEncoder, EpisodeSampler
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
@@ -176,7 +177,7 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
     newest intact checkpoint with the saved config, changed only in :data:`~.faults.RESUMABLE` keys
     (``config`` carries the requested values). Ctrl-C raises :class:`~.faults.RunInterrupted`, whose
     message names the checkpoint kept and the command that resumes."""
-    run_dir = Path(run_dir)
+    run_dir = refuse_root(run_dir)
     config = absolute_sources(config)
     saved = load_run_config(run_dir) if resume else None  # (a clear error before anything is created)
     with RunLock(run_dir):
