@@ -92,6 +92,10 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block): ``abmll: error: ... (see abmll train --help)``."""
 
+    def __init__(self, *args, **kwargs):  # no prefix matching: --ste is not --steps (subparsers too)
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"abmll: error: {message} (see {self.prog} --help)\n")
 
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a finished or checkpointed run in --out")
     train.add_argument("--trust-plugins", action="store_true",
                        help="with --resume: allow the run's config to import plug-in files (it runs their code)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue although the run's config.json was edited since its checkpoint "
+                            "(the change is recorded in log.txt)")
     train.add_argument("--config", help="YAML or JSON file of config keys")
     train.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
     _add_config_flags(train, skip=("method", "model", "tasks"))
@@ -250,7 +257,8 @@ def _cmd_train(args) -> int:
         saved = _stored_config(Path(args.resume), args)
         changes = dict(load_config_file(args.config)) if args.config else {}
         changes.update(_overrides(args))
-        result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet)
+        result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet,
+                           allow_config_change=args.allow_config_change)
     else:
         for flag in ("method", "out"):
             if not getattr(args, flag):
@@ -412,8 +420,10 @@ def _cmd_compare(args) -> int:
 
     if args.resamples < 10:
         raise ValueError(f"--resamples must be >= 10, got {args.resamples}")
-    if args.ece_bins < 1:
-        raise ValueError(f"--ece-bins must be >= 1, got {args.ece_bins}")
+    from .train.config import MAX_ECE_BINS
+
+    if not 1 <= args.ece_bins <= MAX_ECE_BINS:
+        raise ValueError(f"--ece-bins must be in [1, {MAX_ECE_BINS}] (the limit), got {args.ece_bins}")
     for flag, value, default in (("--nll-ratio", args.nll_ratio, 0.7), ("--ece-ratio", args.ece_ratio, 0.5)):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
@@ -506,7 +516,9 @@ def _error_line(err: BaseException) -> str:
         return str(err.args[0])
     if isinstance(err, OSError) and err.filename is not None:  # read-only or full disk, a missing path
         return f"{err.filename}: {err.strerror or err}"
-    return " ".join(str(err).split()) or type(err).__name__
+    from .train.faults import condense
+
+    return condense(err, limit=2000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

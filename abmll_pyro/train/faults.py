@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig
 from .outputs import TEMPORARIES, check_output_dir, mark_output
 
 __all__ = ["prepare_run_dir", "check_resume", "RESUMABLE", "RunInterrupted", "defer_interrupts",
-           "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES"]
+           "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES", "check_checkpoint_config"]
 
 # keys a resumed run may change: they alter neither the trained state so far nor its randomness
 RESUMABLE = ("steps", "num_threads", "checkpoint_every", "keep_checkpoints", "log_every", "device")
@@ -116,6 +116,34 @@ def check_resume(saved: RunConfig, requested: RunConfig, checkpoint_step: int | 
     return saved.updated(**{k: new[k] for k in changed}) if changed else saved
 
 
+def check_checkpoint_config(run_dir: Path, saved: RunConfig, allow: bool) -> list[str]:
+    """Compare ``config.json`` (``saved``) with the config the latest checkpoint was saved with: any
+    difference outside :data:`RESUMABLE` (an edited ``config.json``) is a :class:`ConfigError` naming
+    the key, unless ``allow``; returns the differences as ``"key: old -> new"``."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        latest = json.loads((root / "latest.json").read_text())
+        stored = json.loads((root / latest["path"] / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no checkpoint (yet): nothing was trained with another config
+    now = saved.to_dict()
+    changed = []
+    for key, value in now.items():
+        old = stored.get(key, value)
+        if key in RESUMABLE or old == value:
+            continue
+        if key in ("max_length", "icl_max_length") and isinstance(old, int) and (value is None or value > old):
+            continue  # a checkpoint written before it carried the config as stored holds the value fitted to the LM
+        changed.append(f"{key}: {old!r} -> {value!r}")
+    if changed and not allow:
+        key = changed[0].split(":")[0]
+        raise ConfigError(f"{Path(run_dir) / 'config.json'} differs from the config its checkpoint {latest['path']} was "
+                          f"saved with ({changed[0].replace(' -> ', ' there, now ')}{' and more' if len(changed) > 1 else ''}); "
+                          f"undo the edit of {key}, or pass --allow-config-change to continue with the edited values "
+                          f"(recorded in log.txt)")
+    return changed
+
+
 def absolute_sources(config: RunConfig) -> RunConfig:
     """``config`` with a task-folder ``tasks`` and ``data_dir`` made absolute, so the stored config
     works from any directory (``evaluate --run``, ``predict --run``)."""
@@ -160,6 +188,29 @@ def summarize_truncation(log=None, where: str = "") -> Iterator[Counter]:
                       f"to fit max_length={'/'.join(sorted(limits))} ({top}{more}){where}")
 
 
+class TrainingDiverged(ValueError):
+    """A training step gave a non-finite loss or parameters; nothing of that step was saved."""
+
+
+def condense(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: Pyro's trace dumps (``Trace Shapes: ...``) and tensor listings cut off."""
+    text = str(err).split("Trace Shapes:")[0]
+    line = " ".join(text.split()) or type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def diverged_message(run_dir: Path, step: int, what: str) -> str:
+    """Why training stopped at ``step`` and the last finite checkpoint, which stays the latest."""
+    try:
+        latest = json.loads((Path(run_dir) / "checkpoints" / "latest.json").read_text())
+        kept = (f"the last finite checkpoint, step {latest['step']} ({Path(run_dir) / 'checkpoints' / latest['path']}), "
+                f"stays the latest")
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = "the run has no checkpoint"
+    return (f"training diverged at step {step} ({what}); nothing of step {step} was saved and {kept}; lower "
+            f"--outer-lr (or --lora-alpha, --inner-lr) and start a new run")
+
+
 def interrupted_message(run_dir: Path) -> str:
     """Where an interrupted run stands and the command that continues it."""
     try:
@@ -170,4 +221,4 @@ def interrupted_message(run_dir: Path) -> str:
     return f"interrupted: {run_dir} is consistent, {kept}; resume with: abmll train --resume {run_dir}"
 
 
-__all__ += ["interrupted_message", "CheckpointError"]
+__all__ += ["interrupted_message", "CheckpointError", "TrainingDiverged", "condense", "diverged_message"]

@@ -49,7 +49,7 @@ def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num
     if num_samples is not None:
         config = config.updated(num_samples=num_samples)
     for path in (support, query):
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     support_examples = read_jsonl_examples(support)
     if not support_examples:

@@ -18,19 +18,11 @@ HANDWRITTEN = Path(__file__).parents[1] / "cli" / "handwritten"
 TINY = ["--model", "tiny-llama", "--rank", "2", "--lora-alpha", "4", "--shots", "2", "--query-size", "2",
         "--eval-query-size", "3", "--num-inner-steps", "2", "--inner-lr", "0.01", "--outer-lr", "0.01",
         "--num-samples", "2", "--num-threads", "1", "--max-length", "96"]
+# `trained`: the session's shared tiny run (conftest.py)
 QUERY = json.dumps({"input": "Which animal purrs?", "options": ["cat", "cow"]}) + "\n"
 USERS = {"config.json": '{"mine": 1}\n', "log.txt": "my notes\n", "metrics.jsonl": '{"step": 1}\n',
          "predictions.jsonl": "{}\n", "checkpoints/step-9/x": "x", "tensorboard/t": "t", ".x.tmp-42": "keep",
          "splits.json": '{"train": []}', "README.txt": "mine", "adapter_config.json": "{}"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One tiny trained ABMLL run (2 steps, a checkpoint at each), shared by every test here."""
-    out = tmp_path_factory.mktemp("shared") / "run"
-    assert main(["--quiet", "train", "--method", "abmll", "--tasks", str(HANDWRITTEN), "--out", str(out), *TINY,
-                 "--steps", "2", "--checkpoint-every", "1"]) == 0
-    return out
 
 
 def _user_folder(folder: Path, names=tuple(USERS)) -> dict[str, bytes]:
