@@ -118,6 +118,9 @@ CASES = [
      r".*--names"),
     ("compare gold -1", lambda t, r: ["compare", _preds(t, {}, {"gold": -1}), "--names", "a", "--reference", "a"],
      r"{tmp}/p\.jsonl:2: gold -1 is out of range for 2 options"),
+    ("yaml python tag", lambda t, r: _train(t, "--config", _file(t / "c.yaml", f'kl_beta: !!python/object/apply:os.system '
+                                                                         f'["touch {t}/pwned"]\n')),
+     r"config file {tmp}/c\.yaml does not parse: could not determine a constructor for the tag"),
     ("yaml key twice", lambda t, r: _train(t, "--config", _file(t / "c.yaml", "kl_beta: 0.1\nkl_beta: 0.2\n")),
      r"config file {tmp}/c\.yaml: line 2: key 'kl_beta' given twice \(first on line 1\)"),
     ("json config key twice", lambda t, r: _train(t, "--config", _file(t / "c.json", '{"steps": 1,\n "steps": 2}')),
