@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import resource
 import time
 from pathlib import Path
@@ -109,6 +110,14 @@ def open_run(run_dir: Path, trust_plugins: bool, replaced: tuple[str, ...] = ())
     return config
 
 
+_NON_FINITE = re.compile(r"\bnan\b|\binf\b|invalid values|non-finite", re.IGNORECASE)
+
+
+def _finite(params) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
 def _shapes(method) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in method.state_tensors().items()}
 
@@ -165,6 +174,8 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
                     mine = _micro_batch(method, sampler, encoder, ranks, step * config.grad_accum + micro, config.seed,
                                         accelerator.backward)
                 except (ValueError, RuntimeError, FloatingPointError) as err:  # e.g. Pyro: a NaN scale or loc
+                    if not (_NON_FINITE.search(str(err)) or not _finite(params)):
+                        raise
                     raise TrainingDiverged(diverged_message(run_dir, step + 1, condense(err))) from None
                 for k, v in mine.items():
                     parts[k] = parts.get(k, 0.0) + v / config.grad_accum
@@ -178,7 +189,7 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
         if config.grad_clip:
             parts["grad_norm"] = grad_norm
         bad = [f"{k}={v:g}" for k, v in parts.items() if k != "grad_norm" and not math.isfinite(v)]
-        if bad or not all(bool(torch.isfinite(p).all()) for p in params):  # before anything of the step is saved
+        if bad or not _finite(params):  # before anything of the step is logged or saved
             what = f"non-finite loss: {', '.join(bad)}" if bad else "non-finite parameters after the update"
             raise TrainingDiverged(diverged_message(run_dir, step + 1, what))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

@@ -247,6 +247,18 @@ def test_a_wrong_shape_checkpoint_falls_back_to_an_older_one(trained, tmp_path, 
     assert len(warning) == 1 and "has shape" in warning[0] and "the run's config builds" in warning[0]
 
 
+def test_a_checkpoint_set_aside_twice_keeps_both(tmp_path):
+    tensors = {"w": torch.ones(2)}
+    for _ in range(2):
+        save_checkpoint(tmp_path, 1, tensors, None, None, {}, keep=2)
+        save_checkpoint(tmp_path, 2, tensors, None, None, {}, keep=2)
+        (tmp_path / "checkpoints" / "step-000002" / "state.json").write_text("{}")  # corrupt the newest
+        with pytest.warns(UserWarning, match="falling back"):
+            assert load_latest(tmp_path, repair=True).step == 1
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("corrupt-*"))
+    assert names == ["corrupt-step-000002", "corrupt-step-000002-2"]
+
+
 def test_checkpoints_are_ordered_by_step_number(tmp_path):
     tensors = {"w": torch.ones(2)}
     for step in (999_998, 999_999, 1_000_000):
