@@ -25,6 +25,7 @@ MAIN_FLAGS = ("seed", "steps", "kl_beta", "kl_gamma", "rank", "lora_alpha", "num
               "score_reduction")
 
 
+_OVERWRITE = "replace what --out holds (by default a writer refuses anything it did not write itself)"
 _TRUNK_HELP = ("share the frozen trunk's hidden states (the blocks below the adapted ones) with other runs "
                "through this folder (safe for several processes; results do not depend on who filled it)")
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks")
     ev.add_argument("--split", choices=["test", "dev"], default="test")
     ev.add_argument("--out", help="write the result JSON here (default: print only)")
-    ev.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
+    ev.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     ev.add_argument("--config")
     ev.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--support", required=True, help="JSONL of labelled examples (input, options, output)")
     pr.add_argument("--query", required=True, help="JSONL of examples (input, options; output optional)")
     pr.add_argument("--out", help="output JSONL (default: stdout)")
-    pr.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
+    pr.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     pr.add_argument("--num-samples", dest="num_samples", type=int)
     pr.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", required=True, help="JSONL of prompts (input; target optional)")
     gen.add_argument("--num-samples", dest="num_samples", type=int, default=8, help="posterior draws per prompt")
     gen.add_argument("--out", help="output JSONL (default: stdout)")
-    gen.add_argument("--overwrite", action="store_true", help="replace what --out holds (by default a writer refuses anything it did not write itself)")
+    gen.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     gen.add_argument("--do-sample", dest="do_sample", type=_bool, default=False, help="sample tokens (default greedy)")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -348,30 +349,11 @@ def _benchmark_jobs(asked: int | None, preset_jobs: int) -> int:
     return preset_jobs if world_size() == 1 else 1
 
 
-def _legacy_benchmark(folder: Path) -> bool:
-    """A benchmark folder written before the output marker: its ``runs/`` holds only ``<method>-seed<N>`` runs."""
-    import re
-
-    runs = folder / "runs"
-    return runs.is_dir() and all(re.fullmatch(r"[\w.-]+-seed\d+", p.name) for p in runs.iterdir())
-
-
-def _mark_benchmark(out: Path) -> None:
-    from .train.outputs import mark_output
-
-    out.mkdir(parents=True, exist_ok=True)
-    mark_output(out, "benchmark")
-
-
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
-    from .train.benchmark import AUTO_TRUNK, run_benchmark
+    from .train.benchmark import AUTO_TRUNK, claim_benchmark_dir, run_benchmark
 
-    from .train.distributed import main_writes
-    from .train.outputs import check_output_dir
-
-    check_output_dir(args.out, "benchmark", ("*",), args.overwrite, legacy=_legacy_benchmark)
-    main_writes(_mark_benchmark, Path(args.out))
+    claim_benchmark_dir(Path(args.out), args.overwrite)  # before the tasks are written into it
     preset = get_preset(args.preset)
     base = dict(preset.config)
     if preset.synthetic is not None and not getattr(args, "tasks", None):
@@ -411,9 +393,6 @@ def _read_task_list(path: Path) -> list[str]:
     return names
 
 
-COMPARE_FILES = ("table.md", "comparison.md", "comparison.json", "target.md", "target.json", ".*.tmp-*")
-
-
 def _cmd_compare(args) -> int:
     from .eval.compare import (format_comparison, format_summary, load_predictions, paired_comparison,
                                summarize)
@@ -434,14 +413,9 @@ def _cmd_compare(args) -> int:
         tasks += _read_task_list(Path(args.tasks_file))
     tasks = tasks or None
     if args.out:
-        from .train.benchmark import write_comparison
-        from .train.outputs import check_output_dir, mark_output, marker_kind
+        from .train.benchmark import claim_comparison_dir, write_comparison
 
-        check_output_dir(args.out, ("compare", "benchmark"), COMPARE_FILES, args.overwrite,
-                         legacy=lambda f: (f / "comparison.json").is_file())
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        if marker_kind(Path(args.out)) is None:
-            mark_output(args.out, "compare")
+        claim_comparison_dir(Path(args.out), args.overwrite)
 
         table, comparison = write_comparison(Path(args.out), [Path(p) for p in args.paths], args.reference, args.ece_bins,
                                              args.seed, args.resamples, args.names, tasks)
