@@ -92,8 +92,8 @@ def first_record_has(*keys: str) -> Callable[[Path], bool]:
     def test(path: Path) -> bool:
         try:
             with open(path, "rb") as f:
-                head = f.read(1 << 20)
-            text = head.decode("utf-8")
+                head = f.read(64 << 20)  # a results JSON is one object: read it whole (up to 64 MiB)
+            text = head.decode("utf-8", errors="replace")
             try:
                 record = json.loads(text)
             except ValueError:
