@@ -25,6 +25,7 @@ MAIN_FLAGS = ("seed", "steps", "kl_beta", "kl_gamma", "rank", "lora_alpha", "num
               "score_reduction")
 
 
+_OVERWRITE = "replace what --out holds (by default a writer refuses anything it did not write itself)"
 _TRUNK_HELP = ("share the frozen trunk's hidden states (the blocks below the adapted ones) with other runs "
                "through this folder (safe for several processes; results do not depend on who filled it)")
 
@@ -92,6 +93,10 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block): ``abmll: error: ... (see abmll train --help)``."""
 
+    def __init__(self, *args, **kwargs):  # no prefix matching: --ste is not --steps (subparsers too)
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"abmll: error: {message} (see {self.prog} --help)\n")
 
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "base URL holding pool/ and dists/) instead of apt-get; default $ABMLL_DEBIAN_MIRROR")
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True)
+    syn.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
 
     train = sub.add_parser("train", help="meta-train a method; evaluates on the test tasks at the end")
     train.add_argument("--method", choices=list(TRAINABLE))
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a finished or checkpointed run in --out")
     train.add_argument("--trust-plugins", action="store_true",
                        help="with --resume: allow the run's config to import plug-in files (it runs their code)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue although the run's config.json was edited since its checkpoint "
+                            "(the change is recorded in log.txt)")
     train.add_argument("--config", help="YAML or JSON file of config keys")
     train.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
     _add_config_flags(train, skip=("method", "model", "tasks"))
@@ -140,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks")
     ev.add_argument("--split", choices=["test", "dev"], default="test")
     ev.add_argument("--out", help="write the result JSON here (default: print only)")
+    ev.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     ev.add_argument("--config")
     ev.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -151,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--support", required=True, help="JSONL of labelled examples (input, options, output)")
     pr.add_argument("--query", required=True, help="JSONL of examples (input, options; output optional)")
     pr.add_argument("--out", help="output JSONL (default: stdout)")
+    pr.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     pr.add_argument("--num-samples", dest="num_samples", type=int)
     pr.add_argument("--trust-plugins", action="store_true",
                     help="allow the run's config to import plug-in files (it runs their code)")
@@ -161,23 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", required=True, help="JSONL of prompts (input; target optional)")
     gen.add_argument("--num-samples", dest="num_samples", type=int, default=8, help="posterior draws per prompt")
     gen.add_argument("--out", help="output JSONL (default: stdout)")
+    gen.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
     gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
     gen.add_argument("--do-sample", dest="do_sample", type=_bool, default=False, help="sample tokens (default greedy)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     gen.add_argument("--stop", nargs="*", default=["\n"], help="stop strings (default: newline)")
     gen.add_argument("--seed", type=int, help="default: the run's seed")
+    gen.add_argument("--trust-plugins", action="store_true",
+                     help="allow the run's config to import plug-in files (it runs their code)")
 
     ex = sub.add_parser("export", help="write θ's mean, or a support set's adapted mean, as a PEFT LoRA adapter")
     ex.add_argument("--run", metavar="RUN_DIR", required=True)
     ex.add_argument("--support", help="JSONL task lines: export this task's adapted posterior mean")
     ex.add_argument("--format", dest="fmt", choices=["peft"], default="peft")
-    ex.add_argument("--out", required=True, help="the adapter folder")
+    ex.add_argument("--out", required=True, help="the adapter folder (new or empty)")
+    ex.add_argument("--overwrite", action="store_true", help="write into a folder that holds files (another adapter)")
     ex.add_argument("--seed", type=int, help="default: the run's seed")
+    ex.add_argument("--trust-plugins", action="store_true",
+                    help="allow the run's config to import plug-in files (it runs their code)")
 
     bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
     bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
     bench.add_argument("--out", required=True)
+    bench.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     bench.add_argument("--methods", nargs="+", choices=[*METHODS, "all"],
                        help="the methods to run (default: the preset's; 'all': every method)")
     bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
@@ -207,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks-file", dest="tasks_file",
                       help="only the tasks listed in this file (one per line; # starts a comment)")
     cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
+    cmp_.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     cmp_.add_argument("--target", metavar="BASELINE",
                       help="check the claim 'reference NLL <= --nll-ratio x and ECE <= --ece-ratio x BASELINE's, "
                            "resolved, accuracy within 1 SE', and whether its ECE is reachable at this n "
@@ -239,7 +258,7 @@ def _cmd_data(args) -> int:
     else:
         from .presets import synthetic_task_folder
 
-        print(synthetic_task_folder(args.out))
+        print(synthetic_task_folder(args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -253,7 +272,8 @@ def _cmd_train(args) -> int:
         saved = _stored_config(Path(args.resume), args)
         changes = dict(load_config_file(args.config)) if args.config else {}
         changes.update(_overrides(args))
-        result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet)
+        result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet,
+                           allow_config_change=args.allow_config_change)
     else:
         for flag in ("method", "out"):
             if not getattr(args, flag):
@@ -288,6 +308,13 @@ def _cmd_evaluate(args) -> int:
 
         if config.method in TRAINABLE:
             raise ConfigError(f"method {config.method!r} needs training: evaluate it with --run RUN_DIR")
+    if args.out:
+        from .train.evaluate import predictions_path
+        from .train.outputs import check_output_file, first_record_has
+
+        check_output_file(args.out, args.overwrite, ours=first_record_has("schema_version", "method"))
+        check_output_file(predictions_path(args.out), args.overwrite, ours=first_record_has("method", "task", "probs"),
+                          flag="--out's predictions file")
     result = evaluate_run(config, args.run, progress=not args.quiet, out=args.out, split=args.split)
     _print_summary(result)
     return 0
@@ -297,20 +324,15 @@ def _cmd_predict(args) -> int:
     from .train.predict import predict_file
 
     predict_file(Path(args.run), Path(args.support), Path(args.query), args.out, args.num_samples, progress=not args.quiet,
-                 trust_plugins=args.trust_plugins)
+                 trust_plugins=args.trust_plugins, overwrite=args.overwrite)
     return 0
 
 
 def _stored_config(run_dir: Path, args):
     """A run directory's saved config; its file plug-ins need ``--trust-plugins`` unless a flag replaces them."""
-    from .registry import check_trusted
-    from .train.run import CONFIG, load_run_config
+    from .train.run import open_run
 
-    config = load_run_config(run_dir)
-    given = _overrides(args)
-    check_trusted({k: getattr(config, k) for k in ("prior", "guide") if k not in given}, str(run_dir / CONFIG),
-                  args.trust_plugins)
-    return config
+    return open_run(run_dir, args.trust_plugins, tuple(_overrides(args)))
 
 
 def _cmd_generate(args) -> int:
@@ -319,14 +341,16 @@ def _cmd_generate(args) -> int:
 
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, stop_strings=tuple(args.stop))
-    generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed)
+    generate_file(Path(args.run), Path(args.support), Path(args.prompts), args.out, args.num_samples, gen, args.seed,
+                  trust_plugins=args.trust_plugins, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_export(args) -> int:
     from .export.run import export_run
 
-    print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed))
+    print(export_run(Path(args.run), Path(args.out), Path(args.support) if args.support else None, args.fmt, args.seed,
+                     trust_plugins=args.trust_plugins, overwrite=args.overwrite))
     return 0
 
 
@@ -341,8 +365,9 @@ def _benchmark_jobs(asked: int | None, preset_jobs: int) -> int:
 
 def _cmd_benchmark(args) -> int:
     from .presets import get_preset, synthetic_task_folder
-    from .train.benchmark import AUTO_TRUNK, run_benchmark
+    from .train.benchmark import AUTO_TRUNK, claim_benchmark_dir, run_benchmark
 
+    claim_benchmark_dir(Path(args.out), args.overwrite)  # before the tasks are written into it
     preset = get_preset(args.preset)
     base = dict(preset.config)
     if preset.synthetic is not None and not getattr(args, "tasks", None):
@@ -388,8 +413,10 @@ def _cmd_compare(args) -> int:
 
     if args.resamples < 10:
         raise ValueError(f"--resamples must be >= 10, got {args.resamples}")
-    if args.ece_bins < 1:
-        raise ValueError(f"--ece-bins must be >= 1, got {args.ece_bins}")
+    from .train.config import MAX_ECE_BINS
+
+    if not 1 <= args.ece_bins <= MAX_ECE_BINS:
+        raise ValueError(f"--ece-bins must be in [1, {MAX_ECE_BINS}] (the limit), got {args.ece_bins}")
     for flag, value, default in (("--nll-ratio", args.nll_ratio, 0.7), ("--ece-ratio", args.ece_ratio, 0.5)):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
@@ -400,7 +427,9 @@ def _cmd_compare(args) -> int:
         tasks += _read_task_list(Path(args.tasks_file))
     tasks = tasks or None
     if args.out:
-        from .train.benchmark import write_comparison
+        from .train.benchmark import claim_comparison_dir, write_comparison
+
+        claim_comparison_dir(Path(args.out), args.overwrite)
 
         table, comparison = write_comparison(Path(args.out), [Path(p) for p in args.paths], args.reference, args.ece_bins,
                                              args.seed, args.resamples, args.names, tasks)
@@ -475,7 +504,9 @@ def _error_line(err: BaseException) -> str:
         return str(err.args[0])
     if isinstance(err, OSError) and err.filename is not None:  # read-only or full disk, a missing path
         return f"{err.filename}: {err.strerror or err}"
-    return " ".join(str(err).split()) or type(err).__name__
+    from .train.faults import condense
+
+    return condense(err, limit=2000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 __all__ = ["AdapterConfig", "InnerLoopConfig", "MetaConfig", "PAPER_STD_FLOOR"]
 
 PAPER_STD_FLOOR = math.exp(-20.0)
+# sanity limits, checked before anything is allocated (far above any useful value)
+MAX_RANK = 4096
+MAX_INIT_STD = 10.0
+MAX_SCALING = 1e6
 
 
 def _check(cond: bool, message: str) -> None:
@@ -44,6 +48,11 @@ class AdapterConfig:
         _check(self.std_map in ("softplus", "paper"), f"std_map must be 'softplus' or 'paper', got {self.std_map!r}")
         _check(self.std_floor > 0, f"std_floor must be > 0, got {self.std_floor!r}")
         _check(self.init_std > self.std_floor, f"init_std must exceed std_floor={self.std_floor:g}, got {self.init_std!r}")
+        _check(self.init_std <= MAX_INIT_STD, f"init_std must be <= {MAX_INIT_STD:g} (the limit: a standard deviation "
+                                              f"of ΔW's entries), got {self.init_std!r}")
+        _check(self.rank <= MAX_RANK, f"rank must be <= {MAX_RANK} (the limit), got {self.rank!r}")
+        _check(math.isfinite(self.lora_alpha) and self.lora_alpha / self.rank <= MAX_SCALING,
+               f"lora_alpha / rank must be <= {MAX_SCALING:g} (the limit), got {self.lora_alpha!r} / {self.rank}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 object.__setattr__(self, "target_modules", (self.target_modules,))

@@ -131,13 +131,29 @@ def _synthetic_task(index: int, examples: int, rng: random.Random) -> Task:
     return Task(f"synthetic{index:02d}", out)
 
 
-def synthetic_task_folder(root: str | Path, num_train: int = 6, num_test: int = 3, examples: int = 16, seed: int = 0) -> Path:
-    """Write the generated task set (``splits.json`` included) and return its folder."""
+def _synthetic_readme(root: Path) -> bool:
+    """Whether ``root/README.txt`` is the one :func:`synthetic_task_folder` writes (the folder is its own)."""
+    try:
+        return json.loads((root / "README.txt").read_text(encoding="utf-8")).get("generator") == _GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_GENERATOR = "abmll_pyro.presets.synthetic_task_folder"
+
+
+def synthetic_task_folder(root: str | Path, num_train: int = 6, num_test: int = 3, examples: int = 16, seed: int = 0,
+                          overwrite: bool = False) -> Path:
+    """Write the generated task set (``splits.json`` included) and return its folder: a new or empty one,
+    or one this function wrote before (its ``README.txt`` says so); another only with ``overwrite``."""
+    from .train.outputs import check_output_dir
+
+    check_output_dir(root, "synthetic", ("*.jsonl", "splits.json", "README.txt"), overwrite, legacy=_synthetic_readme)
     rng = random.Random(seed)
     tasks = [_synthetic_task(i, examples, rng) for i in range(num_train + num_test)]
     names = [t.name for t in tasks]
     root = write_task_folder(tasks, root, {"train": names[:num_train], "test": names[num_train:]})
-    (Path(root) / "README.txt").write_text(json.dumps({"generator": "abmll_pyro.presets.synthetic_task_folder",
+    (Path(root) / "README.txt").write_text(json.dumps({"generator": _GENERATOR,
                                                        "num_train": num_train, "num_test": num_test,
                                                        "examples": examples, "seed": seed}) + "\n")
     return Path(root)

@@ -28,6 +28,7 @@ may be one training run's luck.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,6 +84,17 @@ def find_prediction_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def _check_record(where: str, gold: int, probs: list[float]) -> None:
+    """One prediction record's probabilities and gold index, every fault naming ``file:line``."""
+    if not probs:
+        raise PredictionsError(f"{where}: 'probs' is empty")
+    bad = [p for p in probs if not (math.isfinite(p) and 0.0 <= p <= 1.0 + 1e-4)]
+    if bad:
+        raise PredictionsError(f"{where}: probability {bad[0]!r} is not a number in [0, 1]")
+    if not 0 <= gold < len(probs):
+        raise PredictionsError(f"{where}: gold {gold} is out of range for {len(probs)} options (0..{len(probs) - 1})")
+
+
 def load_predictions(paths: Iterable[str | Path], names: Sequence[str] | None = None,
                      tasks: Iterable[str] | None = None) -> dict[str, Predictions]:
     """Method name → its predictions, gathered from every file under ``paths``.
@@ -96,6 +108,7 @@ def load_predictions(paths: Iterable[str | Path], names: Sequence[str] | None = 
     labelled = [(f, None if names is None else names[i]) for i, p in enumerate(paths) for f in find_prediction_files([p])]
     keep = None if tasks is None else set(tasks)
     rows: dict[str, dict[tuple[int, str, int], tuple[int, list[float]]]] = {}
+    origin: dict[tuple[str, int, str, int], str] = {}  # (method, seed, task, index) -> the file:line that gave it
     seen_tasks: set[str] = set()
     for file, label in labelled:
         with open_predictions(file) as fh:
@@ -109,9 +122,16 @@ def load_predictions(paths: Iterable[str | Path], names: Sequence[str] | None = 
                     if keep is not None and key[1] not in keep:
                         continue
                     method = label or str(rec["method"])
-                    rows.setdefault(method, {})[key] = (int(rec["gold"]), [float(p) for p in rec["probs"]])
+                    gold, probs = int(rec["gold"]), [float(p) for p in rec["probs"]]
                 except (ValueError, KeyError, TypeError) as err:
                     raise PredictionsError(f"{file}:{lineno}: not a prediction record ({err})") from None
+                _check_record(f"{file}:{lineno}", gold, probs)
+                where = origin.setdefault((method, *key), f"{file}:{lineno}")
+                if where != f"{file}:{lineno}":
+                    raise PredictionsError(
+                        f"{where.rsplit(':', 1)[0]} and {file} both hold method {method!r} seed {key[0]} task "
+                        f"{key[1]!r} example {key[2]} (two runs of one method?); label each path with --names")
+                rows.setdefault(method, {})[key] = (gold, probs)
     if keep is not None and keep - seen_tasks:
         raise PredictionsError(f"task(s) {sorted(keep - seen_tasks)} occur in no predictions file under {[str(p) for p in paths]}")
     out = {}

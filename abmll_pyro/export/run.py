@@ -14,6 +14,7 @@ import torch
 
 from ..methods import ABMLL, Reptile, RegularLoRA
 from ..train.generate_run import load_adapted
+from ..train.outputs import check_output_dir
 from .peft import export_peft
 
 __all__ = ["export_run", "FORMATS"]
@@ -37,10 +38,14 @@ def _check_low_rank(method: ABMLL, params) -> None:
                              f"(α/r)·B_μ A_μ: it cannot be written as a LoRA adapter")
 
 
-def export_run(run_dir: Path, out: Path, support: Path | None = None, fmt: str = "peft", seed: int | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, support: Path | None = None, fmt: str = "peft", seed: int | None = None,
+               trust_plugins: bool = False, overwrite: bool = False) -> Path:
+    """Write the run's LoRA mean (θ's, or ``support``'s adapted one) into the new or empty folder ``out``
+    (a folder that holds anything, another adapter too, only with ``overwrite``)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; supported: {list(FORMATS)}")
-    adapted = load_adapted(Path(run_dir), support, seed)
+    check_output_dir(out, (), (), overwrite)
+    adapted = load_adapted(Path(run_dir), support, seed, trust_plugins)
     method = adapted.built.method
     if isinstance(method, ABMLL):
         params = adapted.state if adapted.state is not None else method.svi.theta()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ def _hf(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: in
     try:
         return load_hf(str(local) if local.exists() else name, dtype=dtype, device=device,
                        trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError, RuntimeError) as err:  # (a refused pickle too)
         cause = " ".join(str(err).split())[:200]
         if local.exists():
             raise ValueError(f"cannot load the model in {local}: {cause}") from None

@@ -70,6 +70,12 @@ class BayesLoRA(nn.Module):
         self.shapes: dict[str, tuple[int, int]] = {}
         self.factors = nn.ParameterDict()
         device = next(lm.parameters()).device
+        if found:  # before anything is allocated: a rank beyond a module's size adds nothing
+            name, module = min(found, key=lambda nm: min(nm[1].weight.shape))
+            smallest = min(module.weight.shape)
+            if config.rank > smallest:
+                raise ValueError(f"rank={config.rank} exceeds the smaller dimension ({smallest}) of adapted module "
+                                 f"{name} {tuple(module.weight.shape)}; the limit for this model is rank <= {smallest}")
         for name, module in found:
             layer = BayesLoRALayer(module, name)
             self._replace(lm, name, layer)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -44,7 +45,8 @@ from ..methods import SAME_TRAINING, TRAINABLE
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .cost import cost_table
-from .distributed import is_main_process, wait_for_everyone, world_size
+from .distributed import is_main_process, main_writes, wait_for_everyone, world_size
+from .outputs import TEMPORARIES, check_output_dir, mark_output, marker_kind
 from .results import validate_result
 from .run import CONFIG, RESULTS, evaluate_run, train_run, wants_cpu
 
@@ -132,6 +134,34 @@ def format_table(results: Sequence[dict]) -> str:
                  f"(biased upward at small n per task: prefer table.md's pooled ECE); ± is the sample std over "
                  f"seeds. Model {first['model']}, tasks {first['tasks']}.")
     return "\n".join(lines) + "\n"
+
+
+COMPARE_FILES = ("table.md", "comparison.md", "comparison.json", "target.md", "target.json", TEMPORARIES)
+
+
+def _legacy_benchmark(folder: Path) -> bool:
+    """A benchmark folder written before the output marker: its ``runs/`` holds only ``<method>-seed<N>`` runs."""
+    runs = folder / "runs"
+    return runs.is_dir() and all(re.fullmatch(r"[\w.-]+-seed\d+", p.name) for p in runs.iterdir())
+
+
+def _mark(out: Path, kind: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if marker_kind(out) is None or kind == "benchmark":
+        mark_output(out, kind)
+
+
+def claim_benchmark_dir(out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is new, empty or a benchmark folder (``overwrite``: any but ``/``); mark it."""
+    check_output_dir(out, "benchmark", ("*",), overwrite, legacy=_legacy_benchmark)
+    main_writes(_mark, out, "benchmark")
+
+
+def claim_comparison_dir(out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is new, empty, or holds only an earlier comparison's files (or is a benchmark folder)."""
+    check_output_dir(out, ("compare", "benchmark"), COMPARE_FILES, overwrite,
+                     legacy=lambda f: (f / "comparison.json").is_file())
+    _mark(out, "compare")
 
 
 def write_comparison(out: Path, paths: Sequence[Path], reference: str, num_bins: int, seed: int = 0,

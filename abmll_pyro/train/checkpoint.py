@@ -10,7 +10,7 @@ temporary name (``.step-000050.tmp-<pid>``) and moved into place with ``os.repla
 ``latest.json`` likewise, so a run killed at any instant leaves the previous checkpoint intact;
 leftover temporary folders are removed by :func:`clean_temporaries` at the next start.
 
-Loading verifies every checksum. :func:`load_latest` falls back to the newest intact checkpoint
+Loading verifies every checksum (a checkpoint without ``checksums.json`` is not intact). :func:`load_latest` falls back to the newest intact checkpoint
 (with a warning naming the bad file) and stops with a :class:`CheckpointError` if none is intact:
 training never continues from corrupt state.
 """
@@ -56,10 +56,15 @@ class Checkpoint:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; a failure (a full disk)
+    leaves no temporary behind and is an ``OSError`` naming ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -138,7 +143,7 @@ def _save(root, final, tmp, step, tensors, optimizer, sampler_rng, config, keep)
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, json.dumps({"step": step, "path": final.name}) + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in checkpoint_folders(root.parent)[keep:]:  # newest first, by step number (not by name)
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -159,9 +164,10 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, newest first (by step number)."""
+    """The run's checkpoint folders, newest first by step number (``step-1000000`` after ``step-999999``)."""
     root = Path(run_dir) / "checkpoints"
-    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    steps = [(int(p.name[5:]), p) for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return [p for _, p in sorted(steps, key=lambda sp: sp[0], reverse=True)]
 
 
 def verify(path: Path) -> None:
@@ -170,13 +176,14 @@ def verify(path: Path) -> None:
     sums_path = path / CHECKSUMS
     if not sums_path.exists() and not (path / "adapter.safetensors").exists():
         raise CheckpointError(f"{path / 'adapter.safetensors'} is missing")
-    if not sums_path.exists():  # written before checksums existed: only parsing can check it
-        return
+    if not sums_path.exists():  # nothing can tell a tampered or half-copied checkpoint from an intact one
+        raise CheckpointError(f"{sums_path} is missing: the checkpoint cannot be verified")
     try:
         sums = json.loads(sums_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{sums_path} is missing or unreadable ({type(err).__name__})") from None
-    if not isinstance(sums, dict) or not {"adapter.safetensors", "rng.safetensors", "state.json"} <= set(sums):
+    if not isinstance(sums, dict) or not {"adapter.safetensors", "rng.safetensors", "state.json"} <= set(sums) \
+            or ((path / "optimizer.pt").exists() and "optimizer.pt" not in sums):
         raise CheckpointError(f"{sums_path} does not list the checkpoint's files")
     for name, expected in sorted(sums.items()):
         file = path / name
@@ -211,13 +218,42 @@ def _candidates(root: Path) -> list[Path]:
     return [named] + [f for f in folders if f != named] if named in folders else folders
 
 
-def load_latest(run_dir: Path, repair: bool = False) -> Checkpoint | None:
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expect: dict[str, tuple] | None) -> None:
+    """:class:`CheckpointError` when a tensor of checkpoint ``path`` holds a non-finite value (a diverged
+    run's state is never resumed or evaluated), or, with ``expect`` (name -> shape, what the run's
+    config builds), when names or shapes differ."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path / 'adapter.safetensors'}: tensor {name} holds non-finite values")
+    if expect is None:
+        return
+    missing, extra = sorted(set(expect) - set(tensors)), sorted(set(tensors) - set(expect))
+    if missing or extra:
+        raise CheckpointError(f"{path / 'adapter.safetensors'} holds other tensors than the run's config builds "
+                              f"(missing {missing[:2]}, unexpected {extra[:2]})")
+    for name, shape in expect.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"{path / 'adapter.safetensors'}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"the run's config builds {tuple(shape)}")
+
+
+def _set_aside(root: Path, path: Path) -> None:
+    """Move a corrupt checkpoint to ``corrupt-<name>`` (``-2``, ``-3``... when one is there already)."""
+    target, n = root / f"corrupt-{path.name}", 1
+    while target.exists():
+        n += 1
+        target = root / f"corrupt-{path.name}-{n}"
+    os.replace(path, target)
+
+
+def load_latest(run_dir: Path, repair: bool = False, expect: dict[str, tuple] | None = None) -> Checkpoint | None:
     """The newest intact checkpoint of ``run_dir``, or None when it has none.
 
-    A corrupt newer checkpoint is skipped with a warning naming the bad file; with ``repair`` (a
-    writer holding the run's lock) it is also moved aside to ``checkpoints/corrupt-<name>`` and
-    ``latest.json`` rewritten to name the one returned. :class:`CheckpointError` when checkpoints exist
-    but none is intact."""
+    Intact: its ``checksums.json`` is there and matches, it parses, its tensors are finite and (with
+    ``expect``, name -> shape) have the shapes the run's config builds. A newer checkpoint that is not
+    is skipped with a warning naming the bad file; with ``repair`` (a writer holding the run's lock) it
+    is also moved aside to ``checkpoints/corrupt-<name>`` (never deleted) and ``latest.json`` rewritten
+    to name the one returned. :class:`CheckpointError` when checkpoints exist but none is intact."""
     root = Path(run_dir) / "checkpoints"
     if not (root / LATEST).exists() and not checkpoint_folders(run_dir):
         return None
@@ -225,12 +261,12 @@ def load_latest(run_dir: Path, repair: bool = False) -> Checkpoint | None:
     for path in _candidates(root):
         try:
             ckpt = load_checkpoint(path)
+            check_tensors(path, ckpt.tensors, expect)
         except CheckpointError as err:
             bad.append(str(err))
             warnings.warn(f"{err}; falling back to an older checkpoint")
             if repair:  # kept for inspection, out of the way of pruning and of the next resume
-                shutil.rmtree(root / f"corrupt-{path.name}", ignore_errors=True)
-                os.replace(path, root / f"corrupt-{path.name}")
+                _set_aside(root, path)
             continue
         if repair and (bad or not (root / LATEST).exists()):
             atomic_write_text(root / LATEST, json.dumps({"step": ckpt.step, "path": path.name}) + "\n")

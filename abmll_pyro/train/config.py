@@ -18,7 +18,12 @@ from typing import Any, Mapping
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
 from ..data.scoring import SCORE_REDUCTIONS
 
-__all__ = ["RunConfig", "load_config_file", "load_yaml", "ConfigError"]
+__all__ = ["RunConfig", "load_config_file", "load_yaml", "ConfigError", "strict_json", "read_text_file"]
+
+
+MAX_ECE_BINS = 10_000  # equal-width bins of confidence; the usual 15 resolves 1/15
+MAX_SEED = 2**32 - 1  # numpy.random.seed's limit (pyro.set_rng_seed seeds NumPy too)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -139,6 +144,7 @@ class RunConfig:
                      "laplace_logit_samples"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        check(self.ece_bins <= MAX_ECE_BINS, f"ece_bins must be <= {MAX_ECE_BINS} (the limit), got {self.ece_bins}")
         check(isinstance(self.shots, int) and self.shots >= 1, f"shots must be an integer >= 1, got {self.shots!r}")
         for name in ("max_train_tasks", "max_test_tasks", "max_examples", "max_length", "last_layers", "num_threads",
                      "icl_max_length"):
@@ -162,7 +168,9 @@ class RunConfig:
         check(self.dtype in ("float32", "bfloat16", "float16"),
               f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         check(isinstance(self.trunk_cache, bool), f"trunk_cache must be true or false, got {self.trunk_cache!r}")
-        check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        check(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
+              f"seed must be an integer in [0, {MAX_SEED}] (NumPy's seed range), got {self.seed!r}")
+        check(self.device in DEVICES, f"device must be one of {list(DEVICES)}, got {self.device!r}")
         try:  # the core's own checks, run now so a bad value fails before any model is loaded
             self.adapter_config()
             self.meta_config()
@@ -225,6 +233,15 @@ class RunConfig:
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a few elements and levels (a value from a file may be huge)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
+    return short.repr(value)
+
+
 def _typed(key: str, annotation: str, value: Any) -> Any:
     """``value`` checked against the field's annotation (``int``, ``float``, ``str``, ``bool``,
     ``tuple[str, ...]``, each optionally ``| None``); ints are accepted for floats (and made floats), a
@@ -239,7 +256,7 @@ def _typed(key: str, annotation: str, value: Any) -> Any:
         if isinstance(value, str):
             value = (value,)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{key} must be a list of names, got {value!r}")
+            raise ConfigError(f"{key} must be a list of names, got {_short(value)}")
         return tuple(value)
     kind = _SCALARS.get(base)
     if kind is None:  # an annotation this checker does not know: the field's own checks apply
@@ -252,7 +269,7 @@ def _typed(key: str, annotation: str, value: Any) -> Any:
             hint = " (a string)"
         noun = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
         raise ConfigError(f"{key} must be {noun}"
-                          f"{' or null' if optional else ''}, got {value!r}{hint}")
+                          f"{' or null' if optional else ''}, got {_short(value)}{hint}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{key} must be finite, got {value!r}")
     return value
@@ -271,33 +288,110 @@ def _yaml_loader():
     import yaml
 
     class _Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):  # a key given twice is an error, not "last wins"
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.setdefault(key, line)
+                    except TypeError:  # an unhashable key: the constructor reports it
+                        continue
+                    if first != line:
+                        raise ConfigError(f"line {line}: key {key!r} given twice (first on line {first})")
+            return super().construct_mapping(node, deep=deep)
 
     _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789"))
     return _Loader
 
 
+MAX_CONFIG_VALUES = 10_000  # values in a config file once YAML aliases are expanded (a config holds ~100)
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values ``value`` holds with shared (aliased) parts counted each time, counting stops past ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load``, except that ``1e-3`` is the float 0.001 (YAML 1.2 and JSON agree; PyYAML's
-    YAML 1.1 makes it the string ``'1e-3'``, and a config key would then reject it)."""
+    YAML 1.1 makes it the string ``'1e-3'``, and a config key would then reject it); a key given twice
+    and aliases expanding past :data:`MAX_CONFIG_VALUES` values (an alias bomb) are :class:`ConfigError`."""
     import yaml
 
-    return yaml.load(text, Loader=_yaml_loader())
+    values = yaml.load(text, Loader=_yaml_loader())
+    if _expanded_size(values, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"YAML aliases expand to more than {MAX_CONFIG_VALUES} values (the limit)")
+    return values
+
+
+def strict_json(text: str, where: str) -> Any:
+    """``json.loads`` with a key given twice in an object an error naming ``where`` and the key, and a
+    syntax error naming ``where:line``."""
+    def pairs(items):
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise ConfigError(f"{where}: key {key!r} given twice")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: malformed JSON (nested too deeply)") from None
+
+
+def read_text_file(path: Path, what: str = "file") -> str:
+    """A regular file's UTF-8 text; a FIFO, device or folder, and a byte that is not UTF-8, are a
+    :class:`ConfigError` naming the file (and line)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what} {path} is not a regular file")
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x}); save it as UTF-8") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or JSON file holding one mapping of config keys."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = read_text_file(path, "config file")
     try:
         if path.suffix in (".yaml", ".yml"):
             values = load_yaml(text)
         else:
-            values = json.loads(text)
-    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: report the file, keep the message
-        raise ConfigError(f"config file {path} does not parse: {err}") from None
+            values = strict_json(text, str(path))
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"config file {path}: {msg}") from None
+    except Exception as err:  # yaml.YAMLError: report the file, keep the message
+        raise ConfigError(f"config file {path} does not parse: {' '.join(str(err).split())[:300]}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -24,9 +24,10 @@ from typing import Iterator
 
 from .checkpoint import CheckpointError, checkpoint_folders, clean_temporaries, defer_interrupts, load_latest
 from .config import ConfigError, RunConfig
+from .outputs import TEMPORARIES, check_output_dir, mark_output
 
 __all__ = ["prepare_run_dir", "check_resume", "RESUMABLE", "RunInterrupted", "defer_interrupts",
-           "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES"]
+           "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES", "check_checkpoint_config"]
 
 # keys a resumed run may change: they alter neither the trained state so far nor its randomness
 RESUMABLE = ("steps", "num_threads", "checkpoint_every", "keep_checkpoints", "log_every", "device")
@@ -68,24 +69,34 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> int | None:
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher rank 0 alone changes the directory
         ckpt = load_latest(run_dir) if resume else None
         return ckpt.step if ckpt is not None else None
+    if not resume:  # before anything is removed: nothing of the user's is replaced
+        check_output_dir(run_dir, "run", (*RUN_FILES, TEMPORARIES), overwrite)
     clean_temporaries(run_dir)
     if resume:
         ckpt = load_latest(run_dir, repair=True)
         step = ckpt.step if ckpt is not None else 0
         truncate_metrics(run_dir, step)
+        mark_output(run_dir, "run")
         return ckpt.step if ckpt is not None else None
+    corrupt = [p.name for p in (run_dir / "checkpoints").glob("corrupt-*")] if (run_dir / "checkpoints").is_dir() else []
     held = [name for name, present in (("results.json", (run_dir / "results.json").exists()),
-                                       ("checkpoints", bool(checkpoint_folders(run_dir)))) if present]
+                                       ("checkpoints", bool(checkpoint_folders(run_dir))),
+                                       ("set-aside corrupt checkpoints", bool(corrupt))) if present]
     if held and not overwrite:
         what = "a finished run" if "results.json" in held else "a checkpointed run"
         raise ConfigError(f"{run_dir} already holds {what} ({', '.join(held)}); pass --resume {run_dir} to "
                           f"continue it, --overwrite to replace it, or choose a new --out")
     for name in RUN_FILES:  # a fresh run starts from a clean directory (metrics.jsonl is appended to)
         path = run_dir / name
-        if path.is_dir():
+        if name == "checkpoints" and path.is_dir():  # set-aside corrupt checkpoints stay, for inspection
+            for child in path.iterdir():
+                if not child.name.startswith("corrupt-"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    mark_output(run_dir, "run")
     return None
 
 
@@ -103,6 +114,34 @@ def check_resume(saved: RunConfig, requested: RunConfig, checkpoint_step: int | 
         raise ConfigError(f"steps={requested.steps} is below the run's checkpoint at step {checkpoint_step}; "
                           f"--steps can only extend a resumed run")
     return saved.updated(**{k: new[k] for k in changed}) if changed else saved
+
+
+def check_checkpoint_config(run_dir: Path, saved: RunConfig, allow: bool) -> list[str]:
+    """Compare ``config.json`` (``saved``) with the config the latest checkpoint was saved with: any
+    difference outside :data:`RESUMABLE` (an edited ``config.json``) is a :class:`ConfigError` naming
+    the key, unless ``allow``; returns the differences as ``"key: old -> new"``."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        latest = json.loads((root / "latest.json").read_text())
+        stored = json.loads((root / latest["path"] / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no checkpoint (yet): nothing was trained with another config
+    now = saved.to_dict()
+    changed = []
+    for key, value in now.items():
+        old = stored.get(key, value)
+        if key in RESUMABLE or old == value:
+            continue
+        if key in ("max_length", "icl_max_length") and isinstance(old, int) and (value is None or value > old):
+            continue  # a checkpoint written before it carried the config as stored holds the value fitted to the LM
+        changed.append(f"{key}: {old!r} -> {value!r}")
+    if changed and not allow:
+        key = changed[0].split(":")[0]
+        raise ConfigError(f"{Path(run_dir) / 'config.json'} differs from the config its checkpoint {latest['path']} was "
+                          f"saved with ({changed[0].replace(' -> ', ' there, now ')}{' and more' if len(changed) > 1 else ''}); "
+                          f"undo the edit of {key}, or pass --allow-config-change to continue with the edited values "
+                          f"(recorded in log.txt)")
+    return changed
 
 
 def absolute_sources(config: RunConfig) -> RunConfig:
@@ -149,6 +188,29 @@ def summarize_truncation(log=None, where: str = "") -> Iterator[Counter]:
                       f"to fit max_length={'/'.join(sorted(limits))} ({top}{more}){where}")
 
 
+class TrainingDiverged(ValueError):
+    """A training step gave a non-finite loss or parameters; nothing of that step was saved."""
+
+
+def condense(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: Pyro's trace dumps (``Trace Shapes: ...``) and tensor listings cut off."""
+    text = str(err).split("Trace Shapes:")[0]
+    line = " ".join(text.split()) or type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def diverged_message(run_dir: Path, step: int, what: str) -> str:
+    """Why training stopped at ``step`` and the last finite checkpoint, which stays the latest."""
+    try:
+        latest = json.loads((Path(run_dir) / "checkpoints" / "latest.json").read_text())
+        kept = (f"the last finite checkpoint, step {latest['step']} ({Path(run_dir) / 'checkpoints' / latest['path']}), "
+                f"stays the latest")
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = "the run has no checkpoint"
+    return (f"training diverged at step {step} ({what}); nothing of step {step} was saved and {kept}; lower "
+            f"--outer-lr (or --lora-alpha, --inner-lr) and start a new run")
+
+
 def interrupted_message(run_dir: Path) -> str:
     """Where an interrupted run stands and the command that continues it."""
     try:
@@ -159,4 +221,4 @@ def interrupted_message(run_dir: Path) -> str:
     return f"interrupted: {run_dir} is consistent, {kept}; resume with: abmll train --resume {run_dir}"
 
 
-__all__ += ["interrupted_message", "CheckpointError"]
+__all__ += ["interrupted_message", "CheckpointError", "TrainingDiverged", "condense", "diverged_message"]

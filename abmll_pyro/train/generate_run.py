@@ -28,10 +28,11 @@ from ..data.tasks import TaskSplit
 from ..infer.generate import (GenerationConfig, continuations, decode_answers, encode_prompts, sample_answers,
                               summarize_answers)
 from ..methods import ABMLL
-from .config import RunConfig
+from .config import MAX_SEED, RunConfig
 from .episodes import EpisodeEncoder
 from .generative import adapted_draws
-from .run import load_run_config, load_trained, make_accelerator
+from .outputs import check_output_file, first_record_has
+from .run import load_trained, make_accelerator, open_run
 
 __all__ = ["Adapted", "load_adapted", "read_prompts", "generate_file"]
 
@@ -46,10 +47,13 @@ class Adapted:
     device: torch.device
 
 
-def load_adapted(run_dir: Path, support: Path | None, seed: int | None = None) -> Adapted:
-    """Load the run's trained method; with ``support``, adapt it (seeded by ``seed`` or the run's)."""
-    config = load_run_config(run_dir)  # built with the run's own seed (a tiny random LM's weights depend on it)
-    if support is not None and not Path(support).is_file():
+def load_adapted(run_dir: Path, support: Path | None, seed: int | None = None, trust_plugins: bool = False) -> Adapted:
+    """Load the run's trained method; with ``support``, adapt it (seeded by ``seed`` or the run's). A
+    plug-in file named by the run's config is refused unless ``trust_plugins`` (:func:`~.run.open_run`)."""
+    config = open_run(run_dir, trust_plugins)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {seed}")  # built with the run's own seed (a tiny random LM's weights depend on it)
+    if support is not None and not Path(support).exists():
         raise FileNotFoundError(f"{support} does not exist")
     accelerator = make_accelerator(config)
     built, _ = load_trained(config, run_dir, accelerator)
@@ -84,15 +88,18 @@ def read_prompts(path: Path) -> tuple[list[str], list[str | None]]:
 
 
 def generate_file(run_dir: Path, support: Path, prompts: Path, out: str | None, num_samples: int,
-                  gen: GenerationConfig | None = None, seed: int | None = None) -> list[dict]:
-    """Write one JSON line per prompt (see the module docstring); returns the rows."""
+                  gen: GenerationConfig | None = None, seed: int | None = None, trust_plugins: bool = False,
+                  overwrite: bool = False) -> list[dict]:
+    """Write one JSON line per prompt (see the module docstring); returns the rows. ``out`` must not be an
+    input, nor an existing file of another kind unless ``overwrite``."""
+    check_output_file(out, overwrite, {"--prompts": prompts, "--support": support}, first_record_has("input", "answers"))
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
-    if not Path(prompts).is_file():
+    if not Path(prompts).exists():
         raise FileNotFoundError(f"{prompts} does not exist")
     inputs, targets = read_prompts(Path(prompts))
     gen = gen or GenerationConfig()
-    adapted = load_adapted(Path(run_dir), Path(support), seed)
+    adapted = load_adapted(Path(run_dir), Path(support), seed, trust_plugins)
     method, tok = adapted.built.method, adapted.built.tokenizer
     batch = encode_prompts(tok, inputs, adapted.config.template, adapted.config.max_length).to(adapted.device)
     if isinstance(method, ABMLL):

@@ -23,10 +23,10 @@ import torch
 from ..data.sources.folder import iter_jsonl, parse_example, read_jsonl_examples
 from ..data.tasks import DataError, Example, TaskSplit
 from ..eval.uncertainty import example_fields, predict_with_uncertainty
-from ..registry import check_trusted
 from .episodes import EpisodeEncoder
 from .faults import summarize_truncation
-from .run import CONFIG, load_run_config, load_trained, make_accelerator
+from .outputs import check_output_file, first_record_has
+from .run import load_trained, make_accelerator, open_run
 
 __all__ = ["predict_file", "read_query"]
 
@@ -43,13 +43,13 @@ def read_query(path: Path) -> tuple[list[Example], list[bool]]:
 
 
 def predict_file(run_dir: Path, support: Path, query: Path, out: str | None, num_samples: int | None = None,
-                 progress: bool = True, trust_plugins: bool = False) -> list[dict]:
-    config = load_run_config(run_dir)
-    check_trusted({"prior": config.prior, "guide": config.guide}, str(Path(run_dir) / CONFIG), trust_plugins)
+                 progress: bool = True, trust_plugins: bool = False, overwrite: bool = False) -> list[dict]:
+    check_output_file(out, overwrite, {"--query": query, "--support": support}, first_record_has("probs", "prediction"))
+    config = open_run(run_dir, trust_plugins)
     if num_samples is not None:
         config = config.updated(num_samples=num_samples)
     for path in (support, query):
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     support_examples = read_jsonl_examples(support)
     if not support_examples:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import resource
 import time
 from pathlib import Path
@@ -31,18 +32,19 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text, load_latest, save_checkpoint
 from .config import ConfigError, RunConfig
 from .cost import cost_block
-from .faults import (RunInterrupted, absolute_sources, check_resume, interrupted_message, prepare_run_dir,
-                     summarize_truncation)
+from .faults import (RunInterrupted, TrainingDiverged, absolute_sources, check_checkpoint_config, check_resume, condense,
+                     diverged_message, interrupted_message, prepare_run_dir, summarize_truncation, truncate_metrics)
 from .lock import RunLock
+from .outputs import refuse_root
 from .distributed import NullLog, Ranks, check_supported, is_main_process, seed_rng, wait_for_everyone
-from .episodes import EpisodeEncoder, EpisodeSampler
+from .episodes import EpisodeEncoder, EpisodeSampler, test_splits
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .generative import evaluate_generative_run, is_generative
 from .results import SCHEMA_VERSION, validate_result
 from .runlog import RunLog
 from .setup import build
 
-__all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config"]
+__all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config", "open_run"]
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -52,7 +54,15 @@ def wants_cpu(config: RunConfig) -> bool:
     return config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
 
 
+def check_device(config: RunConfig) -> None:
+    """``device="cuda"`` on a machine where torch sees no CUDA GPU is a :class:`ConfigError` (never a silent CPU run)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                          "use --device cpu, or auto")
+
+
 def make_accelerator(config: RunConfig) -> Accelerator:
+    check_device(config)
     cpu = wants_cpu(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -80,7 +90,37 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CONFIG}")
-    return RunConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    from .config import read_text_file, strict_json
+
+    values = strict_json(read_text_file(path, "run config"), str(path))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(values).__name__}")
+    return RunConfig.from_dict(values, where=str(path))
+
+
+def open_run(run_dir: Path, trust_plugins: bool, replaced: tuple[str, ...] = ()) -> RunConfig:
+    """The one way a command loads a run directory's config (``evaluate``, ``predict``, ``generate``,
+    ``export``, ``train --resume``): a plug-in *file* it names (prior, guide) is refused unless
+    ``trust_plugins`` (loading it would run that file's code), except a key in ``replaced`` (a flag
+    gives another value, so the stored one is never imported)."""
+    from ..registry import check_trusted
+
+    config = load_run_config(run_dir)
+    check_trusted({k: getattr(config, k) for k in ("prior", "guide") if k not in replaced},
+                  str(Path(run_dir) / CONFIG), trust_plugins)
+    return config
+
+
+_NON_FINITE = re.compile(r"\bnan\b|\binf\b|invalid values|non-finite", re.IGNORECASE)
+
+
+def _finite(params) -> bool:
+    """Whether every parameter is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
+def _shapes(method) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in method.state_tensors().items()}
 
 
 def _restore(ckpt, method, optimizer) -> int:
@@ -111,14 +151,16 @@ def _micro_batch(method, sampler, encoder, ranks: Ranks, draw: int, seed: int, b
     return parts
 
 
-def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, progress: bool) -> int:
+def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, progress: bool, stored: dict) -> int:
     method, ranks = built.method, Ranks.of(accelerator)
     sampler = EpisodeSampler(taskset.train, config.shots, config.query_size, config.tasks_per_step, config.seed)
     encoder = EpisodeEncoder(built.tokenizer, config.prompt_length(method.in_context), config.template, method.in_context, accelerator.device)
     optimizer = accelerator.prepare_optimizer(method.make_optimizer())
     start = 0
-    ckpt = load_latest(run_dir) if resume else None
+    ckpt = load_latest(run_dir, repair=ranks.main, expect=_shapes(method)) if resume else None
     if ckpt is not None:
+        if ranks.main:  # a checkpoint of the wrong shapes was set aside: the metrics go back to this one
+            truncate_metrics(run_dir, ckpt.step)
         start = _restore(ckpt, method, optimizer)
         log.info(f"resumed from step {start} on {ranks.world} process(es)")
     params = method.parameters()
@@ -129,8 +171,13 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
         parts: dict[str, float] = {}
         for micro in range(config.grad_accum):
             with accelerator.accumulate(), accelerator.autocast():
-                mine = _micro_batch(method, sampler, encoder, ranks, step * config.grad_accum + micro, config.seed,
-                                    accelerator.backward)
+                try:
+                    mine = _micro_batch(method, sampler, encoder, ranks, step * config.grad_accum + micro, config.seed,
+                                        accelerator.backward)
+                except (ValueError, RuntimeError, FloatingPointError) as err:  # e.g. Pyro: a NaN scale or loc
+                    if not (_NON_FINITE.search(str(err)) or not _finite(params)):
+                        raise
+                    raise TrainingDiverged(diverged_message(run_dir, step + 1, condense(err))) from None
                 for k, v in mine.items():
                     parts[k] = parts.get(k, 0.0) + v / config.grad_accum
                 if accelerator.sync_gradients:
@@ -142,29 +189,33 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
         parts = ranks.sum_values(parts)
         if config.grad_clip:
             parts["grad_norm"] = grad_norm
-        if not all(math.isfinite(v) for k, v in parts.items() if k != "grad_norm"):
-            raise FloatingPointError(f"step {step + 1}: non-finite loss components {parts}")
+        bad = [f"{k}={v:g}" for k, v in parts.items() if k != "grad_norm" and not math.isfinite(v)]
+        if bad or not _finite(params):  # before anything of the step is logged or saved
+            what = f"non-finite loss: {', '.join(bad)}" if bad else "non-finite parameters after the update"
+            raise TrainingDiverged(diverged_message(run_dir, step + 1, what))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             log.scalars(step + 1, parts)
         bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k in ("loss", "nll", "task_kl")})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             if ranks.main:
                 save_checkpoint(run_dir, step + 1, method.state_tensors(), optimizer, None,
-                                config.to_dict(), config.keep_checkpoints)
+                                stored, config.keep_checkpoints)
             ranks.barrier()  # nobody runs ahead of (or resumes before) the checkpoint on disk
     return config.steps - start
 
 
 def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Train ``config.method`` into ``run_dir`` (or continue it), evaluate on the test tasks, write results.json.
 
     The run holds ``run_dir``'s lock throughout (a second writer fails at once). A fresh run refuses a
     directory holding a finished or checkpointed run unless ``overwrite``. ``resume`` continues from the
     newest intact checkpoint with the saved config, changed only in :data:`~.faults.RESUMABLE` keys
-    (``config`` carries the requested values). Ctrl-C raises :class:`~.faults.RunInterrupted`, whose
+    (``config`` carries the requested values); a ``config.json`` that differs from the config its
+    checkpoint was saved with is refused unless ``allow_config_change`` (then recorded in log.txt). Ctrl-C raises :class:`~.faults.RunInterrupted`, whose
     message names the checkpoint kept and the command that resumes."""
-    run_dir = Path(run_dir)
+    run_dir = refuse_root(run_dir)
+    check_device(config)  # before the run directory is touched
     config = absolute_sources(config)
     saved = load_run_config(run_dir) if resume else None  # (a clear error before anything is created)
     with RunLock(run_dir):
@@ -173,11 +224,15 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
         step = prepare_run_dir(run_dir, resume, overwrite)
         if is_main_process():
             wait_for_everyone(cpu=wants_cpu(config))
+        changed = []
         if saved is not None:
+            changed = check_checkpoint_config(run_dir, saved, allow_config_change)
             config = check_resume(saved, config, step)
         if is_main_process():  # one writer per run directory (rank 0 of a torchrun/accelerate launch)
             atomic_write_text(run_dir / CONFIG, json.dumps(config.to_dict(), indent=1) + "\n")
         log = RunLog(run_dir) if is_main_process() else NullLog()
+        if changed:
+            log.info(f"config changed on resume (--allow-config-change): {'; '.join(changed)}")
         try:
             with summarize_truncation(log, f"; details in {run_dir / 'log.txt'}"):
                 return _train_and_evaluate(config, run_dir, log, resume, progress)
@@ -195,14 +250,19 @@ def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: b
     log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
              f"seed {config.seed}, device {accelerator.device}")
     built, taskset = build(config, accelerator.device)
-    config = built.config
+    stored, config = config, built.config  # (checkpoints carry the config as stored, before fitting to the LM)
     if not taskset[config.eval_split]:  # before training, not after it
         raise ConfigError(f"task source {config.tasks!r} has no {config.eval_split} tasks: nothing to evaluate after "
                           f"training (name them with --{config.eval_split}-tasks, or in the folder's splits.json)")
+    if not is_generative(taskset):  # the evaluation's splits are fixed by the seed: check them before training
+        try:
+            test_splits(taskset[config.eval_split], config.shots, config.eval_query_size, config.seed)
+        except ValueError as err:
+            raise ConfigError(f"{config.eval_split} {err} (checked before training)") from None
     log.info(f"{len(taskset.train)} train tasks, {len(taskset.test)} test tasks; adapted modules: "
              f"{len(built.adapter.module_names)}; trainable values: {sum(p.numel() for p in built.method.parameters())}")
     if built.method.trainable:
-        _train(config, run_dir, built, taskset, accelerator, log, resume, progress)
+        _train(config, run_dir, built, taskset, accelerator, log, resume, progress, stored.to_dict())
     train_time = time.perf_counter() - t0
     if is_generative(taskset):  # target-only tasks: per-token NLL and exact match (train/generative.py)
         result = evaluate_generative_run(config, built, taskset[config.eval_split], accelerator, progress)
@@ -256,7 +316,7 @@ def load_trained(config: RunConfig, run_dir: Path, accelerator, with_tasks: bool
     built, taskset = build(config, accelerator.device, with_tasks=with_tasks)
     built.trained_steps = 0
     if built.method.trainable:
-        ckpt = load_latest(run_dir)
+        ckpt = load_latest(run_dir, expect=_shapes(built.method))
         if ckpt is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint to evaluate (train it first)")
         built.method.load_state_tensors(ckpt.tensors)

@@ -35,8 +35,12 @@ class RunLog:
         self.logger.info(message)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        finite = {k: v if math.isfinite(v) else None for k, v in values.items()}  # JSON has no NaN: null
+        try:
+            self.metrics.write(json.dumps({"step": step, **finite}) + "\n")
+            self.metrics.flush()
+        except OSError as err:  # a full disk: name the file
+            raise OSError(err.errno, err.strerror or str(err), self.metrics.name) from None
         self.logger.info("step %d " % step + " ".join(f"{k}={v:.6g}" for k, v in values.items()))
         if self.writer is not None:
             for k, v in values.items():

@@ -80,8 +80,10 @@ def test_compare_names_two_runs_of_one_method_and_restricts_tasks(tmp_path, caps
     a, b = _preds("abmll", 2.0, seed=1), _preds("abmll", 0.0, seed=2)
     write_predictions_run(tmp_path / "beta6", "abmll", a)
     write_predictions_run(tmp_path / "beta8", "abmll", b)
-    # one method name in both files: without --names they would merge into one method
-    assert set(load_predictions([tmp_path / "beta6", tmp_path / "beta8"])) == {"abmll"}
+    # one method name in both files: without --names an error naming both (never one kept silently)
+    with pytest.raises(PredictionsError, match=r"beta6/predictions\.jsonl and .*beta8/predictions\.jsonl both hold "
+                                               r"method 'abmll'.*--names"):
+        load_predictions([tmp_path / "beta6", tmp_path / "beta8"])
     both = load_predictions([tmp_path / "beta6", tmp_path / "beta8"], names=["b6", "b8"])
     assert set(both) == {"b6", "b8"} and np.array_equal(both["b6"].probs, a.probs)
     sub = load_predictions([tmp_path / "beta6"], tasks=["t1", "t3"])

@@ -1,5 +1,6 @@
 """A run directory must not run code (issue 11, item 6): a stored config naming a plug-in *file* is
-refused by ``evaluate --run``, ``predict --run`` and ``train --resume`` unless ``--trust-plugins``;
+refused by ``evaluate --run``, ``predict --run``, ``generate --run``, ``export --run`` and ``train --resume``
+(one loader, :func:`~abmll_pyro.train.run.open_run`) unless ``--trust-plugins``;
 registered names and importable modules load as before."""
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def test_evaluate_and_predict_refuse_a_stored_file_plugin_without_trust(run, tmp
     commands = [["evaluate", "--run", str(out)],
                 ["predict", "--run", str(out), "--support", str(HANDWRITTEN / "animals.jsonl"), "--query",
                  str(tmp_path / "q.jsonl")],
+                ["generate", "--run", str(out), "--support", str(HANDWRITTEN / "animals.jsonl"), "--prompts",
+                 str(tmp_path / "q.jsonl")],
+                ["export", "--run", str(out), "--out", str(tmp_path / "adapter")],
                 ["train", "--resume", str(out), "--steps", "3"]]
     for argv in commands:
         capsys.readouterr()
@@ -81,6 +85,9 @@ def test_trust_plugins_loads_and_runs_it(run, tmp_path, capsys):
                  str(HANDWRITTEN / "animals.jsonl"), "--query", str(tmp_path / "q.jsonl"),
                  "--out", str(tmp_path / "p.jsonl")]) == 0
     assert mark.read_text() == "2"
+    _forget(helper)
+    assert main(["--quiet", "export", "--run", str(out), "--trust-plugins", "--out", str(tmp_path / "adapter")]) == 0
+    assert mark.read_text() == "3"
 
 
 def test_a_flag_that_replaces_the_stored_plugin_needs_no_trust(run, capsys):

@@ -16,6 +16,8 @@ non-blank strings, no two equal after whitespace normalisation (a tie would coun
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,11 +29,24 @@ __all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_fol
            "parse_example", "read_splits"]
 
 SPLITS_FILE = "splits.json"
+MAX_OPTIONS = 1000  # options per example: each is scored by a pass of the LM, held in memory at once
+
+
+def check_regular(path: str | Path) -> None:
+    """A :class:`DataError` unless ``path`` is a regular file (reading a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device or folder is not read)")
 
 
 def iter_jsonl(path: str | Path):
     """Yield ``(where, record)`` for every non-blank line of a JSONL file, ``where`` = ``"file:line"``;
-    a line that is not UTF-8 or not a JSON object is a :class:`DataError` naming file and line."""
+    a line that is not UTF-8 or not a JSON object is a :class:`DataError` naming file and line, and so
+    is a path that is not a regular file."""
+    check_regular(path)
     try:
         f = open(path, "rb")
     except OSError as err:
@@ -79,6 +94,9 @@ def parse_example(where: str, record: dict, require_output: bool = True) -> Exam
     options = [_text(where, "options", o) for o in options]
     if len(options) < 2:
         raise DataError(f"{where}: an example needs at least 2 options, got {options!r}"[:300])
+    if len(options) > MAX_OPTIONS:
+        raise DataError(f"{where}: {len(options)} options; the limit is {MAX_OPTIONS} per example (each is scored "
+                        f"by a pass of the LM)")
     normal = [" ".join(o.split()) for o in options]
     if not all(normal):
         raise DataError(f"{where}: option {normal.index('')} is blank: {options!r}"[:300])
@@ -177,10 +195,22 @@ def load_task_folder(
 
 def read_splits(path: Path) -> dict[str, list[str]]:
     """``splits.json``: a JSON object mapping ``train``/``dev``/``test`` to lists of task names."""
+    check_regular(path)
+
+    def no_twice(items):
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise DataError(f"{path}: key {key!r} given twice")
+            out[key] = value
+        return out
+
     try:
-        splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+        splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"), object_pairs_hook=no_twice)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (at byte {err.start})") from None
+    except DataError:
+        raise
     except (ValueError, RecursionError) as err:
         where = f"{path}:{err.lineno}" if isinstance(err, json.JSONDecodeError) else str(path)
         msg = getattr(err, "msg", None) or ("nested too deeply" if isinstance(err, RecursionError) else str(err))
