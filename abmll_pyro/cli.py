@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from dataclasses import fields
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
 
     parser = _Parser(prog="abmll", description="Amortized Bayesian Meta-Learning for LoRA (ABMLL) and baselines.")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (also accepted after the command)")
+    parser.add_argument("--version", action="version", version=f"abmll {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="prepare task data")
@@ -232,7 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "(with --out also target.md, target.json)")
     cmp_.add_argument("--nll-ratio", dest="nll_ratio", type=float, default=0.7, help="with --target (default 0.7)")
     cmp_.add_argument("--ece-ratio", dest="ece_ratio", type=float, default=0.5, help="with --target (default 0.5)")
+    _quiet_everywhere(sub)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _quiet_everywhere(sub: argparse._SubParsersAction) -> None:
+    """``--quiet`` after any command too (``abmll train ... --quiet``), not only before it."""
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _quiet_everywhere(action)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -521,6 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with shared_trunk_dir(folder):
                     return COMMANDS[args.command](args)
             return COMMANDS[args.command](args)
+        except BrokenPipeError:  # the reader went away (`abmll compare ... | head`): stop quietly, as cat does
+            with contextlib.suppress(OSError, ValueError):  # nothing left to flush into the closed pipe
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (ValueError, KeyError, ImportError, OSError) as err:
             print(f"abmll: error: {_error_line(err)}", file=sys.stderr)
             return 2
