@@ -9,13 +9,13 @@ Gauss–Newton is exact there); (2) with kl_beta = 0 the step is SGD.
 import pytest
 import torch
 from pyro.distributions.kl import kl_divergence
-from _support.helpers import family_episode, tiny_lm
+from _support.helpers import family_episode, random_option_batch, tiny_lm
 from torch import nn
 
 from abmll_pyro import AdapterConfig, BayesLoRA, InnerLoopConfig, MetaConfig, MetaSVI
 from abmll_pyro.infer.kl_curvature import RankBlocks, kl_curvature, precondition
 from abmll_pyro.infer.objective import task_kl
-from abmll_pyro.models import HierarchicalPrior
+from abmll_pyro.models import HierarchicalPrior, Likelihood, TaskData
 
 
 class Small(nn.Module):
@@ -111,3 +111,29 @@ def test_kl_follows_beta_under_precond_but_sits_on_adams_floor():
     # kl-precond: a 100x stronger KL gives a smaller KL, and far below Adam's floor at β = 1
     assert precond[1.0] < 0.5 * precond[1e-2], precond
     assert precond[1.0] < 1e-2 * adam[1.0], (precond, adam)
+
+
+class _NoData(Likelihood):
+    """Observes nothing: the inner objective is the β-KL alone."""
+
+    def __call__(self, lm, task, index):
+        return None
+
+
+@pytest.mark.parametrize("rank", [2, 8, 16])
+def test_kl_only_problem_is_resolved_in_five_steps_at_every_rank(rank):
+    """β = 1, σ_p = 1e-3, the task's mean factors displaced by 1e-2 (float64), 5 steps at lr 1e-2.
+    With the rank blocks the residual shrinks by a constant factor per step whatever the rank: seen
+    KL/KL₀ = 1.2e-6, 4.3e-6, 1.4e-5 at ranks 2, 8, 16 (with the diagonal curvature the issue measured 0.1%, 1.3–3% and
+    17–46%, and the KL rose again at some steps); the bound 1e-4 leaves a margin of 7x at rank 16."""
+    adapter = BayesLoRA(tiny_lm("llama", seed=1, dtype=torch.float64), AdapterConfig(rank=rank, init_std=1e-3),
+                        generator=torch.Generator().manual_seed(0)).double()
+    inner = InnerLoopConfig(num_inner_steps=5, inner_lr=1e-2, optimizer="kl-precond")
+    svi = MetaSVI(adapter, MetaConfig(kl_beta=1.0, inner=inner), likelihood=_NoData())
+    theta = {k: v.detach() for k, v in svi.theta().items()}
+    g = torch.Generator().manual_seed(rank)
+    start = {k: v + (1e-2 * torch.randn(v.shape, generator=g, dtype=v.dtype) if ":mu" in k else 0) for k, v in theta.items()}
+    support = TaskData(random_option_batch(4))
+    kls = [task_kl(svi.model, svi.guide, theta, svi.refine(theta, start, support, num_inner_steps=k)) for k in range(6)]
+    assert all(b < a for a, b in zip(kls, kls[1:])), kls  # monotone
+    assert kls[-1] < 1e-4 * kls[0], kls
