@@ -118,7 +118,9 @@ class MetaConfig:
       β/σ²·(μ_q − μ_θ)(A_q − A_θ)ᵀ of the factorization: measured on SmolLM2 as large as the query
       NLL's gradient and opposed to it (docs/RESULTS.md). The behaviour before this option existed.
 
-    Second order differentiates the whole loss exactly and ignores this setting.
+    Second order differentiates the whole loss through the inner steps and ignores this setting (the
+    preconditioned inner steps' curvature is treated as a constant there, so it is exact for SGD and
+    Adam only).
     """
 
     kl_beta: float = 1e-8

@@ -70,6 +70,7 @@ class KnownTruthConfig:
     num_samples: int = 19
     num_projections: int = 4
     rank_bins: int = 5
+    evaluate_nll: bool = True  # the held-out posterior-predictive NLLs (k = 0, test_shots, oracle)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -158,12 +159,14 @@ def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str]
         truth = projections(task.delta, directions)  # [P]
         ranks.append(sbc_ranks(truth, draws, g))
         gold = query.batch.gold
+        nll["oracle"].append(task.oracle_nll(cfg.test_shots))
+        if not cfg.evaluate_nll:
+            continue
         with torch.no_grad():
             prior_params = {k: v.detach() for k, v in svi.theta().items()}
             for name, params in (("k0", prior_params), (f"k{cfg.test_shots}", post)):
                 probs = posterior_predictive(svi, params, query, cfg.num_samples)
                 nll[name].append(float(-probs.double().gather(-1, gold[:, None]).clamp_min(1e-300).log().mean()))
-        nll["oracle"].append(task.oracle_nll(cfg.test_shots))
     test_ranks = torch.cat(ranks)
     uniform = rank_uniformity(test_ranks, cfg.num_samples, cfg.rank_bins)
     return {
@@ -174,7 +177,7 @@ def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str]
         "ratio": sigma_theta / cfg.spread,
         "sigma_theta_all": _geo_mean(adapter, svi.theta(), {m: torch.ones_like(v) for m, v in masks.items()}),
         "history": history,
-        "nll": {k: sum(v) / len(v) for k, v in nll.items()},
+        "nll": {k: sum(v) / len(v) for k, v in nll.items() if v},
         "sbc": {"histogram": uniform.histogram, "chi2": uniform.chi2, "p_value": uniform.p_value,
                 "num_ranks": int(test_ranks.numel()), "num_samples": cfg.num_samples},
         "seconds": time.time() - started,
