@@ -17,6 +17,8 @@ PAPER_STD_FLOOR = math.exp(-20.0)
 MAX_RANK = 4096
 MAX_INIT_STD = 10.0
 MAX_SCALING = 1e6
+STD_MAPS = ("softplus", "paper", "log-rowcol", "log-full")
+INNER_OPTIMIZERS = ("sgd", "adam", "kl-precond", "adam-precond")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -32,7 +34,9 @@ class AdapterConfig:
     ``target_modules=None`` picks a per-architecture default (``q_proj``, ``v_proj``; GPT-2: ``c_attn``).
     ``std_map`` is ``"softplus"`` (default: σ = floor + softplus(B_σ A_σ + ρ), σ = ``init_std`` at B = 0)
     or ``"paper"`` (σ = |B_σ A_σ| + floor, the paper's "+cI" read elementwise; B_σ starts non-zero so
-    the mean σ is ``init_std`` and |·| has a gradient, see :class:`~abmll_pyro.lora.positivity.AbsStd`).
+    the mean σ is ``init_std`` and |·| has a gradient, see :class:`~abmll_pyro.lora.positivity.AbsStd`),
+    or a free log-scale (:class:`~abmll_pyro.lora.positivity.LogStd`): ``"log-rowcol"`` (log σ_jk =
+    log init_std + s_0 + r_j + c_k) or ``"log-full"`` (one free log σ per element).
     """
 
     rank: int = 8
@@ -45,7 +49,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        _check(self.std_map in ("softplus", "paper"), f"std_map must be 'softplus' or 'paper', got {self.std_map!r}")
+        _check(self.std_map in STD_MAPS, f"std_map must be one of {list(STD_MAPS)}, got {self.std_map!r}")
         _check(self.std_floor > 0, f"std_floor must be > 0, got {self.std_floor!r}")
         _check(self.init_std > self.std_floor, f"init_std must exceed std_floor={self.std_floor:g}, got {self.init_std!r}")
         _check(self.init_std <= MAX_INIT_STD, f"init_std must be <= {MAX_INIT_STD:g} (the limit: a standard deviation "
@@ -72,10 +76,11 @@ class InnerLoopConfig:
     (differentiate through the inner loop; small models only). ``pass_through``: in first order, let the
     task factors' gradient reach θ (FOMAML style); off, θ learns only through the KL and hyperprior.
     ``subsample_size``: support examples per inner step (None: all).
-    ``optimizer``: ``"adam"`` (default), ``"sgd"``, or ``"kl-precond"`` — SGD preconditioned by the
-    β-KL's diagonal Gauss–Newton curvature, so the inner loop resolves the prior's scale σ at any β
-    (Adam's ~lr-sized steps put a floor of about n·(step/σ)²/2 under the KL that β cannot lower;
-    docs/posterior.md). Methods without a KL (LoRA, Reptile, Structured LoRA) run it as SGD.
+    ``optimizer``: ``"adam"`` (default), ``"sgd"``, ``"kl-precond"`` — SGD preconditioned by the
+    β-KL's Gauss–Newton curvature (block-diagonal over the rank) — or ``"adam-precond"`` — Adam
+    preconditioned the same way: Adam where the KL is flat, the KL's Newton step where it is stiff
+    (plain Adam's ~lr-sized steps put a floor of about n·(step/σ)²/2 under the KL that β cannot lower;
+    docs/posterior.md). Methods without a KL (LoRA, Reptile, Structured LoRA) run them as SGD / Adam.
     ``adam_eps``: Adam's ε (:func:`~abmll_pyro.infer.inner.inner_loop`); elements whose gradient is
     below it take SGD-like steps instead of full ±lr ones (docs/RESULTS.md, "round-off").
     """
@@ -93,8 +98,8 @@ class InnerLoopConfig:
         _check(isinstance(self.num_inner_steps, int) and self.num_inner_steps >= 0,
                f"num_inner_steps must be an integer >= 0, got {self.num_inner_steps!r}")
         _check(self.inner_lr >= 0 and math.isfinite(self.inner_lr), f"inner_lr must be finite and >= 0, got {self.inner_lr!r}")
-        _check(self.optimizer in ("sgd", "adam", "kl-precond"),
-               f"optimizer must be 'sgd', 'adam' or 'kl-precond', got {self.optimizer!r}")
+        _check(self.optimizer in INNER_OPTIMIZERS,
+               f"optimizer must be one of {list(INNER_OPTIMIZERS)}, got {self.optimizer!r}")
         _check(self.order in ("first", "second"), f"order must be 'first' or 'second', got {self.order!r}")
         _check(self.subsample_size is None or self.subsample_size >= 1,
                f"subsample_size must be >= 1 or None, got {self.subsample_size!r}")
@@ -122,7 +127,9 @@ class MetaConfig:
       β/σ²·(μ_q − μ_θ)(A_q − A_θ)ᵀ of the factorization: measured on SmolLM2 as large as the query
       NLL's gradient and opposed to it (docs/RESULTS.md). The behaviour before this option existed.
 
-    Second order differentiates the whole loss exactly and ignores this setting.
+    Second order differentiates the whole loss through the inner steps and ignores this setting (the
+    preconditioned inner steps' curvature is treated as a constant there, so it is exact for SGD and
+    Adam only).
     """
 
     kl_beta: float = 1e-8

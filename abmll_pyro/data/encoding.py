@@ -112,7 +112,8 @@ def encode_options(
         prompt = encode_prompt(tokenizer, template.prompt(text, demonstrations), where)
         texts = [template.continuation(o) for o in ex.options]
         opts = [_continuation_ids(tokenizer, t, f"{where} option {j}") for j, t in enumerate(texts)]
-        chars.append([max(len(t), 1) for t in texts])
+        # lm-eval's acc_norm divides by len(choice): the option's own text, not the separator before it
+        chars.append([max(len(o), 1) for o in ex.options])
         prompt, cut = _fit(prompt, max(len(o) for o in opts), max_length, where)
         truncated += cut
         prompts.append(prompt)

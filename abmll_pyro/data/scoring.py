@@ -36,7 +36,8 @@ NEG_INF = float("-inf")
 #: How an option's token log-probs become its score (one setting shared by every method):
 #: ``sum`` — Σ_t log p(o_t | ·) (the joint log-likelihood; favours short options);
 #: ``mean`` — the sum over the option's token count (MetaICL divides each option's loss by its length);
-#: ``char`` — the sum over the option's character count (lm-eval's ``acc_norm``).
+#: ``char`` — the sum over the option text's character count, the template's separator not counted
+#: (lm-eval's ``acc_norm``: ``lls / len(choice)``).
 SCORE_REDUCTIONS = ("sum", "mean", "char")
 
 
@@ -54,8 +55,9 @@ class OptionBatch:
     ``row_option``: ``[R]``; ``gold``, ``num_options``: ``[n]``. ``target_mask[r, t]`` marks the
     tokens of the option in row ``r`` (their log-probs, predicted from position ``t - 1``, are scored).
     ``packed`` is the same data in the packed layout, or None. ``option_chars`` (``[n, max_options]``
-    float32, or None) holds each option's length in characters of its scored text, for the ``char``
-    reduction (padded slots 1).
+    float32, or None) holds each option's length in characters of its own text (without the
+    separator a template puts before it: lm-eval's ``len(choice)``), for the ``char`` reduction
+    (padded slots 1).
     """
 
     input_ids: Tensor

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from abmll_pyro.eval.metrics import ReliabilityDiagram
 
-__all__ = ["plot_reliability", "plot_reliability_overlay", "plot_metric_curve"]
+__all__ = ["plot_reliability", "plot_reliability_overlay", "plot_metric_curve", "plot_rank_histograms"]
 
 
 def _figure(width: float, height: float):
@@ -172,5 +172,19 @@ def plot_metric_curve(
         ax.yaxis.set_major_formatter(formatter)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_rank_histograms(histograms: Mapping[str, Sequence[int]], path: str | Path) -> Path:
+    """One bar chart per entry (simulation-based calibration: counts of the truth's rank per bin),
+    with the count a uniform rank would give as a dashed line."""
+    fig = _figure(3.2 * max(len(histograms), 1), 3.0)
+    for i, (name, counts) in enumerate(histograms.items()):
+        ax = fig.add_subplot(1, len(histograms), i + 1)
+        ax.bar(range(len(counts)), counts, color="tab:blue")
+        ax.axhline(sum(counts) / len(counts), color="k", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("rank bin")
     fig.tight_layout()
     return _save(fig, path)

@@ -98,7 +98,8 @@ class AmortizedGuide(nn.Module, TaskGuide):
         adapter: the :class:`BayesLoRA` whose factors the network offsets (sizes the output layer).
         hidden: width of the encoder's hidden layer.
         offset_rank: rank of each factor's predicted offset (columns of its basis U_k).
-        factors: which factor kinds receive an offset (default the two B factors: B = 0 at θ's init).
+        factors: which factor kinds receive an offset (default the two B factors: B = 0 at θ's init;
+            ``mu_B`` alone under a free log-scale map, which has no B_σ).
         base: the task guide that gives q's family and the un-offset start (default mean field).
         pool: ``"option"`` (default: hidden states at the gold option's tokens, which have read the
             prompt through attention) or ``"all"`` (prompt + gold option tokens) for the default
@@ -114,9 +115,12 @@ class AmortizedGuide(nn.Module, TaskGuide):
         super().__init__()
         if hidden < 1 or offset_rank < 1:
             raise ValueError(f"hidden and offset_rank must be >= 1, got hidden={hidden!r}, offset_rank={offset_rank!r}")
-        unknown = [k for k in factors if k not in FACTOR_KINDS]
+        if tuple(factors) == ("mu_B", "sigma_B") and "sigma_B" not in adapter.factor_kinds:
+            factors = ("mu_B",)  # the default, for a scale map without a low-rank pair (free log-scales)
+        offsettable = tuple(k for k in FACTOR_KINDS if k in adapter.factor_kinds)
+        unknown = [k for k in factors if k not in offsettable]
         if unknown or not factors:
-            raise ValueError(f"factors must be a non-empty subset of {FACTOR_KINDS}, got {tuple(factors)!r}")
+            raise ValueError(f"factors must be a non-empty subset of {offsettable}, got {tuple(factors)!r}")
         if embed is not None and embed_dim is None:
             raise ValueError("a custom embed needs embed_dim= (the length of the vector it returns)")
         self.base = base or MeanFieldGuide()

@@ -11,10 +11,17 @@ gone when the function returns.
   :func:`twice_differentiable` (attention through the math SDPA kernel, whose backward is itself
   differentiable, unlike the fused CPU/flash kernels; the fused KL keeping its inputs).
 
-Optimizers: ``"sgd"`` (p ← p − lr·g), ``"adam"`` and ``"kl-precond"``: SGD preconditioned by a
-diagonal curvature H(p) ≥ 0 of the stiff part of the loss (the β-KL, see
-:mod:`abmll_pyro.infer.kl_curvature`), p ← p − lr·g / (1 + lr·H): a damped diagonal Newton step
-where H ≫ 1/lr, plain SGD where H ≪ 1/lr (H = 0, or no ``curvature``: exactly SGD).
+Optimizers: ``"sgd"`` (p ← p − lr·g), ``"adam"``, and the two preconditioned by a curvature H(p) ≥ 0
+of the stiff part of the loss (the β-KL, block-diagonal over the rank, see
+:mod:`abmll_pyro.infer.kl_curvature`), p ← p − (I + D·H)⁻¹·D·d:
+
+* ``"kl-precond"``: SGD's D = lr, d = g: a damped Newton step where H ≫ 1/lr, plain SGD where
+  H ≪ 1/lr (H = 0, or no ``curvature``: exactly SGD);
+* ``"adam-precond"``: Adam's per-element step size D = lr/√(v̂ + ε²) on the current gradient d = g
+  (no momentum: a momentum carried over from the stiff KL's earlier, larger gradients overshoots its
+  minimum, measured): where the KL is stiff (D·H ≫ 1) the step is the KL's Newton step (no
+  oscillation around its minimum, so the inner loop optimizes the β-ELBO at any β), elsewhere
+  RMSprop-like (no curvature: exactly Adam, momentum included).
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..lora.noise import differentiable_twice
+from .kl_curvature import precondition
 
 __all__ = ["inner_loop", "pass_through", "twice_differentiable", "NonFiniteLossError", "OPTIMIZERS"]
 
-OPTIMIZERS = ("sgd", "adam", "kl-precond")
+OPTIMIZERS = ("sgd", "adam", "kl-precond", "adam-precond")
+PRECONDITIONED = ("kl-precond", "adam-precond")
 
 Params = dict[str, Tensor]
 
@@ -56,7 +65,7 @@ def inner_loop(
     lr: float,
     optimizer: str = "adam",
     create_graph: bool = False,
-    curvature: Callable[[Params], Mapping[str, Tensor]] | None = None,
+    curvature: Callable[[Params], Mapping[str, object]] | None = None,
     adam_eps: float = _ADAM_EPS,
 ) -> Params:
     """Return the parameters after ``num_steps`` steps on ``loss_fn`` from ``start``.
@@ -65,8 +74,9 @@ def inner_loop(
     ``adam_eps`` (ε, default 1e-8): Adam's first step is ``lr · g/√(g² + ε²)``, i.e. a full ±lr step for
     every element with ``|g| ≫ ε`` — also for one whose gradient is round-off around zero. A larger ε
     makes elements with ``|g| ≲ ε`` take proportionally small (SGD-like, lr/ε) steps instead.
-    ``curvature(params)`` (``"kl-precond"`` only): per-key diagonal curvature, same shapes, treated as
-    a constant (no gradient through it). Zero steps return ``start`` itself (values unchanged; detached
+    ``curvature(params)`` (``"kl-precond"``, ``"adam-precond"``): per-key curvature (a tensor of the
+    factor's shape, or :class:`~abmll_pyro.infer.kl_curvature.RankBlocks`), treated as a constant (no
+    gradient through it). Zero steps return ``start`` itself (values unchanged; detached
     in first order).
     """
     if optimizer not in OPTIMIZERS:
@@ -77,11 +87,12 @@ def inner_loop(
         raise ValueError(f"adam_eps must be finite and > 0, got {adam_eps!r}")
     keys = list(start)
     params = dict(start) if create_graph else {k: v.detach().requires_grad_(True) for k, v in start.items()}
-    m = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
-    v2 = {k: torch.zeros_like(v) for k, v in params.items()} if optimizer == "adam" else {}
+    adam = optimizer in ("adam", "adam-precond")
+    m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
+    v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
     b1, b2 = _ADAM_BETAS
     for t in range(1, num_steps + 1):
-        curv = curvature(params) if optimizer == "kl-precond" and curvature is not None else {}
+        curv = curvature(params) if optimizer in PRECONDITIONED and curvature is not None else {}
         with twice_differentiable() if create_graph else nullcontext():
             loss = loss_fn(params)
             _check_finite(loss, f"inner step {t}")
@@ -92,17 +103,17 @@ def inner_loop(
             if g is None:  # the loss does not depend on this factor (e.g. σ under a point-mass guide)
                 new[k] = p
                 continue
-            if optimizer == "sgd":
-                step = g
+            h = curv.get(k)
+            if optimizer == "sgd" or (optimizer == "kl-precond" and h is None):
+                new[k] = p - lr * g
             elif optimizer == "kl-precond":
-                h = curv.get(k)
-                step = g if h is None else g / (1.0 + lr * h.detach())
+                new[k] = p - precondition(g, lr, h)
             else:
                 m[k] = b1 * m[k] + (1 - b1) * g
                 v2[k] = b2 * v2[k] + (1 - b2) * g * g
                 m_hat, v_hat = m[k] / (1 - b1**t), v2[k] / (1 - b2**t)
-                step = m_hat / (v_hat + adam_eps**2).sqrt()
-            new[k] = p - lr * step
+                root = (v_hat + adam_eps**2).sqrt()
+                new[k] = p - lr * (m_hat / root) if h is None else p - precondition(g, lr / root, h)
         params = new if create_graph else {k: v.detach().requires_grad_(True) for k, v in new.items()}
     return params
 

@@ -33,7 +33,7 @@ from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
 from .elbo import LeanMeanFieldELBO
-from .inner import NonFiniteLossError, inner_loop, pass_through
+from .inner import PRECONDITIONED, NonFiniteLossError, inner_loop, pass_through
 from .kl_curvature import kl_curvature
 from .objective import global_loss, log_hyperprior, recorded, task_kl, task_kl_loss, task_loss
 
@@ -150,7 +150,7 @@ class MetaSVI:
         fixed = theta if create_graph else {k: v.detach() for k, v in theta.items()}
         steps = inner.num_inner_steps if num_inner_steps is None else num_inner_steps
         curvature = None
-        if inner.optimizer == "kl-precond":
+        if inner.optimizer in PRECONDITIONED:
             curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
         return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
                           inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps)

@@ -2,6 +2,6 @@
 
 from .adapter import FACTOR_KINDS, BayesLoRA
 from .layer import BayesLoRALayer, LowRankDelta
-from .positivity import AbsStd, SoftplusStd, StdMap
+from .positivity import AbsStd, LogStd, SoftplusStd, StdMap
 
-__all__ = ["BayesLoRA", "BayesLoRALayer", "LowRankDelta", "StdMap", "SoftplusStd", "AbsStd", "FACTOR_KINDS"]
+__all__ = ["BayesLoRA", "BayesLoRALayer", "LowRankDelta", "StdMap", "SoftplusStd", "AbsStd", "LogStd", "FACTOR_KINDS"]

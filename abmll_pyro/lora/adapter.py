@@ -8,6 +8,10 @@ factors (θ) — the mean pair (``mu_A: [r, in]``, ``mu_B: [out, r]``) and the s
 
 A task's factors (φ_i's variational parameters) are plain tensors with the same keys and shapes
 (two more pairs: four pairs per module in all); they live only while a task is processed.
+
+With a free log-scale map (``std_map: "log-rowcol"`` / ``"log-full"``,
+:class:`~abmll_pyro.lora.positivity.LogStd`) the scale pair is replaced by that map's factors
+(``sigma_log0``, ``sigma_row``, ``sigma_col``, or ``sigma_log``): :attr:`BayesLoRA.factor_kinds`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from .layer import BayesLoRALayer, LowRankDelta, is_linear
 from .noise import NormalSample
-from .positivity import AbsStd, SoftplusStd, StdMap
+from .positivity import AbsStd, LogStd, SoftplusStd, StdMap
 
 __all__ = ["BayesLoRA", "FACTOR_KINDS", "DEFAULT_TARGETS"]
 
@@ -46,6 +50,8 @@ def _safe(name: str) -> str:
 def _std_map(config: AdapterConfig) -> StdMap:
     if config.std_map == "paper":
         return AbsStd(config.std_floor, init_std=config.init_std)
+    if config.std_map.startswith("log-"):
+        return LogStd(config.init_std, config.std_floor, structure=config.std_map[len("log-"):])
     return SoftplusStd(config.init_std, config.std_floor)
 
 
@@ -110,17 +116,15 @@ class BayesLoRA(nn.Module):
     @staticmethod
     def _init_factors(layer: BayesLoRALayer, rank: int, generator: torch.Generator | None,
                       std_map: StdMap | None = None) -> dict[str, Tensor]:
-        """A ~ U(±1/√in) (LoRA's Kaiming-uniform); B_μ = 0 (μ = 0); B_σ = ``std_map.init_B(A_σ)``
-        (zeros for the softplus map, whose σ(0) = init_std; non-zero for the abs map, see
-        :class:`~abmll_pyro.lora.positivity.AbsStd`)."""
+        """A_μ ~ U(±1/√in) (LoRA's Kaiming-uniform); B_μ = 0 (μ = 0); the scale factors from
+        ``std_map.init_factors`` (the low-rank maps: A_σ drawn like A_μ, B_σ = ``init_B(A_σ)`` — zeros
+        for softplus, whose σ(0) = init_std, non-zero for the abs map; the log maps: zeros)."""
+        std_map = std_map or SoftplusStd()
         bound = 1.0 / math.sqrt(layer.in_features)
-        out = {}
-        for pair in ("mu", "sigma"):
-            a = torch.empty(rank, layer.in_features, dtype=torch.float32)
-            out[f"{pair}_A"] = a.uniform_(-bound, bound, generator=generator)
-            out[f"{pair}_B"] = torch.zeros(layer.out_features, rank, dtype=torch.float32)
-        if std_map is not None:
-            out["sigma_B"] = std_map.init_B(out["sigma_A"], layer.out_features, generator)
+        a = torch.empty(rank, layer.in_features, dtype=torch.float32)
+        out = {"mu_A": a.uniform_(-bound, bound, generator=generator),
+               "mu_B": torch.zeros(layer.out_features, rank, dtype=torch.float32)}
+        out.update(std_map.init_factors(layer.out_features, layer.in_features, rank, generator))
         return out
 
     def detach(self) -> nn.Module:
@@ -131,6 +135,11 @@ class BayesLoRA(nn.Module):
         return self.lm
 
     # ----------------------------------------------------------------- factors -> Gaussian
+    @property
+    def factor_kinds(self) -> tuple[str, ...]:
+        """The factor kinds of every module: the mean pair, then the std map's scale factors."""
+        return ("mu_A", "mu_B") + tuple(self.std_map.kinds)
+
     @property
     def module_names(self) -> list[str]:
         return list(self.shapes)
@@ -150,9 +159,12 @@ class BayesLoRA(nn.Module):
         return (self.config.scaling * full_precision(B)) @ full_precision(A)
 
     def std(self, params: Params, module: str) -> Tensor:
-        """σ = std_map(B_σ A_σ), ``[out, in]``, float32 or float64."""
-        B, A = params[self.key(module, "sigma_B")], params[self.key(module, "sigma_A")]
-        return self.std_map.of_factors(full_precision(B), full_precision(A))
+        """σ = std_map(B_σ A_σ) (or the log map's σ of its factors), ``[out, in]``, float32 or float64."""
+        return self.std_map.std_of(self.scale_factors(params, module))
+
+    def scale_factors(self, params: Params, module: str) -> dict[str, Tensor]:
+        """The module's scale factors keyed by kind, in float32 or float64."""
+        return {kind: full_precision(params[self.key(module, kind)]) for kind in self.std_map.kinds}
 
     def mean_deltas(self, params: Params) -> dict[str, LowRankDelta]:
         """Mean-mode perturbations, low rank (ΔW is never formed)."""

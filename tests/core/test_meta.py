@@ -166,7 +166,7 @@ def test_bad_meta_settings_name_the_value(field, value, msg):
 def test_bad_inner_settings_name_the_value():
     with pytest.raises(ValueError, match="num_inner_steps must be an integer >= 0, got -1"):
         InnerLoopConfig(num_inner_steps=-1)
-    with pytest.raises(ValueError, match="optimizer must be 'sgd', 'adam' or 'kl-precond', got 'rmsprop'"):
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['sgd', 'adam', 'kl-precond', 'adam-precond'\], got 'rmsprop'"):
         InnerLoopConfig(optimizer="rmsprop")
 
 

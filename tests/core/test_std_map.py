@@ -3,13 +3,15 @@
 Before the fix B_σ started at 0, where |·| has zero gradient: σ stayed at c = e^-20 forever.
 """
 
+import math
+
 import pytest
 import torch
 from _support.helpers import family_episode, tiny_lm
 
 from abmll_pyro import AdapterConfig, BayesLoRA, InnerLoopConfig, MetaConfig, MetaSVI
 from abmll_pyro.infer.meta import mean_prior_std
-from abmll_pyro.lora import AbsStd, SoftplusStd
+from abmll_pyro.lora import AbsStd, LogStd, SoftplusStd
 
 INIT_STD = 1e-2
 
@@ -62,3 +64,32 @@ def test_paper_map_factors_receive_gradients_and_training_changes_sigma():
     # with the literal B_σ = 0 start it is exactly 0
     assert float(change) > 1e-3, float(change)
     assert mean_prior_std(adapter, svi.theta()) > adapter.std_map.floor * 1e3
+
+
+@pytest.mark.parametrize("std_map", ["log-rowcol", "log-full"])
+def test_free_log_scales_start_at_init_std_and_move_by_a_factor(std_map):
+    """σ = floor + (init_std − floor)·exp(u): at u = 0 every element is init_std; adding δ to the
+    module's log-scale multiplies every σ by e^δ (up to the e^-20 floor: relative 1e-7 at 1e-2)."""
+    adapter = _adapter(std_map)
+    assert isinstance(adapter.std_map, LogStd) and adapter.factor_kinds[2:] == adapter.std_map.kinds
+    theta = {k: v.detach() for k, v in adapter.global_params().items()}
+    m = adapter.module_names[0]
+    sd = adapter.std(theta, m)
+    torch.testing.assert_close(sd, torch.full_like(sd, INIT_STD))
+    kind = "sigma_log0" if std_map == "log-rowcol" else "sigma_log"
+    moved = dict(theta, **{adapter.key(m, kind): theta[adapter.key(m, kind)] + 0.7})
+    torch.testing.assert_close(adapter.std(moved, m), sd * math.exp(0.7), rtol=1e-6, atol=0)
+
+
+def test_free_log_scales_with_the_amortized_guide_and_the_run_config():
+    from abmll_pyro.guides import AmortizedGuide
+    from abmll_pyro.train.config import ConfigError, RunConfig
+
+    adapter = _adapter("log-rowcol")
+    guide = AmortizedGuide(adapter)
+    assert guide.factor_kinds == ("mu_B",)  # no B_σ to offset under free log-scales
+    with pytest.raises(ValueError, match="subset of"):
+        AmortizedGuide(adapter, factors=("sigma_B",))
+    assert RunConfig(std_map="log-rowcol").adapter_config().std_map == "log-rowcol"
+    with pytest.raises(ConfigError, match="std_map must be one of"):
+        RunConfig(std_map="log")

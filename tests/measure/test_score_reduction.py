@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,15 +35,41 @@ def test_every_method_scores_with_the_configured_reduction(name):
     assert not torch.allclose(by["mean"], by["char"], atol=1e-4), f"{name}: char reduction changed nothing"
 
 
-def test_char_reduction_divides_by_the_scored_text_length():
+def test_char_reduction_divides_by_the_option_text_length():
     lm, tok = tiny_model("qwen2", seed=0)
     batch = encode_options(tok, EXAMPLES[:2])
     total, char = option_scores(lm, batch, "sum"), option_scores(lm, batch, "char")
-    # the direct template scores " " + option: its character count
-    assert torch.allclose(char[0, 1], total[0, 1] / len(" " + OPTIONS[1]))
-    assert torch.allclose(char[:, 0], total[:, 0] / len(" no"))
+    # the direct template scores " " + option, but the length is the option's own (no separator)
+    assert torch.allclose(char[0, 1], total[0, 1] / len(OPTIONS[1]))
+    assert torch.allclose(char[:, 0], total[:, 0] / len("no"))
     sub = batch.select(torch.tensor([1]))
     assert torch.allclose(option_scores(lm, sub, "char"), char[1:])
+
+
+def _lm_eval_acc_norm(lls, choices, gold):
+    """lm-evaluation-harness's multiple-choice ``acc_norm`` (``ConfigurableTask.process_results``):
+    ``completion_len = [len(i) for i in choices]``; ``argmax(lls / completion_len) == gold``, where
+    ``choices`` are the option texts and ``lls`` the log-likelihoods of target_delimiter + choice."""
+    completion_len = np.array([float(len(i)) for i in choices])
+    return float(np.argmax(np.asarray(lls) / completion_len) == gold), np.asarray(lls) / completion_len
+
+
+def test_char_reduction_matches_lm_evals_acc_norm_formula():
+    """Options whose lengths differ by one character ("yes" 3, "no way" 6, "maybe so" 8): the separator
+    counted would give 4, 7, 9 and a different ranking where the log-likelihoods are close."""
+    lm, tok = tiny_model("qwen2", seed=0)
+    options = ("yes", "no way", "maybe so")
+    examples = [Example(f"question {i}?", options, i % 3) for i in range(6)]
+    batch = encode_options(tok, examples)
+    with torch.no_grad():
+        total, char = option_scores(lm, batch, "sum"), option_scores(lm, batch, "char")
+    for i, ex in enumerate(examples):
+        acc, normed = _lm_eval_acc_norm(total[i].double().numpy(), ex.options, ex.gold)
+        np.testing.assert_allclose(char[i].double().numpy(), normed, rtol=1e-6)  # float32 division
+        assert float(int(char[i].argmax()) == ex.gold) == acc
+    # the formula itself: equal log-likelihoods per character of the option text tie under acc_norm
+    lls = [-3.0, -6.0, -8.0]
+    assert list(_lm_eval_acc_norm(lls, options, 0)[1]) == [-1.0, -1.0, -1.0]
 
 
 def test_the_saved_config_records_the_reduction(tmp_path):

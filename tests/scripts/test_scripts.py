@@ -148,3 +148,14 @@ def test_roundoff_growth(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "roundoff_growth.py"), "--preset", "smoke", "--out",
                           str(tmp_path / "bad"), "--method", "pretrained"], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "trains nothing" in bad.stderr
+
+
+def test_known_truth(tmp_path):
+    summary = _run("known_truth.py", tmp_path, "--spreads", "0.2")
+    assert set(summary) == {"0.2"} and summary["0.2"]["sigma_theta"] > 0 and 0 <= summary["0.2"]["sbc_p"] <= 1
+    runs = json.loads((tmp_path / "known_truth.json").read_text())["runs"]
+    assert runs[0]["spread"] == 0.2 and sum(runs[0]["sbc"]["histogram"]) == runs[0]["sbc"]["num_ranks"]
+    assert (tmp_path / "sbc_ranks.png").exists()
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "known_truth.py"), "--out", str(tmp_path), "--set", "nope=1"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope=1" in bad.stderr
