@@ -17,7 +17,7 @@ The line above the last gives ``speedup_trunk_cache=…`` (nan with ``--no-cache
 
     python scripts/cost.py --preset smoke --out runs/cost-smoke --proxy off
     python scripts/cost.py --preset cpu --out runs/cost-cpu
-    python scripts/cost.py --preset paper --out runs/cost-proxy --proxy only --clock cpu     # X alone (~5 min)
+    python scripts/cost.py --preset paper --out runs/cost-proxy --proxy only --clock cpu     # X alone (~5 CPU-min)
     python scripts/cost.py --preset cpu --out runs/cost-cpu --baseline /path/to/older/checkout   # + old/new ratios
 
 The preset's ratios use MetaSVI's default ELBO; ``cost.json`` also gives them with LeanMeanFieldELBO
@@ -68,7 +68,9 @@ def main(argv=None) -> None:
                       f"{r['predict_seconds_per_task']:.2f} s/task")
     projected = NAN
     if args.proxy != "off":
-        paper = RunConfig.from_dict(get_preset("paper").config, where="the paper preset")
+        # the paper preset's settings; with --preset paper, --set changes them too
+        paper = (base_config(args) if args.preset == "paper"
+                 else RunConfig.from_dict(get_preset("paper").config, where="the paper preset"))
         proxy = proxy_memory(paper, args.out, _probe, clock=args.clock)
         projected = proxy["projected_memory_ratio_8b"]
         for m in ("abmll", "lora"):

@@ -13,7 +13,9 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
    (:meth:`MetaSVI.step`; :meth:`MetaSVI.loss_and_grads` is steps 1–3 alone, for accumulation).
 
 L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
-is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time.
+is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time; under
+``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built, so
+its dense ``[out, in]`` buffers (5 per module) never sit beside the LM's activations (1 does).
 """
 
 from __future__ import annotations
