@@ -214,6 +214,8 @@ class MetaSVI:
                     del kl_term
                 del kl_value
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                if not torch.is_tensor(loss):  # Pyro's 0.0 for a model with no scored site (no likelihood)
+                    loss = torch.zeros((), device=next(iter(theta.values())).device)
             self._check(loss, f"query loss of task {ep.name!r}")
             if loss.requires_grad:  # not without pass-through under outer_kl="prior": θ's gradient is the KL's
                 backward(loss / b)  # one task's LM graph at a time
