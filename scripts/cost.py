@@ -17,7 +17,7 @@ The line above the last gives ``speedup_trunk_cache=…`` (nan with ``--no-cache
 
     python scripts/cost.py --preset smoke --out runs/cost-smoke --proxy off
     python scripts/cost.py --preset cpu --out runs/cost-cpu
-    python scripts/cost.py --preset paper --out runs/cost-proxy --proxy only --clock cpu     # X alone (~5 CPU-min)
+    python scripts/cost.py --preset paper --out runs/cost-proxy --proxy only --clock cpu     # X alone (13 min, 2 busy cores)
     python scripts/cost.py --preset cpu --out runs/cost-cpu --baseline /path/to/older/checkout   # + old/new ratios
 
 The preset's ratios use MetaSVI's default ELBO; ``cost.json`` also gives them with LeanMeanFieldELBO

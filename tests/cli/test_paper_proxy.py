@@ -3,7 +3,7 @@
 Everything of the preset is kept (CrossFit cls-45 from a MetaICL-format directory, rank 8, α 16,
 K = 5, kl_beta 1e-8, 2 tasks per step, bf16 weights with bf16 autocast, ``device: auto``) except the
 model (``llama3-8b-proxy``: Llama-3-8B's shapes, one random block), the number of outer steps, the
-examples per episode and the test tasks. Measured on the shared 2-core machine: 95 s for both methods
+examples per episode and the test tasks. Measured on the shared 2-core machine: 95–126 s for both methods
 at load average 2–5 (7 minutes at load 6; about 95 s of CPU time either way), peak RSS 3.7 GB.
 """
 
