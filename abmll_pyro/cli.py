@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="meta-train a method; evaluates on the test tasks at the end")
     train.add_argument("--method", choices=list(TRAINABLE))
-    train.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-qwen2, tiny-gpt2, or a HF id/path")
+    train.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-qwen2, tiny-gpt2, llama3-8b-proxy(-2l), or a HF id/path")
     train.add_argument("--tasks", help="bigbench, debian-cls, a task-folder path, or a CrossFit/MetaICL split name")
     train.add_argument("--out", help="the new run directory")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest intact "

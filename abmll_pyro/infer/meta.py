@@ -13,7 +13,9 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
    (:meth:`MetaSVI.step`; :meth:`MetaSVI.loss_and_grads` is steps 1–3 alone, for accumulation).
 
 L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
-is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time.
+is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time; under
+``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built, so
+its dense ``[out, in]`` buffers (5 per module) never sit beside the LM's activations (1 does).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def mean_prior_std(adapter: BayesLoRA, theta: dict[str, Tensor]) -> float:
     total, count = 0.0, 0
     for m in adapter.shapes:
         sd = adapter.std(theta, m)
-        total, count = total + float(sd.double().sum()), count + sd.numel()
+        total, count = total + float(sd.sum(dtype=torch.float64)), count + sd.numel()
     return total / count
 
 
@@ -60,7 +62,7 @@ def mean_task_std(adapter: BayesLoRA, task_guide: TaskGuide, task: dict[str, Ten
             sd = task_guide.task_distribution(adapter, task, m).variance.sqrt()
         except NotImplementedError:
             return None
-        total, count = total + float(sd.double().sum()), count + sd.numel()
+        total, count = total + float(sd.sum(dtype=torch.float64)), count + sd.numel()
     return total / count
 
 
@@ -198,14 +200,26 @@ class MetaSVI:
                 loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
                 task_kl_value = task_kl(self.model, self.guide, theta, task)
             else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
-                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
                 fixed = {k: v.detach() for k, v in refined.items()}
                 kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # q's values are task's: the logged KL
                 task_kl_value = float(kl_value.detach().double())
                 if cfg.kl_beta:
-                    loss = loss + cfg.kl_beta * kl_value
+                    kl_term = cfg.kl_beta * kl_value
+                    self._check(kl_term, f"KL term of task {ep.name!r}")
+                    if kl_term.requires_grad:
+                        # back-propagated before the query's LM graph exists: the KL's dense [out, in]
+                        # buffers (its gradient factors, σ_θ's softplus input) are freed before the LM's
+                        # activations are made (same gradient: a sum's backward is its terms' backwards)
+                        backward(kl_term / b)
+                    total += float(kl_term.detach()) / b
+                    del kl_term
+                del kl_value
+                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                if not torch.is_tensor(loss):  # Pyro's 0.0 for a model with no scored site (no likelihood)
+                    loss = torch.zeros((), device=next(iter(theta.values())).device)
             self._check(loss, f"query loss of task {ep.name!r}")
-            backward(loss / b)  # one task's LM graph at a time
+            if loss.requires_grad:  # not without pass-through under outer_kl="prior": θ's gradient is the KL's
+                backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b
             nll += -loglik / b
             kl += task_kl_value / b

@@ -55,7 +55,7 @@ def log_hyperprior(model: HierarchicalModel, theta_params: Params) -> float:
         mean, std = adapter.mean(theta_params, m), adapter.std(theta_params, m)
         hyper = prior.hyperprior(shape, mean[:0].sum())
         for key, value in prior.global_values(mean, std).items():
-            total += float(hyper[key].log_prob(value).double().sum())
+            total += float(hyper[key].log_prob(value).sum(dtype=torch.float64))
     return total
 
 

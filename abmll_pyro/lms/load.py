@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abmll_pyro.lms.hf import load_hf, resolve_dtype
+from abmll_pyro.lms.proxy import PROXIES, llama3_8b_proxy
 from abmll_pyro.lms.smollm2 import load_smollm2
 from abmll_pyro.lms.tiny import TINY_KINDS, tiny_model
 
@@ -27,6 +28,10 @@ def _tiny(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: 
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def _proxy(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: int) -> Loaded:
+    return llama3_8b_proxy(PROXIES[name], dtype=dtype, device=device, seed=seed)
+
+
 def _hf(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: int) -> Loaded:
     """A hub id or local folder; failure is one ``ValueError`` line saying what was tried."""
     local = Path(name).expanduser()
@@ -41,7 +46,7 @@ def _hf(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: in
 
         hub = ("no access to the Hugging Face hub (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
                else f"the Hugging Face hub does not provide it ({cause})")
-        known = ", ".join(["smollm2-135m"] + [f"tiny-{k}" for k in TINY_KINDS])
+        known = ", ".join(["smollm2-135m"] + [f"tiny-{k}" for k in TINY_KINDS] + list(PROXIES))
         raise ValueError(f"model {name!r} is not a known name ({known}), not a local path, and {hub}") from None
 
 
@@ -49,6 +54,7 @@ def _hf(name: str, dtype: torch.dtype, device, trust_remote_code: bool, seed: in
 LOADERS: list[tuple[Callable[[str], bool], Callable[..., Loaded]]] = [
     (lambda n: n == "smollm2-135m", _smollm2),
     (lambda n: n in {f"tiny-{k}" for k in TINY_KINDS}, _tiny),
+    (lambda n: n in PROXIES, _proxy),
     (lambda n: True, _hf),
 ]
 
@@ -61,7 +67,9 @@ def load_lm(
     seed: int = 0,
 ) -> Loaded:
     """``(model, tokenizer)`` for ``"smollm2-135m"`` (embedded), ``"tiny-llama"``/``"tiny-qwen2"``/
-    ``"tiny-gpt2"`` (random, offline; ``seed`` fixes them), or any HF hub id / local path."""
+    ``"tiny-gpt2"`` (random, offline; ``seed`` fixes them), ``"llama3-8b-proxy"``/``"llama3-8b-proxy-2l"``
+    (Llama-3-8B's shapes with 1/2 blocks, random, offline: :mod:`abmll_pyro.lms.proxy`), or any HF hub
+    id / local path."""
     if not name_or_path:
         raise ValueError("load_lm needs a model name or path, got an empty string")
     dtype = resolve_dtype(dtype)

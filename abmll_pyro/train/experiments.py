@@ -179,28 +179,38 @@ LLAMA3_8B_BLOCKS = 32
 
 
 def dense_buffer_counts() -> dict:
-    """Dense ``[out, in]`` buffers one adapted module keeps for backward in ABMLL's task loss, measured
-    on a tiny Llama: an inner step (θ fixed) and the outer loss (θ's gradient too)."""
+    """Dense ``[out, in]`` buffers one adapted module keeps for backward in ABMLL's losses, measured on
+    a tiny Llama: an inner step (θ fixed), the outer loss with the β-KL inside (``outer_loss``: second
+    order and ``outer_kl="pass-through"``), and the default first-order outer step's two graphs, which
+    are back-propagated one after the other (``outer_kl``: KL(q fixed ‖ p_θ) first, then
+    ``outer_query``: the query likelihood through the pass-through); the peak of the default outer step
+    holds max(outer_kl, outer_query) of them beside the LM's activations only in the second."""
     from ..config import AdapterConfig, MetaConfig
     from ..data.scoring import OptionBatch
+    from ..infer.inner import pass_through
     from ..infer.meta import MetaSVI
-    from ..infer.objective import task_loss
+    from ..infer.objective import task_kl_loss, task_loss
     from ..lms import tiny_model
     from ..lora.adapter import BayesLoRA
     from ..lora.noise import dense_saved_storages
     from ..models.likelihoods import TaskData
 
     counts = {}
-    for where, theta_grad in (("inner_step", False), ("outer_loss", True)):
+    for where in ("inner_step", "outer_loss", "outer_kl", "outer_query"):
         lm, _ = tiny_model("llama")
         name = "model.layers.1.self_attn.q_proj"
         adapter = BayesLoRA(lm, AdapterConfig(rank=2, target_modules=(name,)))
         svi = MetaSVI(adapter, MetaConfig(kl_beta=0.1))
-        theta = svi.theta() if theta_grad else {k: v.detach() for k, v in svi.theta().items()}
+        theta = svi.theta() if where != "inner_step" else {k: v.detach() for k, v in svi.theta().items()}
         start = svi.guide.task_guide.init_task_params(adapter, theta)
         params = {k: v.detach().requires_grad_() for k, v in start.items()}
         batch = OptionBatch.from_token_ids([[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9], [10]]], [0, 1])
-        loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(batch)], 0.1)
+        if where == "outer_kl":
+            loss = task_kl_loss(svi.model, svi.guide, theta, {k: v.detach() for k, v in params.items()})
+        elif where == "outer_query":
+            loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [pass_through(params, start)], [TaskData(batch)], 0.0)
+        else:
+            loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(batch)], 0.1)
         frozen = {p.untyped_storage().data_ptr() for p in lm.parameters()}
         counts[where] = len(dense_saved_storages(loss, adapter.shapes[name], frozen))
     return counts

@@ -25,6 +25,7 @@ import resource
 import time
 from pathlib import Path
 
+import pyro
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -170,11 +171,14 @@ def _train(config, run_dir, built, taskset, accelerator, log, resume: bool, prog
     for step in bar:
         parts: dict[str, float] = {}
         for micro in range(config.grad_accum):
-            with accelerator.accumulate(), accelerator.autocast():
+            # Pyro's argument/support checks off while training (they re-check dense [out, in] tensors at
+            # every site, every step; values only, the math is unchanged): a non-finite value still
+            # surfaces as a non-finite loss, rejected by name. Evaluation keeps them.
+            with accelerator.accumulate(), accelerator.autocast(), pyro.validation_enabled(False):
                 try:
                     mine = _micro_batch(method, sampler, encoder, ranks, step * config.grad_accum + micro, config.seed,
                                         accelerator.backward)
-                except (ValueError, RuntimeError, FloatingPointError) as err:  # e.g. Pyro: a NaN scale or loc
+                except (ValueError, RuntimeError, FloatingPointError) as err:  # e.g. a non-finite loss
                     if not (_NON_FINITE.search(str(err)) or not _finite(params)):
                         raise
                     raise TrainingDiverged(diverged_message(run_dir, step + 1, condense(err))) from None

@@ -49,13 +49,14 @@ def test_cost(tmp_path):
     import re
 
     done = subprocess.run([sys.executable, str(SCRIPTS / "cost.py"), "--preset", "smoke", "--out", str(tmp_path),
-                           "--quiet", "--steps", "1", "--set", "last_layers=1"],
+                           "--quiet", "--steps", "1", "--set", "last_layers=1", "--proxy", "off"],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    last = done.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"speedup_trunk_cache=(\S+) time_ratio_abmll_lora=(\S+) memory_ratio_abmll_lora=(\S+)", last)
+    *_, above, last = done.stdout.strip().splitlines()
+    match = re.fullmatch(r"projected_memory_ratio_8b=nan time_ratio_abmll_lora=(\S+) memory_ratio_abmll_lora=(\S+)", last)
     assert match, last
     assert all(float(x) > 0 for x in match.groups())
+    assert float(re.fullmatch(r"speedup_trunk_cache=(\S+)", above).group(1)) > 0
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert cost["cache_on"]["trunk_cache"] and not cost["cache_off"]["trunk_cache"]
     assert cost["lora_all_blocks"]["method"] == "lora" and cost["abmll_all_blocks"]["last_layers"] is None

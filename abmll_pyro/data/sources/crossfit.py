@@ -22,7 +22,7 @@ from abmll_pyro.data.sources.folder import read_jsonl_examples
 from abmll_pyro.data.sources.taskset import TaskSet
 from abmll_pyro.data.tasks import Example, Task
 
-__all__ = ["crossfit_splits", "load_metaicl_split", "load_hub_task"]
+__all__ = ["crossfit_splits", "load_metaicl_split", "load_hub_task", "write_metaicl_sample"]
 
 
 def crossfit_splits() -> dict[str, dict[str, list[str]]]:
@@ -70,6 +70,52 @@ def load_metaicl_split(
         for s in ("dev", "test")
     }
     return TaskSet(train, held["dev"], held["test"])
+
+
+_SAMPLE_WORDS = ("red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird")
+
+
+def write_metaicl_sample(
+    root: str | Path,
+    split: str = "cls-45",
+    examples: int = 8,
+    k: int = 16,
+    seed: int = 100,
+    train_k: int = 16384,
+) -> Path:
+    """Write a small generated MetaICL-format directory holding every task of ``split`` and return it.
+
+    For running the ``paper`` preset's path without CrossFit's data (a wiring check, not a result):
+    each task gets ``examples`` short two-option lines (``"<task>: w1 w2 w3?"``, options
+    ``("yes", "no")``, the answer whether the task's cue word appears) in every file
+    :func:`load_metaicl_split` reads: ``{task}_{train_k}_{seed}_train.jsonl`` for meta-train tasks,
+    ``{task}_{k}_{seed}_train.jsonl`` and ``{task}_{k}_{seed}_test.jsonl`` for dev/test tasks.
+    """
+    import random
+
+    if examples < 1:
+        raise ValueError(f"examples must be >= 1, got {examples!r}")
+    root = Path(root)
+    names = _split_names(split)
+    rng = random.Random(0)
+
+    def lines(index: int, task: str) -> str:
+        cue = _SAMPLE_WORDS[index % len(_SAMPLE_WORDS)]
+        out = []
+        for _ in range(examples):
+            words = rng.sample([w for w in _SAMPLE_WORDS if w != cue], 3)
+            if rng.random() < 0.5:
+                words[rng.randrange(3)] = cue
+            out.append(json.dumps({"input": f"{task}: {' '.join(words)}?", "options": ["yes", "no"],
+                                   "output": "yes" if cue in words else "no"}))
+        return "\n".join(out) + "\n"
+
+    files = [(t, f"{t}_{train_k}_{seed}_train.jsonl") for t in names["train"]]
+    files += [(t, f"{t}_{k}_{seed}_{part}.jsonl") for s in ("dev", "test") for t in names[s] for part in ("train", "test")]
+    for index, (task, name) in enumerate(files):
+        (root / task).mkdir(parents=True, exist_ok=True)
+        (root / task / name).write_text(lines(index, task))
+    return root
 
 
 def load_hub_task(
