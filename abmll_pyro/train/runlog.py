@@ -5,9 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 __all__ = ["RunLog"]
+
+
+class _LogFile(logging.FileHandler):
+    """``log.txt``: a failed write (a full disk) is an OSError naming the file, which the command reports
+    in one line, instead of logging's printed "--- Logging error ---" block and a run that goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), self.baseFilename) from None
+        super().handleError(record)
 
 
 class RunLog:
@@ -18,7 +30,7 @@ class RunLog:
         self.logger = logging.getLogger(f"abmll.run.{run_dir.resolve()}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        self.handler = logging.FileHandler(run_dir / "log.txt")
+        self.handler = _LogFile(run_dir / "log.txt")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.logger.addHandler(self.handler)
         self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")

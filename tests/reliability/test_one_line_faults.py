@@ -297,3 +297,25 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         atomic_write_text(tmp_path / "results.json", "{}")
     assert err.value.filename == str(tmp_path / "results.json") and err.value.strerror == "No space left on device"
     assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_a_full_disk_while_logging_names_log_txt(tmp_path):
+    """log.txt's handler on a full disk: an OSError naming the file (one line at the CLI), not logging's
+    printed traceback block."""
+    import errno
+
+    import pytest
+
+    from abmll_pyro.train.runlog import RunLog
+
+    log = RunLog(tmp_path / "run", tensorboard=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.handler.stream.write = full
+    with pytest.raises(OSError) as caught:
+        log.info("a line")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "run" / "log.txt")
+    log.handler.stream = None  # nothing to flush on close
+    log.metrics.close()
