@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["folder_fingerprint", "FINGERPRINT_DIGITS"]
+__all__ = ["folder_fingerprint", "file_sha256", "FINGERPRINT_DIGITS"]
 
 FINGERPRINT_DIGITS = 16
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -31,5 +32,5 @@ def folder_fingerprint(root: str | Path) -> str:
     files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix == ".jsonl" or p.name == "splits.json"))
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}\0{_file_digest(path)}\n".encode())
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()[:FINGERPRINT_DIGITS]

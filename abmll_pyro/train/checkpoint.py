@@ -17,7 +17,6 @@ training never continues from corrupt state.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..data.fingerprint import file_sha256
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "atomic_write_text",
            "clean_temporaries", "checkpoint_folders", "verify", "defer_interrupts"]
@@ -68,14 +69,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -133,7 +126,7 @@ def _save(root, final, tmp, step, tensors, optimizer, sampler_rng, config, keep)
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_state_to_json(random.getstate()),
                                                     "config": config}))
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,7 +182,7 @@ def verify(path: Path) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             raise CheckpointError(f"{file} is corrupt (its SHA-256 differs from {CHECKSUMS})")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import lzma
 import os
 import shutil
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 
+from abmll_pyro.data.fingerprint import file_sha256 as sha256_file
 from abmll_pyro.data.tasks import DataError
 
 __all__ = ["Pin", "PINNED", "PACKAGES", "MIRROR_ENV", "SUITE_ENV", "download_debs", "download_by_url",
@@ -80,14 +80,6 @@ PINNED: dict[str, Pin] = {
                        "745cbedb55c2da609cc88ee0284e9d11a67a11ae3709daf7bad0e895ac3294c3"),
 }
 PACKAGES = {name: pin.version for name, pin in PINNED.items()}  # {package: pinned version}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check(path: Path, expected: str, where: str) -> None:
