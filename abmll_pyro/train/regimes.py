@@ -39,12 +39,14 @@ from .config import RunConfig
 from .cost import cost_table
 from .run import RESULTS, evaluate_run, load_run_config, train_run, wants_cpu
 
-__all__ = ["Regime", "SHOTS", "BUDGETS", "BUDGET_SHOTS", "regimes", "run_regimes", "verdict", "format_regime"]
+__all__ = ["Regime", "format_verdicts", "SHOTS", "BUDGETS", "BUDGET_SHOTS", "regimes", "run_regimes", "verdict", "format_regime"]
 
 SHOTS = (1, 2, 4, 8, 16)
 BUDGETS = (5, 20, 50)
 BUDGET_SHOTS = 16
 #: settings a reused run must share with the study's config (the rest are evaluation settings)
+METRICS = ("accuracy", "nll", "brier", "ece")
+LABELS = {"accuracy": "accuracy", "nll": "NLL", "brier": "Brier", "ece": "ECE"}
 _SAME = ("model", "tasks", "rank", "lora_alpha", "last_layers", "seed", "kl_beta", "prior", "guide")
 
 
@@ -99,6 +101,21 @@ def _trained(base: RunConfig, methods: Sequence[str], out: Path, runs: Mapping[s
                 train_run(base.updated(method=source), run, resume=resume, progress=progress)
         found[name] = None if run is None else Path(run)
     return found
+
+
+def format_verdicts(result: dict) -> str:
+    """Markdown: per regime, for each compared method, the metrics on which the reference beats it,
+    loses to it, or is level with it (:func:`verdict`)."""
+    lines = []
+    for regime in result["regimes"].values():
+        ref, parts = regime["reference"], []
+        for method, row in regime["paired"].items():
+            by = {v: [LABELS[m] for m in METRICS if row[m]["verdict"] == v] for v in ("beats", "loses", "level")}
+            said = "level on all four" if len(by["level"]) == len(METRICS) else "; ".join(
+                f"{v} on {', '.join(ms)}" for v, ms in by.items() if ms)
+            parts.append(f"{method} ({said})")
+        lines.append(f"- k = {regime['shots']}, K = {regime['num_inner_steps']}: {ref} against " + ", ".join(parts) + ".")
+    return "\n".join(lines) + "\n"
 
 
 def _epistemic_share(result: dict) -> float:
@@ -181,6 +198,7 @@ def run_regimes(base: RunConfig, out: str | Path, methods: Sequence[str], shots:
     if trunk is not None:
         shutil.rmtree(trunk, ignore_errors=True)
     atomic_write_text(out / "tables.md", "\n".join((out / r.name / "regime.md").read_text() for r in plan))
+    atomic_write_text(out / "verdicts.md", format_verdicts(result))
     _plots(result, out)
     return result
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from abmll_pyro.train.regimes import Regime, regimes, verdict
+from abmll_pyro.train.regimes import Regime, format_verdicts, regimes, verdict
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "regimes.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -62,3 +62,8 @@ def test_regimes_plan_and_verdict():
     row = {"accuracy": {"diff": 0.1, "excludes_zero": True}, "nll": {"diff": 0.1, "excludes_zero": True},
            "ece": {"diff": -0.1, "excludes_zero": False}}
     assert [verdict(row, m) for m in ("accuracy", "nll", "ece")] == ["beats", "loses", "level"]
+    row["brier"] = {"diff": 0.0, "excludes_zero": False}
+    paired = {m: {"diff": row[m]["diff"], "verdict": verdict(row, m)} for m in row}
+    text = format_verdicts({"regimes": {"k1-K5": {"shots": 1, "num_inner_steps": 5, "reference": "abmll",
+                                                  "paired": {"lora": paired}}}})
+    assert text == "- k = 1, K = 5: abmll against lora (beats on accuracy; loses on NLL; level on Brier, ECE).\n"
