@@ -48,6 +48,7 @@ def test_regimes_smoke(tmp_path):
         assert all(k == keys["abmll"] for k in keys.values())
         assert "epistemic share" in (tmp_path / name / "regime.md").read_text()
     assert (tmp_path / "tables.md").read_text().count("| abmll |") == len(names)
+    assert (tmp_path / "verdicts.md").read_text().count("- k = ") == len(names)
     for plot in ("nll_vs_shots", "ece_vs_shots", "nll_vs_budget", "ece_vs_budget"):
         assert (tmp_path / f"{plot}.png").exists()
     # a second call resumes: every finished evaluation is reused, nothing retrained
