@@ -37,6 +37,7 @@ from .benchmark import write_comparison
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .cost import cost_table
+from .faults import absolute_sources
 from .run import RESULTS, evaluate_run, load_run_config, train_run, wants_cpu
 
 __all__ = ["Regime", "format_verdicts", "SHOTS", "BUDGETS", "BUDGET_SHOTS", "regimes", "run_regimes", "verdict", "format_regime"]
@@ -78,7 +79,7 @@ def verdict(row: dict, metric: str) -> str:
 
 
 def _check_reused(config: RunConfig, run_dir: Path) -> None:
-    saved = load_run_config(run_dir)
+    saved, config = absolute_sources(load_run_config(run_dir)), absolute_sources(config)
     diff = {k: (getattr(saved, k), getattr(config, k)) for k in _SAME if getattr(saved, k) != getattr(config, k)}
     if diff:
         raise ValueError(f"run {run_dir} was trained with other settings than the study's: "

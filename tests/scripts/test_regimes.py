@@ -58,6 +58,23 @@ def test_regimes_smoke(tmp_path):
     assert (tmp_path / "k4-K2" / "abmll" / "results.json").stat().st_mtime_ns == stamp
 
 
+
+def test_regimes_reuses_runs(tmp_path):
+    first = tmp_path / "first"
+    before = _run(first, "--set", "steps=1", "--methods", "lora", "abmll", "--shots", "1", "--budgets")
+    second = tmp_path / "second"
+    # lora's run serves its twin laplace-lora too; nothing is trained again
+    last = _run(second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "laplace-lora", "abmll",
+                "--shots", "1", "--budgets", "--runs", f"lora={first / 'runs' / 'lora'}", f"abmll={first / 'runs' / 'abmll'}")
+    assert list(last) == ["k1-K2"] and not (second / "runs").exists()
+    assert last["k1-K2"]["abmll"] == before["k1-K2"]["abmll"]  # the same trained state on the same examples
+    done = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--out", str(tmp_path / "third"), "--quiet",
+                           "--set", "steps=1", "rank=4", f"tasks={first / 'tasks'}", "--methods", "abmll", "--shots", "1",
+                           "--budgets", "--runs", f"abmll={first / 'runs' / 'abmll'}"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode != 0 and "rank=2 (study: 4)" in done.stderr
+
+
 def test_regimes_plan_and_verdict():
     assert regimes([1, 16], [5, 20], 5) == [Regime(1, 5), Regime(16, 5), Regime(16, 20)]
     row = {"accuracy": {"diff": 0.1, "excludes_zero": True}, "nll": {"diff": 0.1, "excludes_zero": True},
