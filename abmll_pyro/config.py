@@ -113,7 +113,7 @@ class MetaConfig:
     """The outer (meta) loop and the tempered objective.
 
     Per task: E_q[log p(D_i | φ_i)] − kl_beta·KL(q(φ_i) || p(φ_i | θ)); globally: + kl_gamma·log p(θ).
-    ``kl_gamma=None`` means kl_gamma = kl_beta (PAPER.md §3). ``query_subsample_size``: query examples
+    ``kl_gamma=None`` means kl_gamma = kl_beta (docs/method.md). ``query_subsample_size``: query examples
     per outer step and task (None: all). ``grad_clip``: max global grad norm (None: off).
 
     ``outer_kl`` — how θ's gradient of the query β-ELBO's KL term is taken in first order:

@@ -1,7 +1,7 @@
 """A ratio claim checked on paired predictions, and whether it is reachable at this n.
 
-The claim (by default issue 12's target, a sharp form of the paper's "better calibration at equal
-accuracy", PAPER.md §6): the reference method's pooled NLL is at most ``nll_ratio`` times the
+The claim (by default a sharp form of the paper's "better calibration at equal accuracy",
+arXiv 2508.14285): the reference method's pooled NLL is at most ``nll_ratio`` times the
 baseline's and its pooled ECE at most ``ece_ratio`` times the baseline's, with accuracy not lower by
 more than one standard error, both improvements resolved (their 95% paired intervals exclude
 0). :func:`target_check` evaluates each condition on the examples both methods predicted, with the

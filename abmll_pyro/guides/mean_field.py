@@ -2,7 +2,7 @@
 
 :class:`MeanFieldGuide` — q(ΔW_{i,m}) = N(μ_φi, σ_φi²) elementwise with μ_φi = (α/r)·B_μφ A_μφ and
 σ_φi = std_map(B_σφ A_σφ) from the task's own two LoRA pairs, started as a copy of θ's pairs
-(PAPER.md §1, §4: "the amortization is this shared initialization plus the shared prior").
+(docs/method.md, equation 9: the amortization is this shared initialization plus the shared prior).
 
 :class:`PointMassGuide` — q(ΔW_{i,m}) = δ(μ_φi): MAP task weights in the same model (the
 Structured-LoRA limit); the ELBO's task term becomes log p(μ_φi | θ).

@@ -1,4 +1,4 @@
-"""Meta-SVI: the outer loop over batches of tasks, with the inner loop inside (PAPER.md §4).
+"""Meta-SVI: the outer loop over batches of tasks, with the inner loop inside (docs/method.md).
 
 One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M training tasks:
 

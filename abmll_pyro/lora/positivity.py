@@ -1,7 +1,7 @@
 """Scale parameterizations: maps from a module's scale parameters to an elementwise σ > 0.
 
 The paper writes σ = B·A + cI with c = e^-20, which is not positive off the diagonal and undefined for
-non-square W (PAPER.md §2). We make the map a swappable strategy:
+non-square W (docs/method.md). We make the map a swappable strategy:
 
 * :class:`SoftplusStd` (default): σ = c + softplus(B·A + ρ), ρ chosen so that σ = ``init_std``
   when B = 0. Positive everywhere, floored at c, smooth.
@@ -9,7 +9,7 @@ non-square W (PAPER.md §2). We make the map a swappable strategy:
   floor c where |·| has zero gradient (σ never moves, and the KL against σ ≈ 2e-9 pins every task
   mean to θ), so its B factor starts non-zero instead (:meth:`StdMap.init_B`): mean σ = ``init_std``.
 
-How they differ (PAPER.md §2 decision): the softplus map starts every element at exactly init_std and
+How they differ (docs/method.md): the softplus map starts every element at exactly init_std and
 moves σ multiplicatively (dσ/d raw = sigmoid(raw + ρ) ≈ σ for small σ, so d log σ ≈ d raw); the
 abs map starts each element at its own |B·A|_ij + c — spread around init_std (half-normal-like, some
 elements near c) — and moves σ additively (dσ/d raw = ±1, whatever σ is), so small elements can

@@ -4,7 +4,7 @@ Training is ``MetaSVI.loss_and_grads`` (inner loop on the support β-ELBO, outer
 γ·log p(θ)); the harness owns clipping, accumulation and the optimizer step; test time is ``MetaSVI.adapt`` on the support set and the
 posterior predictive on the query (``num_samples`` draws of φ, or the mean of q). With
 ``in_context=True`` (method ``abmll-icl``) the episodes' prompts carry the support examples while
-adapting and predicting (PAPER.md §6, v3).
+adapting and predicting (docs/method.md; the paper's v3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Structured LoRA: a global adapter plus a per-task adapter, deterministic (no variances, no KL).
 
-ABMLL's global/task structure without its Bayesian parts (PAPER.md §6). Per adapted module,
+ABMLL's global/task structure without its Bayesian parts (docs/method.md). Per adapted module,
 
     ΔW_i = (α/r)·(B_g A_g + B_i A_i),
 

@@ -1,4 +1,4 @@
-"""The generative model θ → φ_i → D_i as a Pyro model function (PAPER.md §1).
+"""The generative model θ → φ_i → D_i as a Pyro model function (docs/method.md).
 
 For every adapted module m with ``[out, in]`` weight:
 

@@ -50,7 +50,7 @@ class TaskPrior:
 
 
 class HierarchicalPrior(TaskPrior):
-    """The paper's prior (PAPER.md §1): ΔW_i ~ N(μ_θ, 1/τ_θ) elementwise, with hyperprior
+    """The paper's prior (docs/method.md): ΔW_i ~ N(μ_θ, 1/τ_θ) elementwise, with hyperprior
     μ_θ ~ N(0, ``mean_scale``²) and precision τ_θ = 1/σ_θ² ~ Gamma(``a0``, ``b0``) (rate b0).
 
     **Default: centred on the starting scale.** With ``b0=None`` the rate is derived,

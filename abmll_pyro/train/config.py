@@ -1,6 +1,6 @@
 """The run configuration: one flat, validated dataclass that the CLI, config files and presets build.
 
-This is the CLI/config boundary (STYLE.md §3): it is flattened for files and flags, and it builds the
+This is the CLI/config boundary (registries only at the CLI/config boundary): it is flattened for files and flags, and it builds the
 core's :class:`~abmll_pyro.config.AdapterConfig` and :class:`~abmll_pyro.config.MetaConfig`, which do
 their own validation (so a knob's rules live in one place). Unknown keys are errors that list the
 known ones.
