@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from abmll_pyro.cli import main
-from abmll_pyro.train.checkpoint import CHECKSUMS, _sha256, atomic_write_text, load_latest, save_checkpoint
+from abmll_pyro.data.fingerprint import file_sha256
+from abmll_pyro.train.checkpoint import CHECKSUMS, atomic_write_text, load_latest, save_checkpoint
 
 HANDWRITTEN = Path(__file__).parents[1] / "cli" / "handwritten"
 TINY = ["--model", "tiny-llama", "--rank", "2", "--lora-alpha", "4", "--shots", "2", "--query-size", "2",
@@ -103,7 +104,7 @@ def _rewrite(step: Path, change) -> None:
     path = step / "adapter.safetensors"
     save_file(change(load_file(str(path))), str(path))
     sums = json.loads((step / CHECKSUMS).read_text())
-    sums["adapter.safetensors"] = _sha256(path)
+    sums["adapter.safetensors"] = file_sha256(path)
     (step / CHECKSUMS).write_text(json.dumps(sums))
 
 
