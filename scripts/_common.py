@@ -42,3 +42,17 @@ def overrides(items: list[str], flag: str) -> dict:
             raise SystemExit(2)
         values[key] = load_yaml(value)
     return values
+
+
+def trained_runs(p: argparse.ArgumentParser, items: list[str]) -> dict[str, Path]:
+    """``--runs METHOD=RUN_DIR ...`` as ``{method: run dir}``; a malformed item or a directory without
+    ``results.json`` is a usage error naming it."""
+    runs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--runs expects METHOD=RUN_DIR, got {item!r}")
+        if not (Path(path) / "results.json").is_file():
+            p.error(f"--runs {item}: {path} is not a finished run directory (no results.json)")
+        runs[name] = Path(path)
+    return runs

@@ -12,9 +12,8 @@ at 16 shots): accuracy, NLL, Brier, ECE with its floor, epistemic share, cost, a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from _common import base_config, parser
+from _common import base_config, parser, trained_runs
 
 from abmll_pyro.train.regimes import BUDGETS, SHOTS, run_regimes
 
@@ -31,14 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", nargs="*", default=[], metavar="METHOD=RUN_DIR",
                    help="take METHOD's trained state from RUN_DIR (same settings) instead of training it")
     args = p.parse_args(argv)
-    runs = {}
-    for item in args.runs:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--runs expects METHOD=RUN_DIR, got {item!r}")
-        if not (Path(path) / "results.json").is_file():
-            p.error(f"--runs {item}: {path} is not a finished run directory (no results.json)")
-        runs[name] = Path(path)
+    runs = trained_runs(p, args.runs)
     config = base_config(args, synthetic=SMOKE_TASKS)
     result = run_regimes(config, args.out, args.methods, args.shots, args.budgets, runs, not args.quiet)
     # the last line: per regime, each method's pooled [accuracy, NLL, ECE]

@@ -11,9 +11,8 @@ selective prediction (accuracy of the most certain x%, ranked by total and by ep
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from _common import base_config, overrides, parser
+from _common import base_config, overrides, parser, trained_runs
 
 from abmll_pyro.train.uncertainty_curves import SHOTS, uncertainty_curves
 
@@ -33,14 +32,7 @@ def main(argv=None) -> None:
                    help="config overrides for loading the --ood-tasks suite only (e.g. max_examples=64)")
     args = p.parse_args(argv)
     ood_overrides = overrides(args.ood_set, "--ood-set")
-    runs = {}
-    for item in args.runs:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--runs expects METHOD=RUN_DIR, got {item!r}")
-        if not (Path(path) / "results.json").is_file():
-            p.error(f"--runs {item}: {path} is not a finished run directory (no results.json)")
-        runs[name] = Path(path)
+    runs = trained_runs(p, args.runs)
     config = base_config(args, synthetic=SMOKE_TASKS)
     if args.preset == "smoke":
         config = config.updated(eval_query_size=8)
