@@ -20,6 +20,22 @@ class DataError(ValueError):
     """Bad task data (a file, a line, a field); the message names the file and line when there is one."""
 
 
+def unique_keys(where: str, error: type[Exception] | None = None):
+    """A ``json.loads`` ``object_pairs_hook``: an object with a key given twice is ``error`` (default
+    :class:`DataError`) naming ``where`` and the key, instead of the last value silently winning."""
+    error = error or DataError
+
+    def pairs(items):
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise error(f"{where}: key {key!r} given twice")
+            out[key] = value
+        return out
+
+    return pairs
+
+
 @dataclass(frozen=True)
 class Example:
     """One multiple-choice example: ``options[gold]`` is the answer.

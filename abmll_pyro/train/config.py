@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
 from ..data.scoring import SCORE_REDUCTIONS
+from ..data.tasks import unique_keys
 
 __all__ = ["RunConfig", "load_config_file", "load_yaml", "ConfigError", "strict_json", "read_text_file"]
 
@@ -340,16 +341,8 @@ def load_yaml(text: str) -> Any:
 def strict_json(text: str, where: str) -> Any:
     """``json.loads`` with a key given twice in an object an error naming ``where`` and the key, and a
     syntax error naming ``where:line``."""
-    def pairs(items):
-        out: dict = {}
-        for key, value in items:
-            if key in out:
-                raise ConfigError(f"{where}: key {key!r} given twice")
-            out[key] = value
-        return out
-
     try:
-        return json.loads(text, object_pairs_hook=pairs)
+        return json.loads(text, object_pairs_hook=unique_keys(where, ConfigError))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
     except RecursionError:

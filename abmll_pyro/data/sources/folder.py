@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 from abmll_pyro.data.sources.taskset import TaskSet
 from abmll_pyro.data.fingerprint import folder_fingerprint
-from abmll_pyro.data.tasks import DataError, Example, Task
+from abmll_pyro.data.tasks import DataError, Example, Task, unique_keys
 
 __all__ = ["iter_jsonl", "read_task_file", "read_jsonl_examples", "load_task_folder", "write_task_folder",
            "parse_example", "read_splits"]
@@ -197,16 +197,8 @@ def read_splits(path: Path) -> dict[str, list[str]]:
     """``splits.json``: a JSON object mapping ``train``/``dev``/``test`` to lists of task names."""
     check_regular(path)
 
-    def no_twice(items):
-        out: dict = {}
-        for key, value in items:
-            if key in out:
-                raise DataError(f"{path}: key {key!r} given twice")
-            out[key] = value
-        return out
-
     try:
-        splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"), object_pairs_hook=no_twice)
+        splits = json.loads(Path(path).read_bytes().decode("utf-8-sig"), object_pairs_hook=unique_keys(str(path)))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (at byte {err.start})") from None
     except DataError:
