@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from .guides.amortized import AmortizedGuide
 from .guides.base import TaskGuide
+from .guides.low_rank import LowRankPrecisionGuide
 from .guides.mean_field import MeanFieldGuide, PointMassGuide
 from .models.priors import FixedPrior, HierarchicalPrior, StudentTPrior, TaskPrior
 
@@ -222,6 +223,7 @@ PRIORS.register("student-t", StudentTPrior)
 GUIDES.register("mean-field", MeanFieldGuide)
 GUIDES.register("point-mass", PointMassGuide)
 GUIDES.register("amortized", AmortizedGuide)
+GUIDES.register("low-rank-precision", LowRankPrecisionGuide)
 
 
 def register_prior(name: str, builder: Callable[..., TaskPrior] | None = None):

@@ -29,6 +29,7 @@ from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
 from ..data.sources.known_truth import OPTIONS, KnownTask, default_text_pool, family_inputs, sample_task, true_theta
 from ..data.templates import DirectTemplate, Template, make_template
 from ..data.trunk import attach_trunk_cache
+from ..guides.low_rank import LowRankPrecisionGuide
 from ..infer.meta import Episode, MetaSVI
 from ..infer.predictive import posterior_predictive
 from ..lora.adapter import BayesLoRA
@@ -64,7 +65,13 @@ class KnownTruthConfig:
     inner_lr: float = 5e-2
     inner_optimizer: str = "adam-precond"
     pass_through: bool = False
+    guide: str = "mean-field"  # or "low-rank-precision" (q with R correlated directions per module)
+    cov_rank: int = 32  # R of the low-rank-precision guide (columns of its data directions)
+    free_scale: bool = False  # the low-rank-precision guide's per-element task log-scale
+    refine_columns: bool = False  # the low-rank-precision guide's columns refined by the inner loop
     freeze_scales: bool = False
+    start_at_truth: bool = False  # a control: θ starts at θ* (does training stay there?)
+    scalar_scale: bool = False  # train only the per-module log-scale s_0 (the family's spread is uniform)
     num_test_tasks: int = 16
     test_shots: int = 8
     num_samples: int = 19
@@ -112,11 +119,15 @@ def _build(lm, cfg: KnownTruthConfig, generator: torch.Generator) -> MetaSVI:
                             pass_through=cfg.pass_through)
     meta = MetaConfig(kl_beta=cfg.kl_beta, kl_gamma=cfg.kl_gamma, outer_lr=cfg.outer_lr, tasks_per_step=cfg.tasks_per_step,
                       inner=inner)
-    svi = MetaSVI(adapter, meta, prior=HierarchicalPrior(a0=cfg.prior_a0, init_std=cfg.init_std), num_tasks=cfg.num_train_tasks)
-    if cfg.freeze_scales:
-        for k, p in adapter.global_params().items():
-            if ":sigma" in k:
-                p.requires_grad_(False)
+    task_guide = LowRankPrecisionGuide(cov_rank=cfg.cov_rank, free_scale=cfg.free_scale,
+                                                refine_columns=cfg.refine_columns) if cfg.guide == "low-rank-precision" else None
+    if cfg.guide not in ("mean-field", "low-rank-precision"):
+        raise ValueError(f"guide must be 'mean-field' or 'low-rank-precision', got {cfg.guide!r}")
+    svi = MetaSVI(adapter, meta, prior=HierarchicalPrior(a0=cfg.prior_a0, init_std=cfg.init_std), task_guide=task_guide,
+                  num_tasks=cfg.num_train_tasks)
+    for k, p in adapter.global_params().items():
+        if ":sigma" in k and (cfg.freeze_scales or (cfg.scalar_scale and not k.endswith(":sigma_log0"))):
+            p.requires_grad_(False)
     return svi
 
 
@@ -197,6 +208,10 @@ def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str]
 
     train, test = draw(cfg.num_train_tasks, 0), draw(cfg.num_test_tasks, 50000)
     episodes = [Episode(f"train{i}", *t.split(cfg.shots)) for i, t in enumerate(train)]
+    if cfg.start_at_truth:
+        with torch.no_grad():
+            for key, p in adapter.global_params().items():
+                p.copy_(theta_star[key])
     sigma_start = _geo_mean(adapter, svi.theta(), masks)
     history = _meta_train(svi, episodes, cfg, masks, g, log)
     sigma_theta = _geo_mean(adapter, svi.theta(), masks)

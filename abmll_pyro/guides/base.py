@@ -5,7 +5,9 @@ Interface (:class:`TaskGuide`, two methods):
 * ``init_task_params(adapter, theta_params, support)`` — the task's starting variational parameters
   (a dict of tensors), computed from θ's factors (and, for amortized guides, the support set) *with*
   autograd history, so a first-order pass-through can route the task gradient back to what produced
-  the start. The inner loop then refines them.
+  the start; a guide may add keys of its own (e.g. covariance columns). The inner loop then refines
+  them (all but the guide's optional ``frozen_keys(params)``); an optional ``refresh(adapter, params,
+  support)`` post-processes the refined parameters, and ``bind(model)`` lets a guide read the model.
 * ``task_distribution(adapter, task_params, module)`` — q(ΔW_{i,m}), event shape ``[out, in]``.
 
 :class:`ABMLLGuide` turns a task guide plus the prior's θ point values into the Pyro guide function.

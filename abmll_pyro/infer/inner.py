@@ -67,6 +67,7 @@ def inner_loop(
     create_graph: bool = False,
     curvature: Callable[[Params], Mapping[str, object]] | None = None,
     adam_eps: float = _ADAM_EPS,
+    frozen: frozenset[str] | set[str] = frozenset(),
 ) -> Params:
     """Return the parameters after ``num_steps`` steps on ``loss_fn`` from ``start``.
 
@@ -77,7 +78,8 @@ def inner_loop(
     ``curvature(params)`` (``"kl-precond"``, ``"adam-precond"``): per-key curvature (a tensor of the
     factor's shape, or :class:`~abmll_pyro.infer.kl_curvature.RankBlocks`), treated as a constant (no
     gradient through it). Zero steps return ``start`` itself (values unchanged; detached
-    in first order).
+    in first order). ``frozen``: keys carried through unchanged (with their history, so a first-order
+    pass-through still routes their gradient to what produced them), e.g. a guide's copy of θ.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -85,8 +87,9 @@ def inner_loop(
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     if not (adam_eps > 0 and math.isfinite(adam_eps)):
         raise ValueError(f"adam_eps must be finite and > 0, got {adam_eps!r}")
-    keys = list(start)
-    params = dict(start) if create_graph else {k: v.detach().requires_grad_(True) for k, v in start.items()}
+    keys = [k for k in start if k not in frozen]
+    params = dict(start) if create_graph else {k: (v.detach() if k in frozen else v.detach().requires_grad_(True))
+                                               for k, v in start.items()}
     adam = optimizer in ("adam", "adam-precond")
     m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
     v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
@@ -97,7 +100,7 @@ def inner_loop(
             loss = loss_fn(params)
             _check_finite(loss, f"inner step {t}")
             grads = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph, allow_unused=True)
-        new = {}
+        new = {k: params[k] for k in frozen if k in params}
         for k, g in zip(keys, grads):
             p = params[k]
             if g is None:  # the loss does not depend on this factor (e.g. σ under a point-mass guide)
@@ -114,7 +117,7 @@ def inner_loop(
                 m_hat, v_hat = m[k] / (1 - b1**t), v2[k] / (1 - b2**t)
                 root = (v_hat + adam_eps**2).sqrt()
                 new[k] = p - lr * (m_hat / root) if h is None else p - precondition(g, lr / root, h)
-        params = new if create_graph else {k: v.detach().requires_grad_(True) for k, v in new.items()}
+        params = new if create_graph else {k: (v if k in frozen else v.detach().requires_grad_(True)) for k, v in new.items()}
     return params
 
 

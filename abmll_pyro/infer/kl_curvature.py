@@ -123,6 +123,9 @@ def kl_curvature(adapter: BayesLoRA, prior: TaskPrior, theta: Params, kl_beta: f
             if key("mu_A") in params and key("mu_B") in params:
                 A, B = full_precision(params[key("mu_A")]), full_precision(params[key("mu_B")])
                 out[key("mu_B")], out[key("mu_A")] = _pair_blocks(W, B, A, c * c)
+            if key("res_B") in params and key("res_A") in params:  # a guide's mean offset c·B_Δ A_Δ (same KL curvature)
+                Bd, Ad = full_precision(params[key("res_B")]), full_precision(params[key("res_A")])
+                out[key("res_B")], out[key("res_A")] = _pair_blocks(W, Bd, Ad, c * c)
             kinds = adapter.std_map.kinds
             if not all(key(k) in params for k in kinds):
                 continue

@@ -118,6 +118,8 @@ class MetaSVI:
         prior = prior.for_adapter(adapter) if hasattr(prior, "for_adapter") else prior  # its init_std, not a default's
         self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood())
         self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
+        if hasattr(self.guide.task_guide, "bind"):  # a guide that reads the model (e.g. its likelihood)
+            self.guide.task_guide.bind(self.model)
         self.elbo = elbo if elbo is not None else LeanMeanFieldELBO(max_plate_nesting=1)
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -154,8 +156,11 @@ class MetaSVI:
         curvature = None
         if inner.optimizer in PRECONDITIONED:
             curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
-        return inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
-                          inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps)
+        refined = inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
+                             inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps,
+                             frozen=frozenset(getattr(self.guide.task_guide, "frozen_keys", lambda p: ())(start)))
+        refresh = getattr(self.guide.task_guide, "refresh", None)  # e.g. a precision re-read at the refined mean
+        return refresh(self.adapter, refined, support) if refresh is not None else refined
 
     def adapt(self, support: TaskData, num_inner_steps: int | None = None) -> dict[str, Tensor]:
         """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""

@@ -14,7 +14,7 @@ from abmll_pyro.registry import (GUIDES, PRIORS, Registry, load_object, register
 
 def test_builtin_names():
     assert PRIORS.names() == ["fixed", "hierarchical", "hierarchical-abml", "student-t"]
-    assert GUIDES.names() == ["amortized", "mean-field", "point-mass"]
+    assert GUIDES.names() == ["amortized", "low-rank-precision", "mean-field", "point-mass"]
     assert isinstance(resolve_prior("hierarchical"), HierarchicalPrior)
     assert resolve_prior("fixed", scale=0.5).scale == 0.5
     assert resolve_prior("student-t", df=5.0).df == 5.0
@@ -25,7 +25,7 @@ def test_builtin_names():
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="unknown prior 'laplace'; valid names: fixed, hierarchical, hierarchical-abml, student-t"):
         resolve_prior("laplace")
-    with pytest.raises(ValueError, match="valid names: amortized, mean-field, point-mass"):
+    with pytest.raises(ValueError, match="valid names: amortized, low-rank-precision, mean-field, point-mass"):
         resolve_guide("meanfield")
 
 

@@ -1,0 +1,319 @@
+"""A task posterior with correlated directions: diagonal plus low-rank *precision*.
+
+Why: a mean-field q(ΔW) = N(μ, diag σ²) can only shrink each element's variance. The data of a task
+inform a few directions of ΔW (the GGN of n examples with C options has rank ≤ n(C − 1)), and the
+exact Gaussian posterior has precision Λ = Λ_prior + GGN: the prior's variance everywhere except in
+those directions. Mean field matches Λ's *diagonal*, which shrinks every element those directions
+touch: it underestimates the marginal variances, and the empirical-Bayes M-step for σ_θ
+(σ_θ² ← E_q (ΔW − μ_θ)²) settles below the true task spread (measured in docs/posterior.md, §8).
+
+The family here represents "prior-like precision plus a few data directions" exactly:
+
+    Λ = D^{1/2} (I + Ŵ Ŵᵀ) D^{1/2},    D = diag(1/σ²),   Ŵ = [vec(u_1 v_1ᵀ), …, vec(u_R v_Rᵀ)]
+
+with σ ``[out, in]`` from the std map, and R dimensionless columns, each a rank-1 ``[out, in]``
+matrix u_j v_jᵀ (``U: [out, R]``, ``V: [R, in]``; for a linear layer the GGN of one example and
+option contrast is exactly such a matrix when the layer is read at one position, e.g. the LM head).
+Everything needs only R×R algebra and a few dense passes (C = I_R + ŴᵀŴ = I + (UᵀU) ⊙ (V Vᵀ)):
+
+    sample     x = μ + σ ⊙ (ε + Ŵ C⁻¹ (z − Ŵᵀε)),   ε ~ N(0, I_{out·in}), z ~ N(0, I_R)
+               (the perturbation identity M⁻¹(ε + Ŵz) ~ N(0, M⁻¹) with M = I + ŴŴᵀ, by Woodbury)
+    variance   σ² ⊙ (1 − diag(Ŵ C⁻¹ Ŵᵀ))
+    log det Σ  Σ log σ² − log det C
+    KL(q ‖ N(m, s²) elementwise) = Σ (log s − log σ) + ½ log det C + ½ Σ (var + (μ − m)²)/s² − ½·out·in
+
+References: Rezende & Mohamed / Ong et al. 2018 ("Gaussian variational approximation with a factor
+covariance structure") for low-rank-plus-diagonal families; Daxberger et al. 2021 (Laplace Redux)
+for the GGN posterior precision the start uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.kl import register_kl
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch import Tensor
+from torch.distributions import constraints
+
+from ..lora.adapter import BayesLoRA, full_precision
+from ..models.likelihoods import TaskData
+from .base import Params
+from .mean_field import MeanFieldGuide
+
+__all__ = ["LowRankPrecisionNormal", "LowRankPrecisionGuide", "COV_KINDS"]
+
+COV_KINDS = ("cov_U", "cov_V")
+
+
+class LowRankPrecisionNormal(TorchDistribution):
+    """N(loc, Σ) over ``[out, in]`` with precision Σ⁻¹ = diag(1/σ²) + W Wᵀ (module docstring).
+
+    Args: ``loc``, ``scale`` ``[out, in]`` (σ > 0: the std without the low-rank term); ``U`` ``[out, R]``,
+    ``V`` ``[R, in]`` (column j of W is vec(U[:, j] V[j, :]), in units of 1/ΔW). R = 0 is mean field."""
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.independent(constraints.real, 2)
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, scale: Tensor, U: Tensor, V: Tensor, validate_args: bool | None = None):
+        if loc.dim() != 2 or scale.shape != loc.shape:
+            raise ValueError(f"loc and scale must be [out, in] of one shape, got {tuple(loc.shape)}, {tuple(scale.shape)}")
+        out_f, in_f = loc.shape
+        if U.dim() != 2 or V.dim() != 2 or U.shape[0] != out_f or V.shape[1] != in_f or U.shape[1] != V.shape[0]:
+            raise ValueError(f"U must be [{out_f}, R] and V [R, {in_f}], got {tuple(U.shape)}, {tuple(V.shape)}")
+        self.loc, self.scale, self.U, self.V = loc, scale, U, V
+        super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
+
+    # ------------------------------------------------------------------ R×R algebra
+    def _pairs(self) -> tuple[Tensor, Tensor]:
+        """``([out, R²], [R², in])``: U_ki U_kj and V_il V_jl, so that a ``[out, in]`` weight G gives
+        Σ_kl (u_i u_jᵀ ⊙ G ⊙ …) as ``(left.T @ G) ⊙ right`` summed over in."""
+        R = self.U.shape[1]
+        left = (self.U[:, :, None] * self.U[:, None, :]).reshape(self.U.shape[0], R * R)
+        right = (self.V[:, None, :] * self.V[None, :, :]).reshape(R * R, self.V.shape[1])
+        return left, right
+
+    @property
+    def capacitance(self) -> Tensor:
+        """C = I_R + Wᵀ diag(σ²) W, ``[R, R]``: C_ij = Σ_kl U_ki U_kj σ²_kl V_il V_jl."""
+        R = self.U.shape[1]
+        left, right = self._pairs()
+        gram = ((left.T @ self.scale.pow(2)) * right).sum(-1).reshape(R, R)
+        return torch.eye(R, dtype=self.U.dtype, device=self.U.device) + gram
+
+    def _project(self, e: Tensor) -> Tensor:
+        """Wᵀ vec(e) = [u_jᵀ e v_j]_j, ``[..., R]`` for ``e`` ``[..., out, in]``."""
+        return ((e @ self.V.T) * self.U).sum(-2)
+
+    def _expand(self, c: Tensor) -> Tensor:
+        """W c = U diag(c) V, ``[..., out, in]`` for ``c`` ``[..., R]``."""
+        return (self.U * c.unsqueeze(-2)) @ self.V
+
+    # ------------------------------------------------------------------ distribution interface
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        """diag Σ = σ² − σ⁴ ⊙ diag(W C⁻¹ Wᵀ) (Woodbury)."""
+        var = self.scale.pow(2)
+        if not self.U.shape[1]:
+            return var
+        left, right = self._pairs()
+        R = self.U.shape[1]
+        cinv = torch.linalg.inv(self.capacitance).reshape(1, R * R)
+        return var - var.pow(2) * ((left * cinv) @ right)
+
+    def log_det_capacitance(self) -> Tensor:
+        return torch.linalg.slogdet(self.capacitance)[1] if self.U.shape[1] else self.loc.new_zeros(())
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """x = μ + Σ (ε/σ + W z): covariance Σ Λ Σ = Σ; Σ y = σ²y − σ² ⊙ W C⁻¹ Wᵀ (σ² y)."""
+        shape = torch.Size(sample_shape)
+        eps = torch.randn(shape + self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        R = self.U.shape[1]
+        if not R:
+            return self.loc + self.scale * eps
+        z = torch.randn(shape + (R,), dtype=self.loc.dtype, device=self.loc.device)
+        var = self.scale.pow(2)
+        y = var * (eps / self.scale + self._expand(z))  # σ² ⊙ (ε/σ + W z)
+        c = torch.linalg.solve(self.capacitance, self._project(y).unsqueeze(-1)).squeeze(-1)
+        return self.loc + y - var * self._expand(c)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        d = value - self.loc
+        maha = (d / self.scale).pow(2).sum((-2, -1)) + self._project(d).pow(2).sum(-1)
+        log_det_precision = self.log_det_capacitance() - 2 * self.scale.log().sum()
+        return -0.5 * (maha + self.loc.numel() * math.log(2 * math.pi)) + 0.5 * log_det_precision
+
+    def entropy(self) -> Tensor:
+        n = self.loc.numel()
+        return 0.5 * n * (1 + math.log(2 * math.pi)) + self.scale.log().sum() - 0.5 * self.log_det_capacitance()
+
+    def expand(self, batch_shape, _instance=None):
+        if tuple(batch_shape):
+            raise NotImplementedError("LowRankPrecisionNormal has no batch dimensions")
+        return self
+
+
+@register_kl(LowRankPrecisionNormal, dist.Independent)
+def _kl_low_rank_normal(q: LowRankPrecisionNormal, p: dist.Independent) -> Tensor:
+    base = p.base_dist
+    if not isinstance(base, dist.Normal) or p.reinterpreted_batch_ndims != 2 or base.batch_shape != q.loc.shape:
+        raise NotImplementedError
+    s = base.scale
+    quad = (q.variance + (q.loc - base.loc).pow(2)) / s.pow(2)
+    return (s.log() - q.scale.log()).sum() + 0.5 * q.log_det_capacitance() + 0.5 * (quad.sum() - q.loc.numel())
+
+
+class LowRankPrecisionGuide(MeanFieldGuide):
+    """q(ΔW_{i,m}) = :class:`LowRankPrecisionNormal` with the task's mean and scale factors (as in mean
+    field) plus R columns per module (``cov_U``, ``cov_V`` among the task's parameters, refined by the
+    inner loop like the others; θ has none: the prior has no correlations).
+
+    Start (``init="ggn"``, default): the exact Gaussian posterior's precision at the prior mean,
+    Λ = 1/σ_θ² + GGN(μ_θ), in this family: for each support example n the option scores' Hessian
+    H_n = diag p − p pᵀ = Σ_c λ_c v_c v_cᵀ gives columns √λ_c · ∂(v_cᵀ scores_n)/∂ΔW (one backward
+    each; the R largest λ), scaled by σ_θ and cut to rank 1 (exact for the LM head; a power
+    iteration otherwise). ``init="random"``: small random columns (entries N(0, ``init_scale``²)),
+    for ablations. Needs the model's likelihood: :class:`~abmll_pyro.infer.meta.MetaSVI` binds it
+    (:meth:`bind`), or pass ``likelihood=``.
+    """
+
+    def __init__(self, cov_rank: int = 8, init: str = "ggn", init_scale: float = 1e-2, likelihood=None,
+                 power_iterations: int = 8, free_scale: bool = False, refine_columns: bool = False,
+                 residual_mean: bool = True):
+        if cov_rank < 0:
+            raise ValueError(f"cov_rank must be >= 0, got {cov_rank!r}")
+        self.free_scale, self.refine_columns = bool(free_scale), bool(refine_columns)
+        self.residual_mean = bool(residual_mean)
+        if init not in ("ggn", "random"):
+            raise ValueError(f"init must be 'ggn' or 'random', got {init!r}")
+        self.cov_rank, self.init, self.init_scale = int(cov_rank), init, float(init_scale)
+        self.likelihood, self.power_iterations = likelihood, int(power_iterations)
+
+    def bind(self, model) -> None:
+        """Take the model's likelihood for the GGN start unless one was given."""
+        if self.likelihood is None:
+            self.likelihood = model.likelihood
+
+    def init_task_params(self, adapter: BayesLoRA, theta_params: Params, support: TaskData | None = None) -> dict:
+        start = super().init_task_params(adapter, theta_params, support)
+        if self.init == "ggn":
+            if support is None:
+                raise ValueError("LowRankPrecisionGuide(init='ggn') needs the task's support set")
+            columns = self._ggn_columns(adapter, start, support, {m: adapter.std(theta_params, m) for m in adapter.shapes})
+        else:
+            g = torch.Generator().manual_seed(0)
+            columns = {m: (torch.randn(o, self.cov_rank, generator=g) * self.init_scale,
+                           torch.randn(self.cov_rank, i, generator=g) * self.init_scale) for m, (o, i) in adapter.shapes.items()}
+        like = next(iter(theta_params.values()))
+        dtype = full_precision(like).dtype
+        for m, (o, i) in adapter.shapes.items():
+            if self.residual_mean:  # the task's own mean offset (α/r)·B_Δ A_Δ, B_Δ = 0: rows no datum reaches stay at θ's
+                start[adapter.key(m, "res_B")] = torch.zeros(o, adapter.config.rank, dtype=dtype, device=like.device)
+                start[adapter.key(m, "res_A")] = full_precision(theta_params[adapter.key(m, "mu_A")]).detach().clone()
+            if self.free_scale:  # the task's own log-scale per element, on top of θ's structured σ
+                start[adapter.key(m, "cov_log")] = torch.zeros(o, i, dtype=dtype, device=like.device)
+        for m, (U, V) in columns.items():
+            start[adapter.key(m, "cov_U")] = U.to(dtype=full_precision(like).dtype, device=like.device)
+            start[adapter.key(m, "cov_V")] = V.to(dtype=full_precision(like).dtype, device=like.device)
+        return start
+
+    def frozen_keys(self, task_params: Params) -> tuple[str, ...]:
+        """With ``residual_mean``: θ's copied factors stay as they are in the inner loop (their change
+        would move every row of ΔW through the shared A, also rows no example informs); the task's
+        mean moves through its offset and its scale through the per-element log-scale."""
+        if not self.residual_mean:
+            return ()
+        return tuple(k for k in task_params if k.rsplit(":", 1)[-1] not in ("res_A", "res_B", "cov_log", "cov_U", "cov_V"))
+
+    def _mean(self, adapter: BayesLoRA, task_params: Params, module: str) -> Tensor:
+        mean = adapter.mean(task_params, module)
+        B = task_params.get(adapter.key(module, "res_B"))
+        if B is not None:
+            mean = mean + (adapter.config.scaling * full_precision(B)) @ full_precision(task_params[adapter.key(module, "res_A")])
+        return mean
+
+    def task_distribution(self, adapter: BayesLoRA, task_params: Params, module: str) -> dist.Distribution:
+        if adapter.key(module, "cov_U") not in task_params:  # θ's own factors (the prior predictive): no columns
+            return super().task_distribution(adapter, task_params, module)
+        U, V = task_params[adapter.key(module, "cov_U")], task_params[adapter.key(module, "cov_V")]
+        if not self.refine_columns:  # the start's data directions kept as they are: the inner loop refines μ and σ
+            U, V = U.detach(), V.detach()
+        scale = adapter.std(task_params, module)
+        free = task_params.get(adapter.key(module, "cov_log"))
+        if free is not None:
+            scale = scale * full_precision(free).exp()
+        return LowRankPrecisionNormal(self._mean(adapter, task_params, module), scale, full_precision(U), full_precision(V))
+
+    # ------------------------------------------------------------------ the GGN start
+    def refresh(self, adapter: BayesLoRA, task_params: Params, support: TaskData) -> dict:
+        """After the inner loop: the columns recomputed as the GGN at the refined mean, scaled by the
+        refined diagonal σ (Λ = D + GGN(μ_q): the Gaussian variational optimum's precision condition,
+        prior precision plus the likelihood's curvature at q, read at q's mean). Values only: the
+        returned columns carry no history."""
+        if self.init != "ggn" or not self.cov_rank:
+            return dict(task_params)
+        sigma = {}
+        for m in adapter.shapes:
+            scale = adapter.std(task_params, m)
+            free = task_params.get(adapter.key(m, "cov_log"))
+            sigma[m] = scale if free is None else scale * full_precision(free).exp()
+        columns = self._ggn_columns(adapter, task_params, support, sigma)
+        out = dict(task_params)
+        for m, (U, V) in columns.items():
+            like = task_params[adapter.key(m, "cov_U")]
+            out[adapter.key(m, "cov_U")] = U.to(like.dtype).requires_grad_(like.requires_grad)
+            out[adapter.key(m, "cov_V")] = V.to(like.dtype).requires_grad_(like.requires_grad)
+        return out
+
+    def _ggn_columns(self, adapter: BayesLoRA, theta: Params, support: TaskData,
+                     sigma: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        scores_fn: Callable | None = getattr(self.likelihood, "scores", None)
+        if scores_fn is None:
+            raise TypeError("LowRankPrecisionGuide(init='ggn') needs a likelihood with scores(lm, batch) (an OptionLikelihood); "
+                            f"got {type(self.likelihood).__name__}; use init='random' for other data")
+        R = self.cov_rank
+        with torch.enable_grad():
+            deltas = {m: self._mean(adapter, theta, m).detach().requires_grad_(True) for m in adapter.shapes}
+            with adapter.use(deltas):
+                scores = scores_fn(adapter.lm, support.batch)  # [n, K], -inf in padded slots
+            pairs = _score_contrasts(scores.detach().double())[:R]  # (λ, n, w) by decreasing λ
+            sigma = {m: v.detach() for m, v in sigma.items()}
+            U = {m: torch.zeros(o, R, dtype=sigma[m].dtype, device=sigma[m].device) for m, (o, _) in adapter.shapes.items()}
+            V = {m: torch.zeros(R, i, dtype=sigma[m].dtype, device=sigma[m].device) for m, (_, i) in adapter.shapes.items()}
+            finite = torch.isfinite(scores)
+            for j, (lam, n, w) in enumerate(pairs):
+                row = torch.where(finite[n], scores[n], torch.zeros_like(scores[n]))
+                target = (row * w.to(row.dtype)).sum() * math.sqrt(lam)
+                grads = torch.autograd.grad(target, list(deltas.values()), retain_graph=j + 1 < len(pairs), allow_unused=True)
+                for m, g in zip(deltas, grads):
+                    if g is None:
+                        continue
+                    u, v = _rank_one(g.detach().to(sigma[m].dtype), self.power_iterations)
+                    U[m][:, j], V[m][j, :] = u, v
+        return {m: (U[m], V[m]) for m in adapter.shapes}
+
+
+def _score_contrasts(scores: Tensor) -> list[tuple[float, int, Tensor]]:
+    """The eigenpairs (λ > 0) of every example's softmax Hessian diag p − p pᵀ over its valid options,
+    as ``(λ, example, w)`` with ``w`` ``[K]`` (zeros in padded slots), sorted by decreasing λ."""
+    out = []
+    for n, row in enumerate(scores):
+        valid = torch.isfinite(row)
+        p = torch.softmax(row[valid], -1)
+        lam, vecs = torch.linalg.eigh(torch.diag(p) - torch.outer(p, p))
+        for k in range(lam.numel()):
+            if lam[k] > 1e-12:
+                w = torch.zeros_like(row)
+                w[valid] = vecs[:, k]
+                out.append((float(lam[k]), n, w))
+    return sorted(out, key=lambda t: -t[0])
+
+
+def _rank_one(G: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    """``(u, v)`` with u vᵀ the best rank-1 approximation of ``G`` ``[out, in]`` (power iteration from
+    its largest row; |u| = |v| = √s₁). Exact in one step when G has rank 1."""
+    norms = G.norm(dim=1)
+    if float(norms.max()) == 0.0:
+        return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
+    v = G[int(norms.argmax())].clone()
+    v = v / v.norm()
+    tiny = torch.finfo(G.dtype).tiny
+    for _ in range(max(iterations, 1)):
+        v = G.T @ (G @ v)
+        size = v.norm()
+        if not float(size) > tiny:  # G v = 0: G is (numerically) zero along the start
+            return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
+        v = v / size
+    u = G @ v  # = s₁ u₁
+    s = u.norm()
+    if not float(s) > tiny:
+        return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
+    return u / s.sqrt(), v * s.sqrt()
