@@ -122,6 +122,7 @@ def test_every_study_has_a_readme_with_a_command_and_a_result(study):
     for link in links:
         target, _, anchor = link.partition("#")
         path = (study / target).resolve()
-        assert path.exists() and path.is_relative_to(ROOT / "docs"), f"{readme.relative_to(ROOT)}: {link} does not resolve"
+        where = f"{readme.relative_to(ROOT)}: {link}"
+        assert path.exists() and path.is_relative_to(ROOT / "docs"), f"{where} does not resolve into docs/"
         if anchor:
-            assert anchor in _anchors(path), f"{readme.relative_to(ROOT)}: {link}: no heading with that anchor"
+            assert anchor in _anchors(path), f"{where}: no heading with that anchor"
