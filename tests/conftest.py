@@ -11,6 +11,7 @@ import pyro
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root: the studies import as scripts.<study>
 sys.path.insert(0, str(Path(__file__).parent))  # tests/_support, importable as _support
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

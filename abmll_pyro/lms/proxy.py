@@ -4,7 +4,7 @@
 Meta-Llama-3-8B's configuration (hidden 4096, 32 query heads and 8 KV heads of 128, MLP 14336,
 vocabulary 128256, RoPE θ 500000, untied embeddings and head) except the number of blocks. They
 exist to run the ``paper`` preset's code path and to measure memory per adapted block at the paper's
-shapes on a machine without the weights (``abmll_pyro/train/proxy_memory.py`` projects to 32 blocks).
+shapes on a machine without the weights (``scripts/cost/proxy_memory.py`` projects to 32 blocks).
 
 Predictions are meaningless: the tokenizer is the byte-level one of :mod:`abmll_pyro.lms.tiny`
 (259 ids, all < 128256), and the weights are random. Drawing 1.3 billion normal values takes about a

@@ -24,7 +24,30 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["state_values", "PeakMemory", "cost_block", "cost_table"]
+__all__ = ["state_values", "PeakMemory", "cost_block", "cost_table", "rss_mb", "reset_peak_rss"]
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """The current (``VmRSS``) or peak (``VmHWM``) resident set of this process (Linux /proc), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux >= 4.0: ``5`` to /proc/self/clear_refs), so the
+    peak measured later excludes transients of loading the model; False where not supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def state_values(state: Any) -> int:
@@ -50,15 +73,11 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            from .probe import reset_peak_rss  # probe imports run, which imports this module
-
             reset_peak_rss()
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        from .probe import rss_mb
-
         return rss_mb("VmHWM")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.sources import TaskSet, load_tasks
 from ..data.trunk import TRUNK_DIR_ENV, TrunkCache, attach_trunk_cache
-from ..export.peft import init_from_peft
+from .peft_init import init_from_peft
 from ..lms import load_lm
 from ..lora.adapter import DEFAULT_TARGETS, FALLBACK_TARGETS, BayesLoRA
 from ..lora.layer import is_linear

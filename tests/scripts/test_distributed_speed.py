@@ -1,4 +1,4 @@
-"""scripts/distributed_speed.py on its smoke preset: 1 and 2 torchrun processes, a rate for each."""
+"""scripts/distributed_speed/run.py on its smoke preset: 1 and 2 torchrun processes, a rate for each."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "distributed_speed.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "distributed_speed" / "run.py"
 ROOT = Path(__file__).parents[2]
 
 

@@ -1,4 +1,4 @@
-"""scripts/regimes.py on its smoke preset, and the pieces of abmll_pyro.train.regimes."""
+"""scripts/regimes/run.py on its smoke preset, and the pieces of scripts.regimes.regimes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from abmll_pyro.train.regimes import Regime, format_verdicts, regimes, verdict
+from scripts.regimes.regimes import Regime, format_verdicts, regimes, verdict
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "regimes.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "regimes" / "run.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

@@ -22,7 +22,7 @@ def _run(script: str, out: Path, *extra: str) -> dict:
 
 
 def test_beta_ablation(tmp_path):
-    summary = _run("beta_ablation.py", tmp_path, "--set", "steps=2")
+    summary = _run("beta_ablation/run.py", tmp_path, "--set", "steps=2")
     assert len(summary["accuracy"]) == len(summary["ece"]) == 5
     assert (tmp_path / "beta_accuracy.png").exists() and (tmp_path / "beta_ece.png").exists()
     runs = json.loads((tmp_path / "beta_ablation.json").read_text())["runs"]
@@ -32,13 +32,13 @@ def test_beta_ablation(tmp_path):
     for r in runs:  # pooled metrics and the posterior's width per β
         assert 0 <= r["accuracy"] <= 1 and r["n"] > 0 and r["sigma_theta"] > 0 and r["sigma_q"] > 0 and r["epistemic"] >= 0
     assert (tmp_path / "beta_nll.png").exists() and (tmp_path / "beta_epistemic.png").exists()
-    again = _run("beta_ablation.py", tmp_path, "--set", "steps=2", "--log10-betas", "0", "--kl-gamma", "1e-8")
+    again = _run("beta_ablation/run.py", tmp_path, "--set", "steps=2", "--log10-betas", "0", "--kl-gamma", "1e-8")
     config = json.loads((tmp_path / "runs" / "beta0-gamma1e-08-seed0" / "config.json").read_text())
     assert config["kl_beta"] == 1.0 and config["kl_gamma"] == pytest.approx(1e-8) and len(again["accuracy"]) == 1
 
 
 def test_pruning(tmp_path):
-    curves = _run("pruning.py", tmp_path, "--set", "steps=2")
+    curves = _run("pruning/run.py", tmp_path, "--set", "steps=2")
     assert set(curves) == {"abmll", "lora", "reptile"}
     for c in curves.values():
         assert len(c["accuracy"]) == 4 and c["accuracy_drop"][0] == 0.0
@@ -48,7 +48,7 @@ def test_pruning(tmp_path):
 def test_cost(tmp_path):
     import re
 
-    done = subprocess.run([sys.executable, str(SCRIPTS / "cost.py"), "--preset", "smoke", "--out", str(tmp_path),
+    done = subprocess.run([sys.executable, str(SCRIPTS / "cost/run.py"), "--preset", "smoke", "--out", str(tmp_path),
                            "--quiet", "--steps", "1", "--set", "last_layers=1", "--proxy", "off"],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,7 +64,7 @@ def test_cost(tmp_path):
 
 
 def test_scaling(tmp_path):
-    out = _run("scaling.py", tmp_path, "--task-counts", "3", "12")
+    out = _run("scaling/run.py", tmp_path, "--task-counts", "3", "12")
     assert len(out["peak_memory_mb"]) == 2 and out["memory_ratio"] > 0
 
 
@@ -73,7 +73,7 @@ def test_neuron_masks_zero_the_smallest_rows():
 
     from abmll_pyro.lms import tiny_model
     from abmll_pyro.lora import BayesLoRA
-    from abmll_pyro.train.experiments import neuron_masks
+    from scripts.pruning.pruning import neuron_masks
 
     lm, _ = tiny_model("llama")
     adapter = BayesLoRA(lm)
@@ -87,7 +87,7 @@ def test_neuron_masks_zero_the_smallest_rows():
 
 
 def test_uncertainty(tmp_path):
-    out = _run("uncertainty.py", tmp_path, "--set", "steps=1", "--methods", "abmll", "bayes-lora", "--shots", "0", "1", "4")
+    out = _run("uncertainty/run.py", tmp_path, "--set", "steps=1", "--methods", "abmll", "bayes-lora", "--shots", "0", "1", "4")
     assert set(out) == {"abmll", "bayes-lora"} and all(list(v) == ["0", "1", "4"] for v in out.values())
     assert all(e >= 0 for v in out.values() for e in v.values())
     result = json.loads((tmp_path / "uncertainty.json").read_text())
@@ -102,12 +102,12 @@ def test_uncertainty(tmp_path):
 
 def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
     first = tmp_path / "first"
-    _run("uncertainty.py", first, "--set", "steps=1", "--methods", "abmll", "--shots", "2")
+    _run("uncertainty/run.py", first, "--set", "steps=1", "--methods", "abmll", "--shots", "2")
     run = first / "runs" / "abmll"
     stamp = (run / "results.json").stat().st_mtime_ns
     # the "other suite" is the run's own generated tasks: out of family must equal in family exactly
     second = tmp_path / "second"
-    _run("uncertainty.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
+    _run("uncertainty/run.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
          "--shots", "2", "--runs", f"abmll={run}", "--ood-tasks", str(first / "tasks"))
     assert not (second / "runs").exists() and (run / "results.json").stat().st_mtime_ns == stamp  # not retrained
     entry = json.loads((second / "uncertainty.json").read_text())["methods"]["abmll"]
@@ -117,10 +117,10 @@ def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
     assert (second / "out_of_family.png").exists()
     # a second call with the same settings resumes: the finished method is taken from uncertainty.json
     before = (second / "uncertainty.json").read_text()
-    _run("uncertainty.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
+    _run("uncertainty/run.py", second, "--set", "steps=1", f"tasks={first / 'tasks'}", "--methods", "abmll",
          "--shots", "2", "--runs", f"abmll={tmp_path / 'first' / 'runs' / 'abmll'}", "--ood-tasks", str(first / "tasks"))
     assert json.loads((second / "uncertainty.json").read_text()) == json.loads(before)
-    bad = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty.py"), "--preset", "smoke", "--out", str(tmp_path / "x"),
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty/run.py"), "--preset", "smoke", "--out", str(tmp_path / "x"),
                           "--runs", f"abmll={tmp_path / 'nowhere'}"], capture_output=True, text=True, env=ENV, timeout=120)
     assert bad.returncode == 2 and "not a finished run directory" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -128,7 +128,7 @@ def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
 def test_difference_interval():
     import torch
 
-    from abmll_pyro.train.uncertainty_curves import difference_interval
+    from scripts.uncertainty.curves import difference_interval
 
     a = [torch.zeros(5), torch.zeros(3)]
     b = [torch.ones(4), 3 * torch.ones(4)]
@@ -140,13 +140,13 @@ def test_difference_interval():
 def test_roundoff_growth(tmp_path):
     """Two runs from one start are identical (rel 0: the probe compares like with like); an ulp-sized
     start differs by about 2^-23 before the first step."""
-    same = _run("roundoff_growth.py", tmp_path / "same", "--method", "abmll", "--steps", "2", "--rel", "0")
+    same = _run("roundoff/run.py", tmp_path / "same", "--method", "abmll", "--steps", "2", "--rel", "0")
     assert set(same["divergence"]) == {"mu_A", "mu_B", "sigma_A", "sigma_B"}
     assert all(v == 0.0 for d in same["divergence"].values() for v in d) and len(same["divergence"]["mu_A"]) == 3
-    ulp = _run("roundoff_growth.py", tmp_path / "ulp", "--method", "lora", "--steps", "2")
+    ulp = _run("roundoff/run.py", tmp_path / "ulp", "--method", "lora", "--steps", "2")
     assert list(ulp["divergence"]) == ["all"] and 1e-8 < ulp["divergence"]["all"][0] < 1e-6
     assert json.loads((tmp_path / "ulp" / "roundoff_growth.json").read_text())["method"] == "lora"
-    bad = subprocess.run([sys.executable, str(SCRIPTS / "roundoff_growth.py"), "--preset", "smoke", "--out",
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "roundoff/run.py"), "--preset", "smoke", "--out",
                           str(tmp_path / "bad"), "--method", "pretrained"], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "trains nothing" in bad.stderr
 
