@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from page_render import PAGE, check, render
+from page_render import PAGE, SPEC, check, render
 from page_spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 1
         text = render(args.root)
     except SpecError as err:
-        print(f"results page: {err}", file=sys.stderr)
+        print(f"{SPEC}: {err}", file=sys.stderr)
         return 2
     (args.root / PAGE).write_text(text, encoding="utf-8")
     print(f"wrote {PAGE} ({len(text.splitlines())} lines)")

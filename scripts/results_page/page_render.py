@@ -159,8 +159,6 @@ def _section(section: dict, number: str, values: dict, summaries: Summaries, whe
                 raise SpecError(f"{where}.plots: {name!r} is not a .png")
             summaries.path(name, f"{where}.plots")
         out.append("Plots: " + ", ".join(f"[{Path(n).stem}](results/{n})" for n in plots) + ".")
-    if section.get("links"):
-        out.append(_fill(section["links"], values, summaries, where))
     return "\n\n".join(out)
 
 
@@ -183,7 +181,7 @@ def render(root: Path) -> str:
         bodies.append("\n\n".join(body))
     for title, _ in titles:
         if slug(title) in seen:
-            raise SpecError(f"{SPEC.name}: two headings share the anchor #{slug(title)}")
+            raise SpecError(f"two headings share the anchor #{slug(title)}")
         seen.add(slug(title))
     summaries.read = []
     contents = ["Contents:", ""] + [f"{'  ' * depth}- [{t}](#{slug(t)})" for t, depth in titles]

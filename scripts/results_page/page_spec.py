@@ -23,7 +23,7 @@ __all__ = ["SpecError", "Summaries", "load_spec", "fmt", "json_get", "COMMIT_IS"
 TOP_KEYS = {"title", "note", "summary", "values", "parts", "history"}
 PART_KEYS = {"title", "intro", "sections"}
 SECTION_KEYS = {"title", "question", "blocks", "command", "commit", "commit_is", "reading", "values", "plots",
-                "also", "links"}
+                "also"}
 BLOCK_KEYS = {
     "markdown": {"kind", "file", "tables", "rows", "prose", "caption", "command", "commit", "commit_is"},
     "json": {"kind", "columns", "rows", "caption", "command", "commit", "commit_is"},
@@ -54,8 +54,8 @@ def load_spec(path: Path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"{path}: cannot read the spec ({str(err).splitlines()[0]})") from None
-    _check_keys(spec, TOP_KEYS, path.name, ("title", "summary", "parts"))
+        raise SpecError(f"cannot read the spec ({str(err).splitlines()[0]})") from None
+    _check_keys(spec, TOP_KEYS, "top level", ("title", "summary", "parts"))
     for i, part in enumerate(spec["parts"]):
         _check_keys(part, PART_KEYS, f"parts[{i}]", ("title", "sections"))
         for j, section in enumerate(part["sections"]):
