@@ -152,6 +152,20 @@ Summaries: `docs/results/x/{table.md,s.json}`.
 """
 
 
+def test_no_measured_number_is_typed_into_the_spec():
+    """Prose quotes measurements through ``{{name}}``: a number with three or more decimals (how the
+    summaries write metrics) typed into a question, reading, caption or summary is a stale number waiting."""
+    spec = yaml.safe_load(SPEC.read_text())
+    texts = [spec["summary"], spec.get("history", "")]
+    for part in spec["parts"]:
+        texts.append(part.get("intro", ""))
+        for section in part["sections"]:
+            texts += [section["question"], section["reading"]]
+            texts += [b.get("caption", "") for b in section.get("blocks", [])]
+    typed = [m for t in texts for m in re.findall(r"\d\.\d{3,}", str(t))]
+    assert not typed, typed
+
+
 # ---- the commands the page names run as written with shipped files ----
 
 def _commands() -> list[str]:
