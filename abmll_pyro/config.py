@@ -127,6 +127,13 @@ class MetaConfig:
       β/σ²·(μ_q − μ_θ)(A_q − A_θ)ᵀ of the factorization: measured on SmolLM2 as large as the query
       NLL's gradient and opposed to it (docs/RESULTS.md). The behaviour before this option existed.
 
+    ``scale_optimizer`` — how θ's scale factors (σ_θ) step: ``"adam"`` (default) with the other
+    factors, or ``"sgd"``: plain gradient steps of size ``scale_lr`` (default ``outer_lr``), following
+    the outer learning rate's schedule. Adam moves every factor by about its learning rate per step
+    whatever the gradient's size, so a small consistent bias in the M-step's target (the tasks'
+    E_q(ΔW − μ_θ)² against σ_θ²) drives σ_θ at full speed; an SGD step is proportional to the gap and
+    changes sign at the fixed point (docs/posterior.md).
+
     Second order differentiates the whole loss through the inner steps and ignores this setting (the
     preconditioned inner steps' curvature is treated as a constant there, so it is exact for SGD and
     Adam only).
@@ -140,6 +147,8 @@ class MetaConfig:
     query_subsample_size: int | None = None
     outer_kl: str = "prior"
     inner: InnerLoopConfig = field(default_factory=InnerLoopConfig)
+    scale_optimizer: str = "adam"
+    scale_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
@@ -153,6 +162,10 @@ class MetaConfig:
         _check(self.query_subsample_size is None or self.query_subsample_size >= 1,
                f"query_subsample_size must be >= 1 or None, got {self.query_subsample_size!r}")
         _check(self.outer_kl in OUTER_KL, f"outer_kl must be one of {list(OUTER_KL)}, got {self.outer_kl!r}")
+        _check(self.scale_optimizer in ("adam", "sgd"),
+               f"scale_optimizer must be one of ['adam', 'sgd'], got {self.scale_optimizer!r}")
+        _check(self.scale_lr is None or (math.isfinite(self.scale_lr) and self.scale_lr > 0),
+               f"scale_lr must be > 0 or None, got {self.scale_lr!r}")
 
     @property
     def gamma(self) -> float:

@@ -70,6 +70,8 @@ class KnownTruthConfig:
     free_scale: bool = False  # the low-rank-precision guide's per-element task log-scale
     refine_columns: bool = False  # the low-rank-precision guide's columns refined by the inner loop
     freeze_scales: bool = False
+    scale_optimizer: str = "adam"  # or "sgd": θ's scales by plain gradient steps of scale_lr
+    scale_lr: float = 1e-3
     start_at_truth: bool = False  # a control: θ starts at θ* (does training stay there?)
     scalar_scale: bool = False  # train only the per-module log-scale s_0 (the family's spread is uniform)
     num_test_tasks: int = 16
@@ -118,7 +120,7 @@ def _build(lm, cfg: KnownTruthConfig, generator: torch.Generator) -> MetaSVI:
     inner = InnerLoopConfig(num_inner_steps=cfg.num_inner_steps, inner_lr=cfg.inner_lr, optimizer=cfg.inner_optimizer,
                             pass_through=cfg.pass_through)
     meta = MetaConfig(kl_beta=cfg.kl_beta, kl_gamma=cfg.kl_gamma, outer_lr=cfg.outer_lr, tasks_per_step=cfg.tasks_per_step,
-                      inner=inner)
+                      inner=inner, scale_optimizer=cfg.scale_optimizer, scale_lr=cfg.scale_lr)
     task_guide = LowRankPrecisionGuide(cov_rank=cfg.cov_rank, free_scale=cfg.free_scale,
                                                 refine_columns=cfg.refine_columns) if cfg.guide == "low-rank-precision" else None
     if cfg.guide not in ("mean-field", "low-rank-precision"):

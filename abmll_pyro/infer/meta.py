@@ -124,7 +124,12 @@ class MetaSVI:
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
-        self.optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.config.outer_lr)
+        scales = {id(p) for k, p in adapter.global_params().items() if ":sigma" in k}
+        self.scale_parameters = ([p for p in self.trainable_parameters() if id(p) in scales]
+                                 if self.config.scale_optimizer == "sgd" else [])
+        stepped = {id(p) for p in self.scale_parameters}
+        self.optimizer = torch.optim.Adam([p for p in self.trainable_parameters() if id(p) not in stepped],
+                                          lr=self.config.outer_lr)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -241,14 +246,31 @@ class MetaSVI:
     def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
         """One outer step: zero the gradients, :meth:`loss_and_grads`, clip, optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
+        for p in self.scale_parameters:
+            p.grad = None
         result = self.loss_and_grads(episodes, num_tasks)
-        params = self.trainable_parameters()
+        stepped = {id(p) for p in self.scale_parameters}  # their SGD step is proportional to the gradient: not clipped
+        params = [p for p in self.trainable_parameters() if id(p) not in stepped]
         clip = self.config.grad_clip
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf))
         if not math.isfinite(norm):
             raise NonFiniteLossError(f"outer gradient norm is {norm} (check outer_lr, kl_beta, kl_gamma)")
         self.optimizer.step()
+        self._scale_step()
         return replace(result, grad_norm=norm)
+
+    @torch.no_grad()
+    def _scale_step(self) -> None:
+        """``scale_optimizer="sgd"``: θ's scale factors take p ← p − lr_s·∂L/∂p, lr_s = ``scale_lr``
+        times the outer learning rate's current fraction of ``outer_lr`` (its schedule)."""
+        if not self.scale_parameters:
+            return
+        cfg = self.config
+        fraction = self.optimizer.param_groups[0]["lr"] / cfg.outer_lr if self.optimizer.param_groups else 1.0
+        lr = (cfg.scale_lr if cfg.scale_lr is not None else cfg.outer_lr) * fraction
+        for p in self.scale_parameters:
+            if p.grad is not None and p.requires_grad:
+                p.add_(p.grad, alpha=-lr)
 
     @staticmethod
     def _check(loss: Tensor, where: str) -> None:
