@@ -69,6 +69,7 @@ class KnownTruthConfig:
     cov_rank: int = 32  # R of the low-rank-precision guide (columns of its data directions)
     free_scale: bool = False  # the low-rank-precision guide's per-element task log-scale
     refine_columns: bool = False  # the low-rank-precision guide's columns refined by the inner loop
+    whiten: bool = False  # the low-rank-precision guide's mean offset in units of θ's σ
     freeze_scales: bool = False
     scale_optimizer: str = "adam"  # or "sgd": θ's scales by plain gradient steps of scale_lr
     scale_lr: float = 1e-3
@@ -122,7 +123,7 @@ def _build(lm, cfg: KnownTruthConfig, generator: torch.Generator) -> MetaSVI:
     meta = MetaConfig(kl_beta=cfg.kl_beta, kl_gamma=cfg.kl_gamma, outer_lr=cfg.outer_lr, tasks_per_step=cfg.tasks_per_step,
                       inner=inner, scale_optimizer=cfg.scale_optimizer, scale_lr=cfg.scale_lr)
     task_guide = LowRankPrecisionGuide(cov_rank=cfg.cov_rank, free_scale=cfg.free_scale,
-                                                refine_columns=cfg.refine_columns) if cfg.guide == "low-rank-precision" else None
+                                                refine_columns=cfg.refine_columns, whiten=cfg.whiten) if cfg.guide == "low-rank-precision" else None
     if cfg.guide not in ("mean-field", "low-rank-precision"):
         raise ValueError(f"guide must be 'mean-field' or 'low-rank-precision', got {cfg.guide!r}")
     svi = MetaSVI(adapter, meta, prior=HierarchicalPrior(a0=cfg.prior_a0, init_std=cfg.init_std), task_guide=task_guide,

@@ -167,11 +167,11 @@ class LowRankPrecisionGuide(MeanFieldGuide):
 
     def __init__(self, cov_rank: int = 8, init: str = "ggn", init_scale: float = 1e-2, likelihood=None,
                  power_iterations: int = 8, free_scale: bool = False, refine_columns: bool = False,
-                 residual_mean: bool = True):
+                 residual_mean: bool = True, whiten: bool = False):
         if cov_rank < 0:
             raise ValueError(f"cov_rank must be >= 0, got {cov_rank!r}")
         self.free_scale, self.refine_columns = bool(free_scale), bool(refine_columns)
-        self.residual_mean = bool(residual_mean)
+        self.residual_mean, self.whiten = bool(residual_mean), bool(whiten)
         if init not in ("ggn", "random"):
             raise ValueError(f"init must be 'ggn' or 'random', got {init!r}")
         self.cov_rank, self.init, self.init_scale = int(cov_rank), init, float(init_scale)
@@ -217,7 +217,10 @@ class LowRankPrecisionGuide(MeanFieldGuide):
         mean = adapter.mean(task_params, module)
         B = task_params.get(adapter.key(module, "res_B"))
         if B is not None:
-            mean = mean + (adapter.config.scaling * full_precision(B)) @ full_precision(task_params[adapter.key(module, "res_A")])
+            offset = (adapter.config.scaling * full_precision(B)) @ full_precision(task_params[adapter.key(module, "res_A")])
+            # whiten: the offset in units of θ's σ (the frozen copy), so an inner step of size lr moves the
+            # mean by about lr·σ, whatever σ is: plain SGD and Adam resolve the posterior at any prior scale
+            mean = mean + (adapter.std(task_params, module) * offset if self.whiten else offset)
         return mean
 
     def task_distribution(self, adapter: BayesLoRA, task_params: Params, module: str) -> dist.Distribution:

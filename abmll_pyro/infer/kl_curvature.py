@@ -101,7 +101,8 @@ def _pair_blocks(W: Tensor, B: Tensor, A: Tensor, scale: float) -> tuple[RankBlo
     return RankBlocks(2 * scale * rows, 0), RankBlocks(2 * scale * cols, 1)
 
 
-def kl_curvature(adapter: BayesLoRA, prior: TaskPrior, theta: Params, kl_beta: float) -> Callable[[Params], dict[str, Curvature]]:
+def kl_curvature(adapter: BayesLoRA, prior: TaskPrior, theta: Params, kl_beta: float,
+                 guide=None) -> Callable[[Params], dict[str, Curvature]]:
     """``params -> {key: H}`` for the factor keys present in ``params`` (float32 or float64, no grad):
     a :class:`RankBlocks` for the factors of a pair, a tensor of the factor's shape (diagonal) for the
     log-scales. ``kl_beta = 0``: no curvature (the preconditioned steps are the plain optimizers)."""
@@ -123,9 +124,11 @@ def kl_curvature(adapter: BayesLoRA, prior: TaskPrior, theta: Params, kl_beta: f
             if key("mu_A") in params and key("mu_B") in params:
                 A, B = full_precision(params[key("mu_A")]), full_precision(params[key("mu_B")])
                 out[key("mu_B")], out[key("mu_A")] = _pair_blocks(W, B, A, c * c)
-            if key("res_B") in params and key("res_A") in params:  # a guide's mean offset c·B_Δ A_Δ (same KL curvature)
-                Bd, Ad = full_precision(params[key("res_B")]), full_precision(params[key("res_A")])
-                out[key("res_B")], out[key("res_A")] = _pair_blocks(W, Bd, Ad, c * c)
+            if key("res_B") in params and key("res_A") in params:  # a guide's mean offset c·B_Δ A_Δ (same KL curvature;
+                Bd, Ad = full_precision(params[key("res_B")]), full_precision(params[key("res_A")])  # × σ² when whitened)
+                whitened = bool(getattr(guide, "whiten", False))
+                Wr = W * adapter.std(params, m).pow(2) if whitened else W
+                out[key("res_B")], out[key("res_A")] = _pair_blocks(Wr, Bd, Ad, c * c)
             kinds = adapter.std_map.kinds
             if not all(key(k) in params for k in kinds):
                 continue

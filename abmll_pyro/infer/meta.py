@@ -160,7 +160,7 @@ class MetaSVI:
         steps = inner.num_inner_steps if num_inner_steps is None else num_inner_steps
         curvature = None
         if inner.optimizer in PRECONDITIONED:
-            curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta)
+            curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta, self.guide.task_guide)
         refined = inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
                              inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps,
                              frozen=frozenset(getattr(self.guide.task_guide, "frozen_keys", lambda p: ())(start)))
