@@ -56,10 +56,15 @@ def wants_cpu(config: RunConfig) -> bool:
 
 
 def check_device(config: RunConfig) -> None:
-    """``device="cuda"`` on a machine where torch sees no CUDA GPU is a :class:`ConfigError` (never a silent CPU run)."""
+    """Refuse, as a :class:`ConfigError`, what the machine would not honour: ``device="cuda"`` where torch
+    sees no CUDA GPU (never a silent CPU run), and ``mixed_precision="fp16"`` on the CPU (accelerate's
+    CPU autocast is bfloat16 only: fp16 would silently run in float32)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                           "use --device cpu, or auto")
+    if config.mixed_precision == "fp16" and wants_cpu(config):
+        raise ConfigError(f"mixed_precision='fp16' needs a CUDA GPU (device={config.device!r} runs on the CPU, where "
+                          "fp16 autocast does not exist and the run would silently be float32); use bf16 or no")
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
