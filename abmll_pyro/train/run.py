@@ -80,11 +80,14 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     GradientState._reset_state()
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
     check_supported(accelerator)
+    if accelerator.device.type == "cuda":  # peak_memory_mb is this run's, not an earlier run's of the same process
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     return accelerator
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch (CUDA), else the process's peak resident set (ru_maxrss)."""
+    """Peak GPU memory allocated by torch since :func:`make_accelerator` (CUDA), else the process's peak
+    resident set (ru_maxrss: a process-wide peak, earlier runs of the same process included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
