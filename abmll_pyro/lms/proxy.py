@@ -53,10 +53,13 @@ def _fill(model: PreTrainedModel, seed: int) -> None:
             p.fill_(1.0)
             continue
         flat = p.view(-1)
+        # drawn on the CPU (the same values on every device), then moved once: a broadcast copy from
+        # another device would first materialise all whole·BLOCK values in host memory
+        src = block.to(device=p.device, dtype=p.dtype)
         whole, rest = divmod(flat.numel(), BLOCK)
         if whole:  # [whole, BLOCK] view of the first whole·BLOCK values, one broadcast copy
-            flat[: whole * BLOCK].view(whole, BLOCK).copy_(block.to(p.dtype).expand(whole, BLOCK))
-        flat[whole * BLOCK:].copy_(block[:rest].to(p.dtype))
+            flat[: whole * BLOCK].view(whole, BLOCK).copy_(src.expand(whole, BLOCK))
+        flat[whole * BLOCK:].copy_(src[:rest])
 
 
 def llama3_8b_proxy(num_layers: int = 1, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",

@@ -56,10 +56,15 @@ def wants_cpu(config: RunConfig) -> bool:
 
 
 def check_device(config: RunConfig) -> None:
-    """``device="cuda"`` on a machine where torch sees no CUDA GPU is a :class:`ConfigError` (never a silent CPU run)."""
+    """Refuse, as a :class:`ConfigError`, what the machine would not honour: ``device="cuda"`` where torch
+    sees no CUDA GPU (never a silent CPU run), and ``mixed_precision="fp16"`` on the CPU (accelerate's
+    CPU autocast is bfloat16 only: fp16 would silently run in float32)."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                           "use --device cpu, or auto")
+    if config.mixed_precision == "fp16" and wants_cpu(config):
+        raise ConfigError(f"mixed_precision='fp16' needs a CUDA GPU (device={config.device!r} runs on the CPU, where "
+                          "fp16 autocast does not exist and the run would silently be float32); use bf16 or no")
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -75,11 +80,14 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     GradientState._reset_state()
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
     check_supported(accelerator)
+    if accelerator.device.type == "cuda":  # peak_memory_mb is this run's, not an earlier run's of the same process
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     return accelerator
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch (CUDA), else the process's peak resident set (ru_maxrss)."""
+    """Peak GPU memory allocated by torch since :func:`make_accelerator` (CUDA), else the process's peak
+    resident set (ru_maxrss: a process-wide peak, earlier runs of the same process included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB

@@ -140,11 +140,12 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
     the training loss, so ``with_tasks=False``, for prediction, loads no tasks and uses M = 1).
     ``Built.config`` is ``config`` with ``max_length`` fitted to the LM (:func:`fit_context`)."""
     seed_everything(config.seed)
-    lm, tokenizer = load_lm(config.model, dtype=config.dtype, seed=config.seed)
+    # loaded straight onto the device (an 8B model never passes through host memory); the random
+    # tiny and proxy weights are drawn on the CPU first, so they are the same on every device
+    lm, tokenizer = load_lm(config.model, dtype=config.dtype, device=device, seed=config.seed)
     config = fit_context(config, lm)
     taskset = load_taskset(config, tokenizer) if with_tasks else TaskSet(())
     seed_everything(config.seed)
-    lm = lm.to(device)
     targets = config.target_modules
     if config.last_layers is not None:
         targets = last_layer_targets(lm, targets, config.last_layers)

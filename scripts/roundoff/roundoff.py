@@ -58,7 +58,7 @@ def _trajectory(config: RunConfig, steps: int, rel: float, perturb_seed: int) ->
     generator = torch.Generator().manual_seed(perturb_seed)
     with torch.no_grad():  # relative, so a factor started at zero (LoRA's B) stays exactly zero
         for p in named.values():
-            p.mul_(1 + rel * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
+            p.mul_(1 + rel * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device, p.dtype))
     ranks = Ranks.of(accelerator)
     states = [{k: p.detach().double().clone() for k, p in named.items()}]
     for step in range(steps):
