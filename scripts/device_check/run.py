@@ -7,7 +7,7 @@ Stages, each in its own process (its peak memory is its own):
 
 1. ``tests``: the tests marked ``device`` (tests/device/) with ``ABMLL_TEST_DEVICE=<device>``;
 2. ``smoke``: ``abmll benchmark --preset smoke --device <device>`` (every method on a tiny Llama);
-3. ``cpu`` and ``paper``: one outer step (the package's cost probe, ``abmll_pyro.train.probe``) per
+3. ``cpu`` and ``paper``: one outer step (the cost study's probe, ``scripts/cost/probe.py``) per
    method in bf16 (bfloat16 weights, bf16 autocast) and fp32 — the ``cpu`` preset as it is (SmolLM2 on
    debian-cls; skipped, with the reason, when the embedded model or the prepared suite is missing) and
    the ``paper`` preset on the Llama-3-8B shape proxy (``llama3-8b-proxy``, one block) with generated
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # the checkout's package, run from anywhere
 
 from abmll_pyro.presets import CORE_METHODS, get_preset  # noqa: E402
 from abmll_pyro.train.config import RunConfig  # noqa: E402
-from abmll_pyro.train.experiments import _probe  # noqa: E402
+from scripts.cost.probe import run_probe as _probe  # noqa: E402
 
 DTYPES = {"bf16": dict(dtype="bfloat16", mixed_precision="bf16"), "fp32": dict(dtype="float32", mixed_precision="no")}
 QUICK_PAPER = dict(model="tiny-llama", shots=2, query_size=2, num_inner_steps=1, num_samples=2, max_length=128)
