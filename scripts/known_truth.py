@@ -32,7 +32,7 @@ PRESETS = {
 
 
 def _value(field: dataclasses.Field, text: str):
-    kind = type(field.default)
+    kind = type(field.default) if field.default is not None else int  # an optional count (cov_rank)
     if kind is bool:
         if text.lower() not in ("true", "false"):
             raise ValueError(f"{field.name} must be true or false, got {text!r}")

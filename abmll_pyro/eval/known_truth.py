@@ -66,7 +66,7 @@ class KnownTruthConfig:
     inner_optimizer: str = "adam-precond"
     pass_through: bool = False
     guide: str = "mean-field"  # or "low-rank-precision" (q with R correlated directions per module)
-    cov_rank: int = 32  # R of the low-rank-precision guide (columns of its data directions)
+    cov_rank: int | None = None  # R of the low-rank-precision guide (None: every GGN direction of the support set)
     free_scale: bool = False  # the low-rank-precision guide's per-element task log-scale
     refine_columns: bool = False  # the low-rank-precision guide's columns refined by the inner loop
     whiten: bool = False  # the low-rank-precision guide's mean offset in units of θ's σ

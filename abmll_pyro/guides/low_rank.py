@@ -30,6 +30,7 @@ for the GGN posterior precision the start uses.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import pyro.distributions as dist
@@ -152,29 +153,47 @@ def _kl_low_rank_normal(q: LowRankPrecisionNormal, p: dist.Independent) -> Tenso
 
 
 class LowRankPrecisionGuide(MeanFieldGuide):
-    """q(ΔW_{i,m}) = :class:`LowRankPrecisionNormal` with the task's mean and scale factors (as in mean
-    field) plus R columns per module (``cov_U``, ``cov_V`` among the task's parameters, refined by the
-    inner loop like the others; θ has none: the prior has no correlations).
+    """q(ΔW_{i,m}) = :class:`LowRankPrecisionNormal` with precision diag(1/σ²) + W Wᵀ: σ is θ's (the
+    task's copy of θ's scale factors) and W the likelihood's curvature, so Λ = Λ_prior + GGN — the
+    precision condition of the optimal Gaussian q (prior precision plus the expected Hessian of the
+    negative log-likelihood), with the Hessian read at q's mean.
 
-    Start (``init="ggn"``, default): the exact Gaussian posterior's precision at the prior mean,
-    Λ = 1/σ_θ² + GGN(μ_θ), in this family: for each support example n the option scores' Hessian
+    Task parameters (``init_task_params``): θ's factors copied (with history; kept as they are by the
+    inner loop: :meth:`frozen_keys`), a mean offset ``res_B`` ``[out, r]`` (0) and ``res_A`` ``[r, in]``
+    (θ's A) — q's mean is θ's plus (α/r)·B_Δ A_Δ, so rows no example reaches stay exactly at θ's
+    (an offset through θ's own factors would move every row through the shared A) — and the columns
+    ``cov_U`` ``[out, R]``, ``cov_V`` ``[R, in]``. The inner loop refines the offset; :meth:`refresh`
+    then recomputes the columns at the refined mean.
+
+    The columns (``init="ggn"``): for each support example n the option scores' Hessian
     H_n = diag p − p pᵀ = Σ_c λ_c v_c v_cᵀ gives columns √λ_c · ∂(v_cᵀ scores_n)/∂ΔW (one backward
-    each; the R largest λ), scaled by σ_θ and cut to rank 1 (exact for the LM head; a power
-    iteration otherwise). ``init="random"``: small random columns (entries N(0, ``init_scale``²)),
-    for ablations. Needs the model's likelihood: :class:`~abmll_pyro.infer.meta.MetaSVI` binds it
+    each), cut to rank 1 (exact for the LM head, read at one position; a power iteration otherwise).
+    ``cov_rank=None`` keeps every (example, contrast) pair, n·(K − 1); a smaller R keeps the largest λ
+    and warns: dropped curvature widens q and biases the M-step for σ_θ upward (measured,
+    docs/posterior.md). ``init="random"``: small random columns (N(0, ``init_scale``²)), an ablation.
+
+    Options: ``whiten`` (the offset in units of θ's σ, so an inner step of size lr moves the mean by
+    about lr·σ whatever σ is: plain SGD and Adam then resolve the posterior at any prior scale);
+    ``free_scale`` (a per-element task log-scale on top of θ's σ, refined by the inner loop — its
+    one-draw gradients scatter it, measured to bias σ_θ, so off by default); ``refine_columns`` (the
+    inner loop also steps the columns; off: Adam's steps on them raised the KL, measured);
+    ``residual_mean=False`` (the task's own copy of θ's mean factors is refined instead of an offset).
+    Needs the model's likelihood for the GGN: :class:`~abmll_pyro.infer.meta.MetaSVI` binds it
     (:meth:`bind`), or pass ``likelihood=``.
     """
 
-    def __init__(self, cov_rank: int = 8, init: str = "ggn", init_scale: float = 1e-2, likelihood=None,
+    def __init__(self, cov_rank: int | None = None, init: str = "ggn", init_scale: float = 1e-2, likelihood=None,
                  power_iterations: int = 8, free_scale: bool = False, refine_columns: bool = False,
                  residual_mean: bool = True, whiten: bool = False):
-        if cov_rank < 0:
-            raise ValueError(f"cov_rank must be >= 0, got {cov_rank!r}")
+        if cov_rank is not None and cov_rank < 0:
+            raise ValueError(f"cov_rank must be >= 0 or None, got {cov_rank!r}")
+        if cov_rank is None and init == "random":
+            raise ValueError("init='random' needs a cov_rank (the number of columns)")
         self.free_scale, self.refine_columns = bool(free_scale), bool(refine_columns)
         self.residual_mean, self.whiten = bool(residual_mean), bool(whiten)
         if init not in ("ggn", "random"):
             raise ValueError(f"init must be 'ggn' or 'random', got {init!r}")
-        self.cov_rank, self.init, self.init_scale = int(cov_rank), init, float(init_scale)
+        self.cov_rank, self.init, self.init_scale = (None if cov_rank is None else int(cov_rank)), init, float(init_scale)
         self.likelihood, self.power_iterations = likelihood, int(power_iterations)
 
     def bind(self, model) -> None:
@@ -241,7 +260,7 @@ class LowRankPrecisionGuide(MeanFieldGuide):
         refined diagonal σ (Λ = D + GGN(μ_q): the Gaussian variational optimum's precision condition,
         prior precision plus the likelihood's curvature at q, read at q's mean). Values only: the
         returned columns carry no history."""
-        if self.init != "ggn" or not self.cov_rank:
+        if self.init != "ggn" or self.cov_rank == 0:
             return dict(task_params)
         sigma = {}
         for m in adapter.shapes:
@@ -262,12 +281,17 @@ class LowRankPrecisionGuide(MeanFieldGuide):
         if scores_fn is None:
             raise TypeError("LowRankPrecisionGuide(init='ggn') needs a likelihood with scores(lm, batch) (an OptionLikelihood); "
                             f"got {type(self.likelihood).__name__}; use init='random' for other data")
-        R = self.cov_rank
         with torch.enable_grad():
             deltas = {m: self._mean(adapter, theta, m).detach().requires_grad_(True) for m in adapter.shapes}
             with adapter.use(deltas):
                 scores = scores_fn(adapter.lm, support.batch)  # [n, K], -inf in padded slots
-            pairs = _score_contrasts(scores.detach().double())[:R]  # (λ, n, w) by decreasing λ
+            pairs = _score_contrasts(scores.detach().double())  # (λ, n, w) by decreasing λ
+            R = len(pairs) if self.cov_rank is None else self.cov_rank
+            if len(pairs) > R:
+                warnings.warn(f"LowRankPrecisionGuide keeps the {R} largest of the support set's {len(pairs)} GGN directions; "
+                              "the rest of the data's curvature is dropped, which widens q and biases σ_θ upward "
+                              "(cov_rank=None keeps them all)", stacklevel=3)
+            pairs = pairs[:R]
             sigma = {m: v.detach() for m, v in sigma.items()}
             U = {m: torch.zeros(o, R, dtype=sigma[m].dtype, device=sigma[m].device) for m, (o, _) in adapter.shapes.items()}
             V = {m: torch.zeros(R, i, dtype=sigma[m].dtype, device=sigma[m].device) for m, (_, i) in adapter.shapes.items()}
