@@ -7,6 +7,7 @@ OUT/known_truth.json, rank histograms in OUT/sbc_ranks.png.
     python scripts/known_truth.py --preset tiny --out /tmp/kt --spreads 0.1 0.3 1.0
     python scripts/known_truth.py --preset smollm2 --out runs/kt-smollm2 --spreads 0.03 0.1 0.3
     python scripts/known_truth.py --preset tiny --out /tmp/kt --set freeze_scales=true   # the broken control
+    python scripts/known_truth.py --preset tiny --out /tmp/kt --spreads 0.3 --m-step-at-truth 0.5 1 2   # the M-step's fixed point
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def main(argv=None) -> None:
     p.add_argument("--spreads", type=float, nargs="+", default=None, help="true spreads s (default: the config's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a KnownTruthConfig field")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--m-step-at-truth", type=float, nargs="+", default=None, metavar="FACTOR",
+                   help="instead of training: the M-step's target at θ = θ* with σ_θ scaled by each FACTOR "
+                        "(its fixed point is where the target crosses 1); writes OUT/m_step_targets.json")
     args = p.parse_args(argv)
     try:
         config = config_of(args.preset, args.set)
@@ -85,6 +89,19 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.m_step_at_truth:
+        from abmll_pyro.eval.known_truth import m_step_targets
+
+        out = []
+        for s in spreads:
+            lm, tok = load(args.preset)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                out.append(m_step_targets(lm, tok, dataclasses.replace(config, spread=s), args.m_step_at_truth))
+            log(f"s = {s:g}: " + ", ".join(f"×{f:g}: {t:.3f} ± {e:.3f}" for f, t, e in zip(*(out[-1][k] for k in ("factors", "targets", "stderr")))))
+        (args.out / "m_step_targets.json").write_text(json.dumps({"preset": args.preset, "runs": out}, indent=1) + "\n")
+        print(json.dumps({f"{o['config']['spread']:g}": dict(zip([f"{f:g}" for f in o["factors"]], o["targets"])) for o in out}))
+        return
     results = []
     for s in spreads:
         lm, tok = load(args.preset)

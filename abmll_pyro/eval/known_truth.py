@@ -19,6 +19,7 @@ stays at init_std whatever s is.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -37,7 +38,7 @@ from ..models.priors import HierarchicalPrior
 from .metrics import ece_floor, expected_calibration_error
 from .sbc import posterior_draws, projections, rank_uniformity, sbc_ranks
 
-__all__ = ["KnownTruthConfig", "run_known_truth", "identified_mask"]
+__all__ = ["KnownTruthConfig", "run_known_truth", "identified_mask", "m_step_targets"]
 
 
 @dataclass(frozen=True)
@@ -229,3 +230,52 @@ def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str]
         **_evaluate(svi, test, cfg, masks, g),
         "seconds": time.time() - started,
     }
+
+
+def m_step_targets(lm, tokenizer, config: KnownTruthConfig, factors: Sequence[float] = (0.5, 1.0, 2.0),
+                   num_tasks: int = 24, pool: Sequence[str] | None = None) -> dict:
+    """The empirical-Bayes M-step's target at θ = θ* with σ_θ scaled by each factor f: over ``num_tasks``
+    tasks drawn from the family and the identified elements, mean((Var_q + (E_q ΔW − μ*)²)/σ_θ²) after the
+    inner loop on each task's ``shots`` support examples. For the exact posterior its expectation is
+    exactly 1 at f = 1, above 1 for f < 1 and below for f > 1: σ_θ's fixed point is where it crosses 1.
+    A guide whose curve crosses below f = 1 settles σ_θ below the true spread (mean field, whose q
+    underestimates variance where the data inform it). Returns ``{"factors", "targets", "stderr"}``."""
+    cfg = config
+    attach_trunk_cache(lm)
+    g = torch.Generator().manual_seed(cfg.seed)
+    svi = _build(lm, cfg, g)
+    adapter = svi.adapter
+    template = DirectTemplate(sep=cfg.separator)
+    masks = identified_mask(adapter, tokenizer, template=template)
+    dtype = next(lm.parameters()).dtype
+    theta_star = {k: v.to(dtype) for k, v in true_theta(adapter, cfg.spread, cfg.mean_rms, g).items()}
+    pool = list(pool) if pool is not None else default_text_pool()
+    tasks = [sample_task(svi.model, theta_star, family_inputs(tokenizer, pool, cfg.examples_per_task, g, template=template),
+                         cfg.seed * 100003 + 90000 + i) for i in range(num_tasks)]
+    means, errors = [], []
+    for f in factors:
+        with torch.no_grad():
+            for key, p in adapter.global_params().items():
+                p.copy_(theta_star[key])
+            for m in adapter.shapes:  # every scale factor's log shifts σ by the same factor: the module's s_0
+                log0 = adapter.global_params().get(adapter.key(m, "sigma_log0"))
+                if log0 is None:
+                    raise ValueError("m_step_targets needs std_map 'log-rowcol' (a module log-scale s_0)")
+                log0.add_(math.log(f))
+        theta = svi.theta()
+        values = []
+        for t in tasks:
+            support, _ = t.split(cfg.shots)
+            post = svi.adapt(support)
+            with torch.no_grad():
+                num = den = 0.0
+                for m, mask in masks.items():
+                    q = svi.guide.task_guide.task_distribution(adapter, post, m)
+                    mu, sd = adapter.mean(theta, m), adapter.std(theta, m)
+                    ratio = ((q.variance + (q.mean - mu) ** 2) / sd ** 2)[mask]
+                    num, den = num + float(ratio.sum()), den + int(mask.sum())
+            values.append(num / den)
+        v = torch.tensor(values, dtype=torch.float64)
+        means.append(float(v.mean()))
+        errors.append(float(v.std() / math.sqrt(len(values))))
+    return {"factors": list(factors), "targets": means, "stderr": errors, "num_tasks": num_tasks, "config": asdict(cfg)}
