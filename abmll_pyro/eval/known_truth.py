@@ -74,7 +74,8 @@ class KnownTruthConfig:
     freeze_scales: bool = False
     scale_optimizer: str = "adam"  # or "sgd": θ's scales by plain gradient steps of scale_lr
     scale_lr: float = 1e-3
-    start_at_truth: bool = False  # a control: θ starts at θ* (does training stay there?)
+    start_at_truth: bool = False  # θ starts at θ* (is the truth a fixed point of training?)
+    start_scale: float = 1.0  # with start_at_truth: σ_θ starts at start_scale·s (a broken control: != 1, frozen)
     scalar_scale: bool = False  # train only the per-module log-scale s_0 (the family's spread is uniform)
     num_test_tasks: int = 16
     test_shots: int = 8
@@ -216,6 +217,8 @@ def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str]
         with torch.no_grad():
             for key, p in adapter.global_params().items():
                 p.copy_(theta_star[key])
+                if key.endswith(":sigma_log0"):
+                    p.add_(math.log(cfg.start_scale))
     sigma_start = _geo_mean(adapter, svi.theta(), masks)
     history = _meta_train(svi, episodes, cfg, masks, g, log)
     sigma_theta = _geo_mean(adapter, svi.theta(), masks)
