@@ -66,8 +66,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
         text = f"{KEY_HELP[f.name]} (default {f.default!r})" if not callable(f.default) else KEY_HELP[f.name]
         choices = CHOICES.get(f.name)
         if kind == "list":  # absent flags leave no attribute, so an explicit null (--max-length null) is kept
+            if choices is not None:  # (argparse would print the whole set twice in the usage line)
+                text = f"{text}; one or more of: {', '.join(choices)}"
             group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, choices=choices,
-                               metavar="NAME" if choices is None else None, help=text)
+                               metavar="NAME", help=text)
         else:
             metavar = "{true,false}" if kind is parse_bool else (f.name.upper() if choices is None else None)
             group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, choices=choices,
