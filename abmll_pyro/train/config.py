@@ -78,7 +78,10 @@ class RunConfig:
     a PEFT LoRA adapter folder whose factors start θ's mean (same rank and target modules, checked). Evaluation:
     ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
     on at the end (``test``, or ``dev`` for tuning — never tune on test).
-    Machinery: ``dtype`` of the LM's weights (KL, prior and likelihood terms stay float32);
+    Machinery: ``dtype`` of the LM's weights (KL, prior and likelihood terms stay float32) and
+    ``mixed_precision`` (Accelerate's autocast) take one vocabulary (:data:`~abmll_pyro.config.DTYPE_NAMES`:
+    ``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``) and are stored canonically;
+    ``report_to`` names Accelerate trackers (:data:`TRACKERS`) a training run also logs to (default none);
     ``trunk_cache`` keeps the hidden states below the lowest adapted block per example, so passes
     run only the adapted blocks (exact; off to measure the difference).
     """
