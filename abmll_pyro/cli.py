@@ -15,61 +15,12 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_parser import build_parser
+
 __all__ = ["main", "build_parser"]
-
-MAIN_FLAGS = ("seed", "steps", "kl_beta", "kl_gamma", "rank", "lora_alpha", "num_inner_steps", "inner_lr", "outer_lr",
-              "shots", "query_size", "eval_query_size", "tasks_per_step", "num_samples", "prior", "guide",
-              "score_reduction")
-
-
-_OVERWRITE = "replace what --out holds (by default a writer refuses anything it did not write itself)"
-_TRUNK_HELP = ("share the frozen trunk's hidden states (the blocks below the adapted ones) with other runs "
-               "through this folder (safe for several processes; results do not depend on who filled it)")
-
-
-def _none_or(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return lowered in ("true", "1", "yes")
-
-
-def _flag_type(annotation: str):
-    base = annotation.replace(" | None", "")
-    kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(base)
-    if base.startswith("tuple"):
-        return "list"
-    return _none_or(kind) if "None" in annotation else kind
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from .train.config import RunConfig
-
-    main = parser.add_argument_group("main settings")
-    more = parser.add_argument_group("more settings (every config key)")
-    for f in fields(RunConfig):
-        if f.name in skip:
-            continue
-        group = main if f.name in MAIN_FLAGS else more
-        kind = _flag_type(str(f.type))
-        flag = "--" + f.name.replace("_", "-")
-        if kind == "list":
-            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="NAME")
-        else:  # absent flags leave no attribute, so an explicit null (--max-length null) is kept
-            group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                               help=f"(default {f.default!r})" if not callable(f.default) else None)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,168 +40,6 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None):
         RunConfig.from_dict(values, where=args.config)  # a bad value in the file is reported with the file's name
     values.update(_overrides(args))
     return RunConfig.from_dict(values, where="flags")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block): ``abmll: error: ... (see abmll train --help)``."""
-
-    def __init__(self, *args, **kwargs):  # no prefix matching: --ste is not --steps (subparsers too)
-        kwargs["allow_abbrev"] = False
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"abmll: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS, TRAINABLE
-    from .presets import PRESETS
-
-    parser = _Parser(prog="abmll", description="Amortized Bayesian Meta-Learning for LoRA (ABMLL) and baselines.")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (also accepted after the command)")
-    parser.add_argument("--version", action="version", version=f"abmll {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="prepare task data")
-    dsub = data.add_subparsers(dest="data_command", required=True)
-    prep = dsub.add_parser("prepare", help="fetch and convert a task suite into the cache")
-    prep.add_argument("suite", choices=["bigbench", "debian-cls", "bigbench-gen"])
-    prep.add_argument("--force", action="store_true", help="rebuild even if prepared")
-    prep.add_argument("--from", dest="source", metavar="PATH",
-                      help="bigbench, bigbench-gen: a local BIG-bench checkout, source tree or .tar.gz archive "
-                           "(the package index no longer serves bigbench 1.0.0)")
-    prep.add_argument("--mirror", metavar="URL",
-                      help="debian-cls: fetch the pinned .deb files by URL from this Debian archive mirror (the "
-                           "base URL holding pool/ and dists/) instead of apt-get; default $ABMLL_DEBIAN_MIRROR")
-    syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
-    syn.add_argument("--out", required=True)
-    syn.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
-
-    train = sub.add_parser("train", help="meta-train a method; evaluates on the test tasks at the end")
-    train.add_argument("--method", choices=list(TRAINABLE))
-    train.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-qwen2, tiny-gpt2, llama3-8b-proxy(-2l), or a HF id/path")
-    train.add_argument("--tasks", help="bigbench, debian-cls, a task-folder path, or a CrossFit/MetaICL split name")
-    train.add_argument("--out", help="the new run directory")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest intact "
-                       "checkpoint (may change only: steps to extend it, num_threads, checkpoint_every, "
-                       "keep_checkpoints, log_every, device)")
-    train.add_argument("--overwrite", action="store_true", help="replace a finished or checkpointed run in --out")
-    train.add_argument("--trust-plugins", action="store_true",
-                       help="with --resume: allow the run's config to import plug-in files (it runs their code)")
-    train.add_argument("--allow-config-change", action="store_true",
-                       help="with --resume: continue although the run's config.json was edited since its checkpoint "
-                            "(the change is recorded in log.txt)")
-    train.add_argument("--config", help="YAML or JSON file of config keys")
-    train.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
-    _add_config_flags(train, skip=("method", "model", "tasks"))
-
-    ev = sub.add_parser("evaluate", help="adapt on each test task's support set, score its query set")
-    ev.add_argument("--run", metavar="RUN_DIR", help="a trained run directory")
-    ev.add_argument("--method", choices=list(METHODS), help="an untrained method (pretrained, icl) without --run")
-    ev.add_argument("--model")
-    ev.add_argument("--tasks")
-    ev.add_argument("--split", choices=["test", "dev"], default="test")
-    ev.add_argument("--out", help="write the result JSON here (default: print only)")
-    ev.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
-    ev.add_argument("--config")
-    ev.add_argument("--trust-plugins", action="store_true",
-                    help="allow the run's config to import plug-in files (it runs their code)")
-    ev.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR", help=_TRUNK_HELP)
-    _add_config_flags(ev, skip=("method", "model", "tasks"))
-
-    pr = sub.add_parser("predict", help="adapt to a new task and write the query's option probabilities")
-    pr.add_argument("--run", metavar="RUN_DIR", required=True)
-    pr.add_argument("--support", required=True, help="JSONL of labelled examples (input, options, output)")
-    pr.add_argument("--query", required=True, help="JSONL of examples (input, options; output optional)")
-    pr.add_argument("--out", help="output JSONL (default: stdout)")
-    pr.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
-    pr.add_argument("--num-samples", dest="num_samples", type=int)
-    pr.add_argument("--trust-plugins", action="store_true",
-                    help="allow the run's config to import plug-in files (it runs their code)")
-
-    gen = sub.add_parser("generate", help="adapt to a support set and sample answers per prompt from the posterior")
-    gen.add_argument("--run", metavar="RUN_DIR", required=True)
-    gen.add_argument("--support", required=True, help="JSONL task lines (input, target) or (input, options, output)")
-    gen.add_argument("--prompts", required=True, help="JSONL of prompts (input; target optional)")
-    gen.add_argument("--num-samples", dest="num_samples", type=int, default=8, help="posterior draws per prompt")
-    gen.add_argument("--out", help="output JSONL (default: stdout)")
-    gen.add_argument("--overwrite", action="store_true", help=_OVERWRITE)
-    gen.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
-    gen.add_argument("--do-sample", dest="do_sample", type=_bool, default=False, help="sample tokens (default greedy)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", dest="top_p", type=float, default=1.0)
-    gen.add_argument("--stop", nargs="*", default=["\n"], help="stop strings (default: newline)")
-    gen.add_argument("--seed", type=int, help="default: the run's seed")
-    gen.add_argument("--trust-plugins", action="store_true",
-                     help="allow the run's config to import plug-in files (it runs their code)")
-
-    ex = sub.add_parser("export", help="write θ's mean, or a support set's adapted mean, as a PEFT LoRA adapter")
-    ex.add_argument("--run", metavar="RUN_DIR", required=True)
-    ex.add_argument("--support", help="JSONL task lines: export this task's adapted posterior mean")
-    ex.add_argument("--format", dest="fmt", choices=["peft"], default="peft")
-    ex.add_argument("--out", required=True, help="the adapter folder (new or empty)")
-    ex.add_argument("--overwrite", action="store_true", help="write into a folder that holds files (another adapter)")
-    ex.add_argument("--seed", type=int, help="default: the run's seed")
-    ex.add_argument("--trust-plugins", action="store_true",
-                    help="allow the run's config to import plug-in files (it runs their code)")
-
-    bench = sub.add_parser("benchmark", help="every method on the same splits, budgets and seeds")
-    bench.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    bench.add_argument("--out", required=True)
-    bench.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
-    bench.add_argument("--methods", nargs="+", choices=[*METHODS, "all"],
-                       help="the methods to run (default: the preset's; 'all': every method)")
-    bench.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
-    bench.add_argument("--reference", default="abmll", help="the method every other is compared against")
-    bench.add_argument("--jobs", type=int,
-                       help="run this many (method, seed) runs at once, each in its own process with the config's "
-                            "num_threads (default: the preset's; 1 under torchrun / accelerate launch); the results "
-                            "do not depend on it")
-    bench.add_argument("--trunk-dir", dest="trunk_dir", metavar="DIR",
-                       help="the folder the runs share the frozen trunk's hidden states in (default: "
-                            "OUT/trunk-cache, deleted when every run has finished; a folder given here is kept; "
-                            "'none': each run keeps its own, in memory)")
-    bench.add_argument("--config")
-    _add_config_flags(bench, skip=("method", "seed"))
-
-    cmp_ = sub.add_parser("compare", help="paired differences with 95%% bootstrap CIs from runs' predictions")
-    cmp_.add_argument("paths", nargs="+", metavar="RUN_OR_BENCH_DIR",
-                      help="run directories, benchmark directories or predictions.jsonl files")
-    cmp_.add_argument("--reference", default="abmll", help="the method every other is compared against")
-    cmp_.add_argument("--ece-bins", dest="ece_bins", type=int, default=15)
-    cmp_.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    cmp_.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    cmp_.add_argument("--names", nargs="+", metavar="NAME",
-                      help="one label per path, replacing the method names in the files (compare two runs of one method)")
-    cmp_.add_argument("--tasks", nargs="+", metavar="TASK", dest="only_tasks",
-                      help="only these tasks (e.g. the test tasks with headroom)")
-    cmp_.add_argument("--tasks-file", dest="tasks_file",
-                      help="only the tasks listed in this file (one per line; # starts a comment)")
-    cmp_.add_argument("--out", help="also write comparison.md, comparison.json and table.md into this directory")
-    cmp_.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
-    cmp_.add_argument("--target", metavar="BASELINE",
-                      help="check the claim 'reference NLL <= --nll-ratio x and ECE <= --ece-ratio x BASELINE's, "
-                           "resolved, accuracy within 1 SE', and whether its ECE is reachable at this n "
-                           "(with --out also target.md, target.json)")
-    cmp_.add_argument("--nll-ratio", dest="nll_ratio", type=float, default=0.7, help="with --target (default 0.7)")
-    cmp_.add_argument("--ece-ratio", dest="ece_ratio", type=float, default=0.5, help="with --target (default 0.5)")
-    _quiet_everywhere(sub)
-    return parser
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _quiet_everywhere(sub: argparse._SubParsersAction) -> None:
-    """``--quiet`` after any command too (``abmll train ... --quiet``), not only before it."""
-    for command in sub.choices.values():
-        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-        for action in command._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                _quiet_everywhere(action)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -293,11 +82,18 @@ def _cmd_train(args) -> int:
         result = train_run(saved.updated(**changes), args.resume, resume=True, progress=not args.quiet,
                            allow_config_change=args.allow_config_change)
     else:
-        for flag in ("method", "out"):
-            if not getattr(args, flag):
-                raise ConfigError(f"train needs --{flag} (or --resume RUN_DIR)")
+        if not args.out:
+            raise ConfigError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+        if not args.method and "method" not in (load_config_file(args.config) if args.config else {}):
+            raise ConfigError("train needs --method, or a --config file that sets method (or --resume RUN_DIR)")
         base = {k: getattr(args, k) for k in ("method", "model", "tasks") if getattr(args, k)}
-        result = train_run(_config(args, base), args.out, progress=not args.quiet, overwrite=args.overwrite)
+        config = _config(args, base)
+        from .methods import TRAINABLE
+
+        if config.method not in TRAINABLE:  # (--method's choices say so for the flag; this is the config file's)
+            raise ConfigError(f"{args.config}: method {config.method!r} is not trained (evaluate it with abmll "
+                              f"evaluate --method); trainable: {list(TRAINABLE)}")
+        result = train_run(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
     _print_summary(result)
     return 0
 
@@ -393,6 +189,9 @@ def _cmd_benchmark(args) -> int:
 
         base["tasks"] = str(main_writes(synthetic_task_folder, Path(args.out) / "tasks", **preset.synthetic))
     config = _config(args, base)
+    from .train.runlog import check_trackers
+
+    check_trackers(config.report_to)  # before any run starts
     seeds = range(args.seeds if args.seeds is not None else preset.seeds)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")

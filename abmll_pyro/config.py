@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-__all__ = ["AdapterConfig", "InnerLoopConfig", "MetaConfig", "PAPER_STD_FLOOR"]
+__all__ = ["AdapterConfig", "InnerLoopConfig", "MetaConfig", "PAPER_STD_FLOOR", "DTYPE_NAMES", "MIXED_PRECISION_NAMES",
+           "dtype_name", "mixed_precision_name"]
 
 PAPER_STD_FLOOR = math.exp(-20.0)
 # sanity limits, checked before anything is allocated (far above any useful value)
@@ -19,6 +20,31 @@ MAX_INIT_STD = 10.0
 MAX_SCALING = 1e6
 STD_MAPS = ("softplus", "paper", "log-rowcol", "log-full")
 INNER_OPTIMIZERS = ("sgd", "adam", "kl-precond", "adam-precond")
+
+
+# One vocabulary of floating-point precisions for --dtype, --mixed-precision and their config keys: every
+# spelling -> the torch name. ``dtype`` stores the torch name; ``mixed_precision`` stores Accelerate's.
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+_ACCELERATE = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # Accelerator(mixed_precision=...)
+#: ``mixed_precision``'s spellings: ``no`` (or ``none``, or a float32 spelling: no autocast) and the half precisions
+MIXED_PRECISION_NAMES = ("no", "none", *DTYPE_NAMES)
+
+
+def dtype_name(value: str, key: str = "dtype") -> str:
+    """The torch name (``float32``, ``bfloat16``, ``float16``) of any spelling in :data:`DTYPE_NAMES`;
+    another value is a ``ValueError`` naming ``key`` and the spellings allowed."""
+    if not isinstance(value, str) or value not in DTYPE_NAMES:
+        raise ValueError(f"{key} must be one of {list(DTYPE_NAMES)}, got {value!r}")
+    return DTYPE_NAMES[value]
+
+
+def mixed_precision_name(value: str, key: str = "mixed_precision") -> str:
+    """Accelerate's name (``no``, ``bf16``, ``fp16``) of any spelling in :data:`MIXED_PRECISION_NAMES`
+    (``fp32``/``float32`` mean no autocast, as ``no`` and ``none`` do)."""
+    if not isinstance(value, str) or value not in MIXED_PRECISION_NAMES:
+        raise ValueError(f"{key} must be one of {list(MIXED_PRECISION_NAMES)}, got {value!r}")
+    return "no" if value in ("no", "none") else _ACCELERATE[DTYPE_NAMES[value]]
 
 
 def _check(cond: bool, message: str) -> None:

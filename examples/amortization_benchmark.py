@@ -35,7 +35,7 @@ from abmll_pyro.eval import compute_metrics
 from abmll_pyro.registry import resolve_guide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _support.helpers import VOCAB, family_batch, tiny_lm  # noqa: E402
+from _support.helpers import VOCAB, family_batch, tiny_lm, toy_option_chars  # noqa: E402
 
 RULES = (list(range(1, 5)), list(range(5, 9)))
 
@@ -55,7 +55,7 @@ def rule_batch(n: int, task_seed: int, generator: torch.Generator, num_options: 
         prompts.append([marker] + torch.randint(9, VOCAB, (4,), generator=generator).tolist())
         options.append([[t] for t in opts])
         gold.append(pos)
-    return OptionBatch.from_token_ids(prompts, options, gold)
+    return OptionBatch.from_token_ids(prompts, options, gold, option_chars=toy_option_chars(options))
 
 
 FAMILIES = {"shared": family_batch, "rule": rule_batch}

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..lora.adapter import BayesLoRA
 from ..lora.layer import is_linear
+from ..train.checkpoint import save_tensors
 from ..train.peft_init import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 
 __all__ = ["export_peft", "peft_target_modules"]
@@ -88,6 +88,6 @@ def export_peft(adapter: BayesLoRA, params: Mapping[str, Tensor], out_dir: str |
         "modules_to_save": None,
         "inference_mode": True,
     }
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out

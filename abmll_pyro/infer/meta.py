@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MetaConfig
+from ..data.scoring import TokenBatch
 from ..guides.base import ABMLLGuide, TaskGuide
 from ..guides.mean_field import MeanFieldGuide
 from ..lora.adapter import BayesLoRA
@@ -77,7 +78,9 @@ class Episode:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The outer loss and its parts (means over the batch's tasks; log p(θ) unscaled).
+    """The outer loss and its parts (means over the batch's tasks; log p(θ) unscaled). ``nll`` is a
+    task's query NLL summed over its examples (the term of the loss); ``nll_per_example`` divides each
+    task's by its query size (the unit every method logs).
 
     ``sigma_theta``: mean σ_θ over every element of every adapted module (the prior's scale);
     ``sigma_q``: the mean over the batch's tasks of each task's mean σ of q after the inner loop
@@ -91,6 +94,15 @@ class StepResult:
     grad_norm: float | None = None  # before clipping; set by step(), None from loss_and_grads()
     sigma_theta: float | None = None
     sigma_q: float | None = None
+    nll_per_example: float | None = None  # the mean over tasks of −log p(query_i | φ_i) / |query_i| (_scored_units)
+
+
+def _scored_units(batch) -> int:
+    """What one NLL is averaged over: examples of an option batch, target tokens of a token batch (as
+    :func:`~abmll_pyro.methods.base.option_nll` averages)."""
+    if isinstance(batch, TokenBatch):  # token t+1 is predicted from <= t
+        return max(int(batch.target_mask[:, 1:].sum()), 1)
+    return len(batch)
 
 
 class MetaSVI:
@@ -191,7 +203,7 @@ class MetaSVI:
         cfg, inner = self.config, self.config.inner
         second = inner.order == "second"
         theta = self.theta()
-        total = nll = kl = 0.0
+        total = nll = kl = per_example = 0.0
         sigma_q: float | None = 0.0
         b = len(episodes)
         for ep in episodes:
@@ -232,6 +244,7 @@ class MetaSVI:
                 backward(loss / b)  # one task's LM graph at a time
             total += float(loss.detach()) / b
             nll += -loglik / b
+            per_example += -loglik / _scored_units(query.batch) / b  # (a subsampled query's loglik is scaled to all)
             kl += task_kl_value / b
             task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
             sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
@@ -241,7 +254,7 @@ class MetaSVI:
             backward(g_loss)
         total += float(g_loss.detach())
         return StepResult(total, nll, kl, log_hyperprior(self.model, theta),
-                          sigma_theta=mean_prior_std(self.adapter, theta), sigma_q=sigma_q)
+                          sigma_theta=mean_prior_std(self.adapter, theta), sigma_q=sigma_q, nll_per_example=per_example)
 
     def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
         """One outer step: zero the gradients, :meth:`loss_and_grads`, clip, optimizer step."""

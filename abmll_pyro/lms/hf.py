@@ -5,18 +5,16 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["load_hf", "resolve_dtype"]
+from ..config import dtype_name
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+__all__ = ["load_hf", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch.dtype, or any spelling of :data:`abmll_pyro.config.DTYPE_NAMES` (``bf16``, ``bfloat16``, ...)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or a torch.dtype")
-    return DTYPES[dtype]
+    return getattr(torch, dtype_name(dtype))
 
 
 def load_hf(

@@ -41,7 +41,9 @@ class ABMLL(Method):
     def train_step(self, episodes: Sequence, backward: Backward) -> dict[str, float]:
         core = [Episode(ep.name, TaskData(ep.support), TaskData(ep.query)) for ep in episodes]
         r = self.svi.loss_and_grads(core, num_tasks=self.num_train_tasks, backward=backward)
-        parts = {"loss": r.loss, "nll": r.nll, "task_kl": r.task_kl, "log_p_theta": r.log_p_theta}
+        # nll: per query example, as every method logs it; query_nll_sum: the loss's term (loss = it + β·task_kl − ...)
+        parts = {"loss": r.loss, "nll": r.nll_per_example, "query_nll_sum": r.nll, "task_kl": r.task_kl,
+                 "log_p_theta": r.log_p_theta}
         # the posterior's scale in metrics.jsonl: mean σ of θ's prior and of the tasks' q
         parts.update({k: v for k, v in (("sigma_theta", r.sigma_theta), ("sigma_q", r.sigma_q)) if v is not None})
         return parts

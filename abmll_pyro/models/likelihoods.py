@@ -70,13 +70,17 @@ def _chunks(n: int, size: int | None) -> list[Tensor]:
 class OptionLikelihood(Likelihood):
     """gold_j ~ Categorical(softmax(score_j1, ..., score_jK)), score = option log-likelihood.
 
-    ``reduction``: how token log-probs become an option's score — ``"sum"`` (default here; the run
-    config's ``score_reduction`` chooses for every method), ``"mean"`` per token (MetaICL) or ``"char"``
-    per character (lm-eval's ``acc_norm``); see :data:`~abmll_pyro.data.scoring.SCORE_REDUCTIONS`. ``chunk_size``: at most
-    this many examples per LM call (memory), results concatenated.
+    ``reduction``: how token log-probs become an option's score — ``"char"`` per character of the
+    option's text (the default, as the run config's ``score_reduction`` and the CLI: lm-eval's
+    ``acc_norm``), ``"sum"`` or ``"mean"`` per token (MetaICL); see
+    :data:`~abmll_pyro.data.scoring.SCORE_REDUCTIONS`. ``char`` reads each option's length from the
+    batch's ``option_chars``, which :func:`~abmll_pyro.data.encoding.encode_options` fills; a batch built
+    from token ids (:meth:`~abmll_pyro.data.scoring.OptionBatch.from_token_ids`) has no text, so give it
+    ``option_chars=`` or choose ``"sum"`` (a batch without them is a ``ValueError`` saying so).
+    ``chunk_size``: at most this many examples per LM call (memory), results concatenated.
     """
 
-    def __init__(self, reduction: str = "sum", chunk_size: int | None = None):
+    def __init__(self, reduction: str = "char", chunk_size: int | None = None):
         check_reduction(reduction)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")

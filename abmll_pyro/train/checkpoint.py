@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.fingerprint import file_sha256
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "atomic_write_text",
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_latest", "load_checkpoint", "atomic_write_text", "save_tensors",
            "clean_temporaries", "checkpoint_folders", "verify", "defer_interrupts"]
 
 LATEST = "latest.json"
@@ -54,6 +54,27 @@ class Checkpoint:
     sampler_rng: torch.Tensor | None
     python_rng: Any
     config: dict
+
+
+def _default_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask (read without changing it
+    on Linux; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the file's mode an ordinary new file's (0644 under umask
+    022): safetensors writes through a private temporary file and leaves mode 0600."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _default_mode())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -117,13 +138,13 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
 def _save(root, final, tmp, step, tensors, optimizer, sampler_rng, config, keep) -> Path:
     try:
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "adapter.safetensors")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if sampler_rng is not None:
             rng["sampler"] = sampler_rng
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_tensors(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_state_to_json(random.getstate()),
                                                     "config": config}))
         sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
+from ..config import (DTYPE_NAMES, INNER_OPTIMIZERS, MIXED_PRECISION_NAMES, OUTER_KL, STD_MAPS, AdapterConfig,
+                      InnerLoopConfig, MetaConfig, dtype_name, mixed_precision_name)
 from ..data.scoring import SCORE_REDUCTIONS
 from ..data.tasks import unique_keys
 
@@ -25,6 +26,23 @@ __all__ = ["RunConfig", "load_config_file", "load_yaml", "ConfigError", "strict_
 MAX_ECE_BINS = 10_000  # equal-width bins of confidence; the usual 15 resolves 1/15
 MAX_SEED = 2**32 - 1  # numpy.random.seed's limit (pyro.set_rng_seed seeds NumPy too)
 DEVICES = ("auto", "cpu", "cuda")
+#: Accelerate's experiment trackers a run can report to (``report_to``); each needs its own package
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+#: the closed sets of string keys (``prior``, ``guide`` and ``method`` are registries, checked where they resolve);
+#: the CLI offers them as its flags' choices
+CHOICES: dict[str, tuple[str, ...]] = {
+    "template": ("direct", "chat"),
+    "score_reduction": SCORE_REDUCTIONS,
+    "std_map": STD_MAPS,
+    "inner_optimizer": INNER_OPTIMIZERS,
+    "outer_kl": OUTER_KL,
+    "predict_mode": ("sample", "mean"),
+    "eval_split": ("test", "dev"),
+    "mixed_precision": MIXED_PRECISION_NAMES,
+    "dtype": tuple(DTYPE_NAMES),
+    "device": DEVICES,
+    "report_to": ("none", *TRACKERS),
+}
 
 
 class ConfigError(ValueError):
@@ -60,7 +78,10 @@ class RunConfig:
     a PEFT LoRA adapter folder whose factors start θ's mean (same rank and target modules, checked). Evaluation:
     ``ece_bins`` equal-width bins of top-label confidence; ``eval_split`` the tasks a run is evaluated
     on at the end (``test``, or ``dev`` for tuning — never tune on test).
-    Machinery: ``dtype`` of the LM's weights (KL, prior and likelihood terms stay float32);
+    Machinery: ``dtype`` of the LM's weights (KL, prior and likelihood terms stay float32) and
+    ``mixed_precision`` (Accelerate's autocast) take one vocabulary (:data:`~abmll_pyro.config.DTYPE_NAMES`:
+    ``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``) and are stored canonically;
+    ``report_to`` names Accelerate trackers (:data:`TRACKERS`) a training run also logs to (default none);
     ``trunk_cache`` keeps the hidden states below the lowest adapted block per example, so passes
     run only the adapted blocks (exact; off to measure the difference).
     """
@@ -131,6 +152,7 @@ class RunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
+    report_to: tuple[str, ...] | None = None  # Accelerate trackers besides log.txt/metrics.jsonl (TRACKERS)
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str) -> None:
@@ -160,18 +182,22 @@ class RunConfig:
         for name in ("blob_prior_std", "blob_init_eps"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
         check(0 < self.mc_dropout_rate < 1, f"mc_dropout_rate must be in (0, 1), got {self.mc_dropout_rate!r}")
-        check(self.score_reduction in SCORE_REDUCTIONS,
-              f"score_reduction must be one of {list(SCORE_REDUCTIONS)}, got {self.score_reduction!r}")
-        check(self.eval_split in ("test", "dev"), f"eval_split must be 'test' or 'dev', got {self.eval_split!r}")
-        check(self.predict_mode in ("sample", "mean"), f"predict_mode must be 'sample' or 'mean', got {self.predict_mode!r}")
-        check(self.mixed_precision in ("no", "bf16", "fp16"),
-              f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        check(self.dtype in ("float32", "bfloat16", "float16"),
-              f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        for name in ("template", "score_reduction", "eval_split", "predict_mode", "device"):
+            v = getattr(self, name)
+            check(v in CHOICES[name], f"{name} must be one of {list(CHOICES[name])}, got {v!r}")
+        if self.report_to is not None:  # ("none",) is null; each name once
+            names = tuple(dict.fromkeys(n for n in self.report_to if n.lower() != "none"))
+            bad = [n for n in names if n not in TRACKERS]
+            check(not bad, f"report_to must name trackers among {list(TRACKERS)} (or none), got {bad[0]!r}" if bad else "")
+            object.__setattr__(self, "report_to", names or None)
+        try:  # any spelling of the one vocabulary (fp32/float32, bf16/bfloat16, fp16/float16), stored canonically
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))
+            object.__setattr__(self, "mixed_precision", mixed_precision_name(self.mixed_precision))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         check(isinstance(self.trunk_cache, bool), f"trunk_cache must be true or false, got {self.trunk_cache!r}")
         check(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
               f"seed must be an integer in [0, {MAX_SEED}] (NumPy's seed range), got {self.seed!r}")
-        check(self.device in DEVICES, f"device must be one of {list(DEVICES)}, got {self.device!r}")
         try:  # the core's own checks, run now so a bad value fails before any model is loaded
             self.adapter_config()
             self.meta_config()

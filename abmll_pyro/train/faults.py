@@ -30,7 +30,7 @@ __all__ = ["prepare_run_dir", "check_resume", "RESUMABLE", "RunInterrupted", "de
            "summarize_truncation", "absolute_sources", "truncate_metrics", "RUN_FILES", "check_checkpoint_config"]
 
 # keys a resumed run may change: they alter neither the trained state so far nor its randomness
-RESUMABLE = ("steps", "num_threads", "checkpoint_every", "keep_checkpoints", "log_every", "device")
+RESUMABLE = ("steps", "num_threads", "checkpoint_every", "keep_checkpoints", "log_every", "device", "report_to")
 # what a run writes into its directory (and --overwrite removes)
 RUN_FILES = ("config.json", "results.json", "predictions.jsonl", "metrics.jsonl", "log.txt", "checkpoints", "tensorboard")
 

@@ -1,8 +1,10 @@
 """One run, start to end: build, meta-train (through ``accelerate.Accelerator``), checkpoint, evaluate.
 
 Run directory (``RUN_DIR``): ``config.json`` (the resolved :class:`RunConfig`), ``log.txt``,
-``metrics.jsonl`` (one line per step: the method's loss components, e.g. ABMLL's ``nll``, ``task_kl``,
-``log_p_theta``), ``tensorboard/`` (when installed), ``checkpoints/``, ``results.json``.
+``metrics.jsonl`` (one line per step: the method's loss components, e.g. ABMLL's ``task_kl`` and
+``log_p_theta``; ``nll`` is, for every method, the mean NLL per scored example of the examples its
+training loss scores, in nats), ``tensorboard/`` (with ``report_to`` tensorboard), ``checkpoints/``,
+``results.json``.
 
 Accelerate gives device placement, mixed precision (``bf16``: autocast around the LM; the core keeps
 KL and prior terms in float32) and gradient accumulation (``grad_accum`` micro-batches per optimizer
@@ -42,7 +44,7 @@ from .episodes import EpisodeEncoder, EpisodeSampler, test_splits
 from .evaluate import evaluate_method, metrics_json, pooled_json, predictions_path, write_predictions
 from .generative import evaluate_generative_run, is_generative
 from .results import SCHEMA_VERSION, validate_result
-from .runlog import RunLog
+from .runlog import RunLog, check_trackers, tracker_settings
 from .setup import build
 
 __all__ = ["train_run", "evaluate_run", "make_accelerator", "peak_memory_mb", "load_run_config", "open_run"]
@@ -67,7 +69,8 @@ def check_device(config: RunConfig) -> None:
                           "fp16 autocast does not exist and the run would silently be float32); use bf16 or no")
 
 
-def make_accelerator(config: RunConfig) -> Accelerator:
+def make_accelerator(config: RunConfig, run_dir: Path | None = None) -> Accelerator:
+    """The run's Accelerator; with ``run_dir`` it also reports to ``config.report_to``'s trackers."""
     check_device(config)
     cpu = wants_cpu(config)
     if config.num_threads:
@@ -78,7 +81,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              **tracker_settings(config.report_to, run_dir))
     check_supported(accelerator)
     if accelerator.device.type == "cuda":  # peak_memory_mb is this run's, not an earlier run's of the same process
         torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -228,6 +232,7 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
     message names the checkpoint kept and the command that resumes."""
     run_dir = refuse_root(run_dir)
     check_device(config)  # before the run directory is touched
+    check_trackers(config.report_to)
     config = absolute_sources(config)
     saved = load_run_config(run_dir) if resume else None  # (a clear error before anything is created)
     with RunLock(run_dir):
@@ -258,7 +263,9 @@ def train_run(config: RunConfig, run_dir: str | Path, resume: bool = False, prog
 
 def _train_and_evaluate(config: RunConfig, run_dir: Path, log: RunLog, resume: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config, run_dir)
+    if isinstance(log, RunLog):
+        log.start_trackers(accelerator, config.to_dict())
     log.info(f"{'resume' if resume else 'start'} {config.method} on {config.model}, tasks {config.tasks}, "
              f"seed {config.seed}, device {accelerator.device}")
     built, taskset = build(config, accelerator.device)

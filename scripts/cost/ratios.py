@@ -46,7 +46,8 @@ def dense_buffer_counts() -> dict:
         theta = svi.theta() if where != "inner_step" else {k: v.detach() for k, v in svi.theta().items()}
         start = svi.guide.task_guide.init_task_params(adapter, theta)
         params = {k: v.detach().requires_grad_() for k, v in start.items()}
-        batch = OptionBatch.from_token_ids([[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9], [10]]], [0, 1])
+        batch = OptionBatch.from_token_ids([[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9], [10]]], [0, 1],
+                                           option_chars=[[1, 2], [1, 1]])  # (the default char reduction's lengths)
         if where == "outer_kl":
             loss = task_kl_loss(svi.model, svi.guide, theta, {k: v.detach() for k, v in params.items()})
         elif where == "outer_query":

@@ -30,12 +30,19 @@ def tiny_lm(kind: str = "llama", seed: int = 0, dtype=torch.float32, vocab: int 
     return model.to(dtype).eval()
 
 
+def toy_option_chars(options) -> list[list[int]]:
+    """Each option's length in characters for a batch built from raw token ids: a toy token stands for one
+    character. ``OptionLikelihood()``'s default ``char`` reduction (the CLI's) needs these lengths, as a
+    batch from ``encode_options`` carries them."""
+    return [[len(o) for o in opts] for opts in options]
+
+
 def random_option_batch(n: int, num_options: int = 3, prompt_len: int = 5, generator=None, vocab: int = VOCAB) -> OptionBatch:
     g = generator or torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
     options = [[torch.randint(1, vocab, (1 + (j % 2),), generator=g).tolist() for j in range(num_options)] for _ in range(n)]
     gold = torch.randint(0, num_options, (n,), generator=g).tolist()
-    return OptionBatch.from_token_ids(prompts, options, gold)
+    return OptionBatch.from_token_ids(prompts, options, gold, option_chars=toy_option_chars(options))
 
 
 GOOD = list(range(1, 9))  # tokens every task of the synthetic family prefers
@@ -57,7 +64,7 @@ def family_batch(n: int, task_seed: int, generator: torch.Generator, num_options
         prompts.append([marker] + body)
         options.append([[t] for t in opts])
         gold.append(pos)
-    return OptionBatch.from_token_ids(prompts, options, gold)
+    return OptionBatch.from_token_ids(prompts, options, gold, option_chars=toy_option_chars(options))
 
 
 def family_episode(task_seed: int, shots: int, query: int, generator: torch.Generator) -> Episode:

@@ -19,6 +19,7 @@ from abmll_pyro.infer.generate import (GenerationConfig, continuations, decode_a
                                        generation_model, normalize_answer, sample_answers, summarize_answers)
 from abmll_pyro.lms.tiny import tiny_model
 from abmll_pyro.models import TaskData
+from _support.helpers import toy_option_chars
 
 PROMPTS = ["Opposite of hot:", "Plural of cat:", "2+2="]
 
@@ -77,7 +78,7 @@ def _query() -> OptionBatch:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 200, (5,), generator=g).tolist() for _ in range(4)]
     options = [[torch.randint(1, 200, (2,), generator=g).tolist() for _ in range(3)] for _ in range(4)]
-    return OptionBatch.from_token_ids(prompts, options, [0, 1, 2, 0])
+    return OptionBatch.from_token_ids(prompts, options, [0, 1, 2, 0], option_chars=toy_option_chars(options))
 
 
 class _ReplayDraws:

@@ -1,9 +1,11 @@
 """Posterior predictive: shapes, normalization, padding, modes and seed reproducibility."""
 
+import dataclasses
+
 import pyro
 import pytest
 import torch
-from _support.helpers import random_option_batch, tiny_lm
+from _support.helpers import random_option_batch, tiny_lm, toy_option_chars
 
 from abmll_pyro import AdapterConfig, BayesLoRA, MetaConfig, MetaSVI, posterior_predictive
 from abmll_pyro.data.scoring import OptionBatch
@@ -21,7 +23,7 @@ def _mixed_query():
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 48, (4,), generator=g).tolist() for _ in range(3)]
     options = [[[int(t)] for t in torch.randint(1, 48, (k,), generator=g)] for k in (2, 3, 4)]
-    return OptionBatch.from_token_ids(prompts, options, [0, 2, 3])
+    return OptionBatch.from_token_ids(prompts, options, [0, 2, 3], option_chars=toy_option_chars(options))
 
 
 @pytest.mark.parametrize("mode,samples", [("sample", 1), ("sample", 5), ("mean", 1)])
@@ -55,8 +57,7 @@ def test_labels_are_not_used():
     svi = _svi()
     post = svi.adapt(TaskData(random_option_batch(4)))
     q = random_option_batch(5, generator=torch.Generator().manual_seed(9))
-    flipped = OptionBatch(q.input_ids, q.attention_mask, q.target_mask, q.row_example, q.row_option,
-                          (q.gold + 1) % 3, q.num_options)
+    flipped = dataclasses.replace(q, gold=(q.gold + 1) % 3)
     pyro.set_rng_seed(0)
     a = posterior_predictive(svi, post, TaskData(q), num_samples=2)
     pyro.set_rng_seed(0)

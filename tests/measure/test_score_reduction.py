@@ -116,5 +116,5 @@ def test_the_log_temperature_prior_shrinks_towards_one_when_the_support_is_small
 
 def test_eval_split_is_validated():
     assert RunConfig(eval_split="dev").eval_split == "dev"
-    with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
+    with pytest.raises(ConfigError, match=r"eval_split must be one of \['test', 'dev'\], got 'train'"):
         RunConfig(eval_split="train")

@@ -320,11 +320,11 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch
     real = checkpoint.save_file
     calls = []
 
-    def interrupted_save(tensors, path):  # Ctrl-C arrives in the middle of writing the checkpoint
+    def interrupted_save(tensors, path, **kwargs):  # Ctrl-C arrives in the middle of writing the checkpoint
         calls.append(path)
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(tensors, path)
+        return real(tensors, path, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_file", interrupted_save)
     # Python's own Ctrl-C handler, even when the suite runs as a background job (which starts with

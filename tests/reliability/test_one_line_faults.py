@@ -141,7 +141,7 @@ CASES = [
     ("abbreviated flag", lambda t, r: ["train", "--method", "abmll", "--out", str(t / "d"), "--ste", "2"],
      r"unrecognized arguments: --ste 2"),
     ("--device bogus", lambda t, r: _train(t, "--device", "bogus"),
-     r"device must be one of \['auto', 'cpu', 'cuda'\], got 'bogus'"),
+     r"argument --device: invalid choice: 'bogus' \(choose from 'auto', 'cpu', 'cuda'\)"),
     ("--device cuda without a GPU", lambda t, r: _train(t, "--device", "cuda"),
      r"device='cuda' but torch sees no CUDA GPU"),
     # tracebacks before
@@ -309,7 +309,7 @@ def test_a_full_disk_while_logging_names_log_txt(tmp_path):
 
     from abmll_pyro.train.runlog import RunLog
 
-    log = RunLog(tmp_path / "run", tensorboard=False)
+    log = RunLog(tmp_path / "run")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
