@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "std_map": STD_MAPS,
     "inner_optimizer": INNER_OPTIMIZERS,
     "outer_kl": OUTER_KL,
+    "scale_optimizer": ("adam", "sgd"),
     "predict_mode": ("sample", "mean"),
     "eval_split": ("test", "dev"),
     "mixed_precision": MIXED_PRECISION_NAMES,
@@ -129,6 +130,8 @@ class RunConfig:
     inner_optimizer: str = "adam"
     inner_adam_eps: float = 1e-8  # Adam's ε in the inner loop (InnerLoopConfig.adam_eps)
     outer_kl: str = "prior"
+    scale_optimizer: str = "adam"  # θ's scale factors: with the other factors (adam) or by plain gradient steps (sgd)
+    scale_lr: float | None = None  # the sgd scale step's size (null: outer_lr)
     reptile_step_size: float = 0.5
     ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, cpu-long section 4)
     # the Bayesian-LoRA peers (methods/laplace_lora.py, blob.py, ensemble_lora.py, mc_dropout_lora.py)
@@ -223,7 +226,7 @@ class RunConfig:
     def meta_config(self) -> MetaConfig:
         return MetaConfig(kl_beta=self.kl_beta, kl_gamma=self.kl_gamma, outer_lr=self.outer_lr,
                           tasks_per_step=self.tasks_per_step, grad_clip=self.grad_clip, outer_kl=self.outer_kl,
-                          inner=self.inner_config())
+                          inner=self.inner_config(), scale_optimizer=self.scale_optimizer, scale_lr=self.scale_lr)
 
     # ----------------------------------------------------------------- (de)serialization
     @classmethod

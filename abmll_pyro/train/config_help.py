@@ -49,6 +49,8 @@ KEY_HELP = {
     "inner_optimizer": "the inner loop's optimizer",
     "inner_adam_eps": "Adam's epsilon in the inner loop",
     "outer_kl": "how theta's gradient of the query KL is taken in first order",
+    "scale_optimizer": "how theta's scale factors step: with the other factors (adam) or by plain gradient steps (sgd)",
+    "scale_lr": "the sgd scale step's size (null: outer_lr), following the outer schedule",
     "reptile_step_size": "Reptile's outer step size epsilon",
     "ts_prior_std": "standard deviation of lora-ts's Normal prior on log T (null: unregularized fit)",
     "laplace_logit_samples": "draws of the linearized Laplace predictive's option logits (laplace-lora)",
