@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+import pyro
 import torch
 
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
@@ -192,24 +193,35 @@ def _evaluate(svi: MetaSVI, test: list[KnownTask], cfg: KnownTruthConfig, masks,
                     "num_ranks": int(all_ranks.numel()), "num_samples": cfg.num_samples}}
 
 
-def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str] | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> dict:
-    """Meta-train on a family with known θ*, s (module docstring); returns the measurements (JSON-able)."""
-    cfg = config
-    started = time.time()
+
+def _family(lm, tokenizer, cfg: KnownTruthConfig, pool: Sequence[str] | None):
+    """ABMLL over ``lm`` as ``cfg`` says, the family's θ*, the identified elements and a task drawer
+    ``draw(n, offset)`` (one generator seeded by ``cfg.seed``, used in this order: the adapter's
+    initialization, θ*, then the tasks' inputs; the global generators seeded by ``cfg.seed`` too, so a
+    study is repeatable on one machine and thread count)."""
     attach_trunk_cache(lm)
+    pyro.set_rng_seed(cfg.seed)  # the ELBO's and the predictive's draws use the global generators
     g = torch.Generator().manual_seed(cfg.seed)
     svi = _build(lm, cfg, g)
-    adapter = svi.adapter
     template = DirectTemplate(sep=cfg.separator)
-    masks = identified_mask(adapter, tokenizer, template=template)
+    masks = identified_mask(svi.adapter, tokenizer, template=template)
     dtype = next(lm.parameters()).dtype
-    theta_star = {k: v.to(dtype) for k, v in true_theta(adapter, cfg.spread, cfg.mean_rms, g).items()}
+    theta_star = {k: v.to(dtype) for k, v in true_theta(svi.adapter, cfg.spread, cfg.mean_rms, g).items()}
     pool = list(pool) if pool is not None else default_text_pool()
 
     def draw(n_tasks: int, offset: int) -> list[KnownTask]:
         return [sample_task(svi.model, theta_star, family_inputs(tokenizer, pool, cfg.examples_per_task, g, template=template),
                             cfg.seed * 100003 + offset + i) for i in range(n_tasks)]
+
+    return svi, g, masks, theta_star, draw
+
+def run_known_truth(lm, tokenizer, config: KnownTruthConfig, pool: Sequence[str] | None = None,
+                    log: Callable[[str], None] = lambda s: None) -> dict:
+    """Meta-train on a family with known θ*, s (module docstring); returns the measurements (JSON-able)."""
+    cfg = config
+    started = time.time()
+    svi, g, masks, theta_star, draw = _family(lm, tokenizer, cfg, pool)
+    adapter = svi.adapter
 
     train, test = draw(cfg.num_train_tasks, 0), draw(cfg.num_test_tasks, 50000)
     episodes = [Episode(f"train{i}", *t.split(cfg.shots)) for i, t in enumerate(train)]
@@ -244,17 +256,9 @@ def m_step_targets(lm, tokenizer, config: KnownTruthConfig, factors: Sequence[fl
     A guide whose curve crosses below f = 1 settles σ_θ below the true spread (mean field, whose q
     underestimates variance where the data inform it). Returns ``{"factors", "targets", "stderr"}``."""
     cfg = config
-    attach_trunk_cache(lm)
-    g = torch.Generator().manual_seed(cfg.seed)
-    svi = _build(lm, cfg, g)
+    svi, g, masks, theta_star, draw = _family(lm, tokenizer, cfg, pool)
     adapter = svi.adapter
-    template = DirectTemplate(sep=cfg.separator)
-    masks = identified_mask(adapter, tokenizer, template=template)
-    dtype = next(lm.parameters()).dtype
-    theta_star = {k: v.to(dtype) for k, v in true_theta(adapter, cfg.spread, cfg.mean_rms, g).items()}
-    pool = list(pool) if pool is not None else default_text_pool()
-    tasks = [sample_task(svi.model, theta_star, family_inputs(tokenizer, pool, cfg.examples_per_task, g, template=template),
-                         cfg.seed * 100003 + 90000 + i) for i in range(num_tasks)]
+    tasks = draw(num_tasks, 90000)
     means, errors = [], []
     for f in factors:
         with torch.no_grad():
