@@ -39,7 +39,8 @@ def _value(field: dataclasses.Field, text: str):
             raise ValueError(f"{field.name} must be true or false, got {text!r}")
         return text.lower() == "true"
     if kind is tuple:
-        return tuple(text.split(","))
+        items = tuple(t for t in text.split(",") if t)
+        return tuple(int(t) for t in items) if "int" in str(field.type) else items
     return kind(text)
 
 

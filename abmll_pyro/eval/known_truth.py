@@ -84,6 +84,8 @@ class KnownTruthConfig:
     num_projections: int = 4
     rank_bins: int = 5
     evaluate_nll: bool = True  # the held-out posterior-predictive NLLs (k = 0, test_shots, oracle)
+    eval_shots: tuple[int, ...] = ()  # further k < test_shots, each on the first k support examples, same query set
+    fine_tune: bool = False  # also a point estimate at every k: μ fine-tuned by maximum likelihood from μ_θ
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,6 +93,13 @@ class KnownTruthConfig:
             raise ValueError(f"shots and test_shots must be in 1..{self.examples_per_task - 1}, got {self.shots}, {self.test_shots}")
         if (self.num_samples + 1) % self.rank_bins:
             raise ValueError(f"rank_bins must divide num_samples + 1 = {self.num_samples + 1}, got {self.rank_bins}")
+        if any(not 0 < k < self.test_shots for k in self.eval_shots):
+            raise ValueError(f"eval_shots must lie in 1..{self.test_shots - 1} (test_shots), got {self.eval_shots}")
+
+    @property
+    def shots_curve(self) -> tuple[int, ...]:
+        """Every k the held-out NLL is measured at: 0 (the prior predictive), ``eval_shots``, ``test_shots``."""
+        return tuple(sorted({0, *self.eval_shots, self.test_shots}))
 
 
 def identified_mask(adapter: BayesLoRA, tokenizer, options: Sequence[str] = OPTIONS, template: Template | str = "direct") -> dict[str, torch.Tensor]:
@@ -156,13 +165,41 @@ def _meta_train(svi: MetaSVI, episodes: list[Episode], cfg: KnownTruthConfig, ma
     return history
 
 
+def _fine_tune(svi: MetaSVI, support, cfg: KnownTruthConfig) -> dict[str, torch.Tensor]:
+    """A point estimate from the same start as the posterior: q's mean fitted by maximum likelihood on
+    ``support`` (no KL, no sampling; Adam at ``inner_lr`` for ``num_inner_steps``; the guide's frozen
+    keys stay frozen) — a non-Bayesian fine-tune from the meta-learned mean μ_θ."""
+    from ..infer.predictive import mean_probs
+
+    task_guide = svi.guide.task_guide
+    with torch.no_grad():
+        start = task_guide.init_task_params(svi.adapter, svi.theta(), support)
+    frozen = set(getattr(task_guide, "frozen_keys", lambda p: ())(start))
+    params = {k: v.detach().clone().requires_grad_(k not in frozen) for k, v in start.items()}
+    optimizer = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=cfg.inner_lr)
+    gold = support.batch.gold
+    for _ in range(cfg.num_inner_steps):
+        optimizer.zero_grad()
+        probs = mean_probs(svi, params, support)
+        loss = -probs.double().gather(-1, gold[:, None]).clamp_min(1e-300).log().mean()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
 def _evaluate(svi: MetaSVI, test: list[KnownTask], cfg: KnownTruthConfig, masks, generator: torch.Generator) -> dict:
     """SBC ranks of P projections of the true ΔW_i among S draws of q(φ | support) per held-out task;
-    with ``evaluate_nll`` the posterior-predictive NLL (k = 0 and k = test_shots) and pooled ECE."""
-    k = f"k{cfg.test_shots}"
+    with ``evaluate_nll`` the posterior-predictive NLL and pooled ECE at every k of ``cfg.shots_curve``
+    (the first k of the task's ``test_shots`` support examples; one query set for every k), and with
+    ``fine_tune`` the maximum-likelihood point estimate's (``mle_k<k>``). ``per_task``: each held-out
+    task's mean NLL per entry, for paired comparisons."""
     directions = {m: torch.randn((cfg.num_projections,) + mask.shape, generator=generator, dtype=torch.float64) * mask
                   for m, mask in masks.items()}
-    ranks, nll, pooled = [], {"k0": [], k: [], "oracle": []}, {"k0": [], k: [], "gold": []}
+    names = [f"k{k}" for k in cfg.shots_curve]
+    if cfg.fine_tune:
+        names += [f"mle_k{k}" for k in cfg.shots_curve if k]
+    ranks, nll = [], {name: [] for name in names + ["oracle"]}
+    pooled = {name: [] for name in names + ["gold"]}
     for i, task in enumerate(test):
         support, query = task.split(cfg.test_shots)
         post = svi.adapt(support)
@@ -173,25 +210,34 @@ def _evaluate(svi: MetaSVI, test: list[KnownTask], cfg: KnownTruthConfig, masks,
         if not cfg.evaluate_nll:
             continue
         gold = query.batch.gold
+        predictions = {}
+        from ..models.likelihoods import TaskData
+        for k in cfg.shots_curve:
+            sub = support if k == cfg.test_shots else TaskData(support.batch.select(torch.arange(k))) if k else None
+            if k == 0:
+                predictions["k0"] = ({key: v.detach() for key, v in svi.theta().items()}, "sample")
+            else:
+                predictions[f"k{k}"] = (post if k == cfg.test_shots else svi.adapt(sub), "sample")
+            if cfg.fine_tune and k:
+                predictions[f"mle_k{k}"] = (_fine_tune(svi, sub, cfg), "mean")
         with torch.no_grad():
-            prior_params = {key: v.detach() for key, v in svi.theta().items()}
-            for name, params in (("k0", prior_params), (k, post)):
-                probs = posterior_predictive(svi, params, query, cfg.num_samples)
+            for name, (params, mode) in predictions.items():
+                probs = posterior_predictive(svi, params, query, cfg.num_samples, mode)
                 nll[name].append(float(-probs.double().gather(-1, gold[:, None]).clamp_min(1e-300).log().mean()))
                 pooled[name].append(probs)
         pooled["gold"].append(gold)
     calibration = {}
     if cfg.evaluate_nll:  # pooled over the held-out query examples: ECE (15 bins, a fraction) and its floor
         gold = torch.cat(pooled["gold"])
-        for name in ("k0", k):
+        for name in names:
             probs = torch.cat(pooled[name])
             calibration[name] = {"ece": expected_calibration_error(probs, gold), "ece_floor": ece_floor(probs)}
     all_ranks = torch.cat(ranks)
     uniform = rank_uniformity(all_ranks, cfg.num_samples, cfg.rank_bins)
     return {"nll": {key: sum(v) / len(v) for key, v in nll.items() if v}, "calibration": calibration,
+            "per_task": {key: v for key, v in nll.items() if v},
             "sbc": {"histogram": uniform.histogram, "chi2": uniform.chi2, "p_value": uniform.p_value,
                     "num_ranks": int(all_ranks.numel()), "num_samples": cfg.num_samples}}
-
 
 
 def _family(lm, tokenizer, cfg: KnownTruthConfig, pool: Sequence[str] | None):

@@ -32,7 +32,7 @@ from .. import sites
 from ..models.likelihoods import TaskData
 from .meta import MetaSVI
 
-__all__ = ["posterior_predictive", "predictive_samples", "uncertainty_split", "UncertaintySplit", "entropy"]
+__all__ = ["posterior_predictive", "mean_probs", "predictive_samples", "uncertainty_split", "UncertaintySplit", "entropy"]
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def predictive_samples(svi: MetaSVI, task_params: Mapping[str, Tensor], query: T
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     query = TaskData(query.batch, subsample_size=None, observed=False)
     if mode == "mean":
-        return _mean_probs(svi, task_params, query).double()[None]
+        return mean_probs(svi, task_params, query).double()[None]
     args = (svi.theta(), [task_params], [query])
     out = []
     for _ in range(num_samples):
@@ -101,7 +101,9 @@ def uncertainty_split(sample_probs: Tensor) -> UncertaintySplit:
     return UncertaintySplit(mean, total, aleatoric, (total - aleatoric).clamp_min(0.0), spread)
 
 
-def _mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData) -> Tensor:
+def mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData) -> Tensor:
+    """``[n, max_options]`` option probabilities at q's mean (``"mean"`` mode's one pass); differentiable
+    in ``task_params`` outside ``no_grad`` (a point-estimate fine-tune uses it as its loss)."""
     adapter = svi.adapter
     task_guide = svi.guide.task_guide
     deltas = {}
@@ -109,7 +111,8 @@ def _mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData
         q = task_guide.task_distribution(adapter, task_params, m)
         deltas[m] = q.mean
     # the mean-field / point-mass guides' mean is (α/r)·B_μ A_μ: use the low-rank form when it applies
-    if all(torch.equal(deltas[m], adapter.mean(task_params, m)) for m in adapter.shapes):
+    # (values only: under autograd the dense means are used, whose graph reaches every key they depend on)
+    if not torch.is_grad_enabled() and all(torch.equal(deltas[m], adapter.mean(task_params, m)) for m in adapter.shapes):
         deltas = adapter.mean_deltas(task_params)
     scores_fn = getattr(svi.model.likelihood, "scores", None)
     if scores_fn is None:

@@ -1,6 +1,7 @@
 """Does the uncertainty track the data? Shots curves and selective prediction (issue 13, item 5).
 
-For each method (trained once from the base config, or built untrained), on every test task:
+For each method (trained once from the base config, or built untrained), on every task of the config's
+``eval_split`` (test; dev for choosing settings):
 
 * **shots curve** — one fixed query set per task (``eval_query_size`` examples drawn by a seed of the
   run's seed and the task name) and nested support sets of k = 0, 1, 2, 4, 8, 16 examples from the
@@ -19,7 +20,9 @@ For each method (trained once from the base config, or built untrained), on ever
 A method is trained once into ``out/runs/<method>``, or taken from ``runs[method]`` (an existing run
 directory of the same settings, e.g. a benchmark's ``runs/abmll-seed0``): nothing is retrained then.
 
-Writes ``uncertainty.json`` and the plots ``epistemic_vs_shots.png``, ``selective_total.png``,
+Writes ``predictions/<method>-k<k>.predictions.jsonl`` (every query example's probabilities, keyed by seed,
+task and its index in the fixed query set: ``abmll compare`` and :mod:`scripts.uncertainty.shrinkage`
+pair them across k and methods), ``uncertainty.json`` and the plots ``epistemic_vs_shots.png``, ``selective_total.png``,
 ``selective_epistemic.png`` (and ``out_of_family.png``) under ``out``.
 """
 
@@ -42,6 +45,7 @@ from abmll_pyro.models.likelihoods import TaskData
 from abmll_pyro.train.checkpoint import atomic_write_text
 from abmll_pyro.train.config import RunConfig
 from abmll_pyro.train.episodes import EpisodeEncoder
+from abmll_pyro.train.evaluate import write_predictions
 from abmll_pyro.train.run import RESULTS, build, load_trained, make_accelerator, train_run
 
 __all__ = ["uncertainty_curves", "selective_accuracy", "difference_interval", "SHOTS", "COVERAGES"]
@@ -96,7 +100,7 @@ def _prior_state(method, encoded):
 
 
 def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int, reserve: int):
-    """Per task ``(split, gold)`` at ``k`` shots, and the number of tasks whose pool had fewer than ``k``
+    """Per task ``(split, gold, task name)`` at ``k`` shots, and the number of tasks whose pool had fewer than ``k``
     examples; ``None`` when k = 0 and the method has no prior. The query set is fixed for every k: the
     first ``eval_query_size`` shuffled examples, fewer where that would leave under ``reserve`` (the
     largest k) for the support pool."""
@@ -114,7 +118,7 @@ def _at_shots(config: RunConfig, method, encoder, accelerator, tasks, k: int, re
             state = _prior_state(method, encoded) if k == 0 else method.adapt(encoded)
             if state is None:
                 return None, capped
-            out.append((predict_with_uncertainty(method, state, encoded), encoded.query.gold.cpu()))
+            out.append((predict_with_uncertainty(method, state, encoded), encoded.query.gold.cpu(), task.name))
     return out, capped
 
 
@@ -133,8 +137,18 @@ def _previous(path: Path, result: dict) -> dict:
 
 def _pooled(per_task) -> tuple[list, torch.Tensor, torch.Tensor]:
     """``(splits, probs [n, K_max], gold [n])`` pooled over the tasks."""
-    splits = [s for s, _ in per_task]
-    return splits, pad_probs([s.probs.float() for s in splits]), torch.cat([g for _, g in per_task])
+    splits = [s for s, _, _ in per_task]
+    return splits, pad_probs([s.probs.float() for s in splits]), torch.cat([g for _, g, _ in per_task])
+
+
+def _prediction_rows(per_task) -> list[dict]:
+    """One record per query example (task, index in the task's fixed query set, gold, probabilities): the
+    same keys at every k and for every method, so ``abmll compare`` pairs them."""
+    rows = []
+    for split, gold, task in per_task:
+        for i, (g, p) in enumerate(zip(gold.tolist(), split.probs.double().tolist())):
+            rows.append({"task": task, "index": i, "gold": int(g), "probs": p})
+    return rows
 
 
 def _row(per_task, k: int, capped: int) -> dict:
@@ -156,6 +170,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
     unknown = sorted(set(runs) - set(methods))
     if unknown:
         raise ValueError(f"runs names methods {unknown} not in methods {list(methods)}")
+    (out / "predictions").mkdir(exist_ok=True)
     result: dict = {"shots": list(shots), "coverage": list(COVERAGES), "methods": {}}
     if ood_tasks:
         result["ood_tasks"] = ood_tasks
@@ -172,10 +187,12 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
                                  config.template, method.in_context, accelerator.device)
         curve, last = [], None
         for k in shots:
-            per_task, capped = _at_shots(config, method, encoder, accelerator, taskset.test, k, max(shots))
+            per_task, capped = _at_shots(config, method, encoder, accelerator, taskset[config.eval_split], k, max(shots))
             if per_task is None:
                 continue  # k = 0 for a method without a task posterior
             curve.append(_row(per_task, k, capped))
+            write_predictions(out / "predictions" / f"{name}-k{k}.predictions.jsonl", name, config.seed,
+                              _prediction_rows(per_task))
             last = per_task
             if progress:
                 print(f"{name} shots={k}: " + json.dumps({f: round(curve[-1][f], 6) for f in ("accuracy", "nll", "epistemic")}))
@@ -199,7 +216,7 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
                 entry["out_of_family"] = {"in": curve[-1], "out": _row(ood, k, capped)}
                 for field in ("epistemic", "entropy"):
                     d, lo, hi = difference_interval([getattr(s, field) for s in splits],
-                                                    [getattr(s, field) for s, _ in ood], seed=config.seed)
+                                                    [getattr(s, field) for s, _, _ in ood], seed=config.seed)
                     entry["out_of_family"][f"{field}_out_minus_in"] = {"diff": d, "lo": lo, "hi": hi}
         result["methods"][name] = entry
         atomic_write_text(out / "uncertainty.json", json.dumps(result, indent=1) + "\n")  # after each method

@@ -158,3 +158,32 @@ def test_low_rank_posterior_keeps_the_truth_and_its_ranks_are_uniform_and_a_narr
     assert narrow["sbc"]["p_value"] < 1e-2, narrow["sbc"]
     hist = narrow["sbc"]["histogram"]
     assert hist[0] + hist[-1] > 2 * (hist[1] + hist[2] + hist[3]) / 3  # the mass in the outer bins: too narrow
+
+
+def test_the_text_pool_is_frozen():
+    """The family's inputs come from a fixed file, not from the package's live docstrings (an edited
+    docstring once changed every known-truth figure); its digest is the one the committed studies used."""
+    import hashlib
+
+    pool = default_text_pool()
+    assert len(pool) == 651 and len(set(pool)) == 651
+    assert all(20 <= len(s) <= 160 and s.isascii() for s in pool)
+    digest = hashlib.sha256("\n".join(pool).encode()).hexdigest()
+    assert digest == "0769d03667113d967d26f9e8dc7e3256108e686baaa5d9cc832afafaf0f4eeca"
+
+
+def test_shots_curve_and_the_fine_tuned_point_estimate_share_one_query_set():
+    """``eval_shots`` adds k < test_shots on nested supports (the first k examples), ``fine_tune`` the
+    maximum-likelihood point estimate at every k > 0; every entry is measured on the same held-out query
+    examples, so per-task values pair."""
+    cfg = KnownTruthConfig(**{**LOWRANK, "steps": 2, "num_train_tasks": 4, "num_test_tasks": 3, "num_samples": 4,
+                              "rank_bins": 5, "evaluate_nll": True, "eval_shots": (1, 4), "fine_tune": True})
+    assert cfg.shots_curve == (0, 1, 4, 16)
+    lm, tok = tiny_model("llama", seed=0)
+    out = run_known_truth(lm.double(), tok, cfg)
+    names = {"k0", "k1", "k4", "k16", "mle_k1", "mle_k4", "mle_k16"}
+    assert set(out["nll"]) == names | {"oracle"} and set(out["calibration"]) == names
+    assert all(len(v) == 3 and all(math.isfinite(x) for x in v) for v in out["per_task"].values())
+    assert out["nll"]["oracle"] < out["nll"]["k0"]
+    with pytest.raises(ValueError, match="eval_shots"):
+        KnownTruthConfig(**{**LOWRANK, "eval_shots": (16,)})

@@ -98,6 +98,25 @@ def test_uncertainty(tmp_path):
         assert entry["selective"]["by_total"][-1] == pytest.approx(entry["curve"][-1]["accuracy"])  # 100% coverage
     for name in ("epistemic_vs_shots", "selective_total", "selective_epistemic"):
         assert (tmp_path / f"{name}.png").exists()
+    # every (method, k) wrote its per-example predictions, keyed alike; the shrinkage summary pairs them
+    names = sorted(f.name for f in (tmp_path / "predictions").iterdir())
+    assert names == sorted(f"{m}-k{k}.predictions.jsonl" for m in ("abmll", "bayes-lora") for k in (0, 1, 4))
+    done = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty/shrinkage.py"), str(tmp_path), "--out", str(tmp_path / "shr"),
+                           "--resamples", "200"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    goals = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"k1_not_above_k0", "k4_not_above_k0", "k1_below_bayes-lora", "k4_within_0.02_of_best"} <= set(goals)
+    summary = json.loads((tmp_path / "shr" / "shrinkage.json").read_text())
+    for k in ("0", "1", "4"):  # the pooled NLL equals the study's own figure for that k
+        row = next(r for r in result["methods"]["abmll"]["curve"] if str(r["shots"]) == k)
+        assert summary["per_k"][k]["metrics"]["abmll"]["nll"]["value"] == pytest.approx(row["nll"], rel=1e-6)
+    paired = summary["per_k"]["4"]["paired"]
+    diff = summary["per_k"]["4"]["metrics"]["abmll"]["nll"]["value"] - summary["per_k"]["0"]["metrics"]["abmll"]["nll"]["value"]
+    assert paired["abmll@k0"]["nll"]["diff"] == pytest.approx(diff, abs=1e-9)  # the same examples at every k
+    assert "| abmll at k = 0 |" in (tmp_path / "shr" / "shrinkage.md").read_text()
+    empty = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty/shrinkage.py"), str(tmp_path / "shr"), "--out",
+                            str(tmp_path / "y")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert empty.returncode == 2 and "no <method>-k<k>" in empty.stderr and "Traceback" not in empty.stderr
 
 
 def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
