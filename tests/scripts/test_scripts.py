@@ -179,3 +179,23 @@ def test_known_truth(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "known_truth.py"), "--out", str(tmp_path), "--set", "nope=1"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope=1" in bad.stderr
+
+
+def test_known_truth_beta(tmp_path):
+    """Two smoke studies (β = 1, 3) and their paired summary; a second call reuses them."""
+    args = [sys.executable, str(SCRIPTS / "known_truth_beta/run.py"), "--out", str(tmp_path), "--preset", "smoke", "--steps", "2",
+            "--eval-shots", "1,2", "--spreads", "0.3", "--betas", "1", "3"]
+    done = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(json.loads(done.stdout.strip().splitlines()[-1])["0.3"]) == {"k1", "k4"}
+    result = json.loads((tmp_path / "beta.json").read_text())
+    one, three = sorted(result["runs"], key=lambda r: r["kl_beta"])
+    assert one["shots"] == [0, 1, 2, 4] and "vs_beta1" not in one and set(one["vs_k0"]) == {"k1", "k2", "k4"}
+    study = json.loads((tmp_path / "s0.3-beta3" / "known_truth.json").read_text())["runs"][0]
+    ref = json.loads((tmp_path / "s0.3-beta1" / "known_truth.json").read_text())["runs"][0]
+    diff = three["vs_beta1"]["k4"]["diff"]
+    assert diff == pytest.approx(sum(a - b for a, b in zip(study["per_task"]["k4"], ref["per_task"]["k4"])) / 2, rel=1e-9)
+    assert study["config"]["kl_beta"] == 3.0 and study["config"]["fine_tune"] is True
+    stamp = (tmp_path / "s0.3-beta1" / "known_truth.json").stat().st_mtime_ns
+    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0 and (tmp_path / "s0.3-beta1" / "known_truth.json").stat().st_mtime_ns == stamp
