@@ -12,6 +12,7 @@ seed: the seed is part of every example's key, so seeds pool), and for every k:
   each folder's ``uncertainty.json``.
 
     python scripts/uncertainty/shrinkage.py runs/unc-seed0 runs/unc-seed1 runs/unc-seed2 --out docs/results/shrinkage
+    python scripts/uncertainty/shrinkage.py runs/a runs/b --label runs/b abmll abmll-b1 --out OUT   # two ABMLL runs
 
 Writes ``shrinkage.json`` and ``shrinkage.md`` under ``--out``; the last line printed is a JSON object of
 the goals' verdicts.
@@ -24,7 +25,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: scripts.* and its abmll_pyro
 
@@ -37,43 +38,49 @@ __all__ = ["shrinkage", "format_shrinkage", "main"]
 _NAME = re.compile(r"^(?P<method>.+)-k(?P<k>\d+)\.predictions\.jsonl")
 
 
-def _files(folders: Sequence[Path]) -> dict[tuple[str, int], list[Path]]:
-    """``{(method, k): [file per folder]}`` from every folder's ``predictions/``."""
+def _files(folders: Sequence[Path], labels: Mapping[tuple[str, str], str] | None = None) -> dict[tuple[str, int], list[Path]]:
+    """``{(label, k): [file per folder]}`` from every folder's ``predictions/``; a method is labelled by
+    its own name unless ``labels[(folder, method)]`` names it otherwise (two runs of one method)."""
     found: dict[tuple[str, int], list[Path]] = {}
     for folder in folders:
         for f in sorted((Path(folder) / "predictions").glob("*")):
             m = _NAME.match(f.name)
             if m and any(f.name.endswith(s) for s in PREDICTION_SUFFIXES):
-                found.setdefault((m["method"], int(m["k"])), []).append(f)
+                label = (labels or {}).get((str(folder), m["method"]), m["method"])
+                found.setdefault((label, int(m["k"])), []).append(f)
     if not found:
         raise PredictionsError(f"no <method>-k<k>.predictions.jsonl files under {[str(Path(f) / 'predictions') for f in folders]}")
     return found
 
 
-def _share(folders: Sequence[Path], method: str) -> dict[int, list[float]]:
-    """Per k, the method's epistemic share (epistemic / entropy, pooled means) in each folder."""
+def _share(folders: Sequence[Path], label: str, labels: Mapping[tuple[str, str], str]) -> dict[int, list[float]]:
+    """Per k, the labelled method's epistemic share (epistemic / entropy, pooled means) in each folder."""
     out: dict[int, list[float]] = {}
     for folder in folders:
         path = Path(folder) / "uncertainty.json"
         if not path.exists():
             continue
-        entry = json.loads(path.read_text()).get("methods", {}).get(method, {})
+        methods = json.loads(path.read_text()).get("methods", {})
+        name = next((m for m in methods if labels.get((str(folder), m), m) == label), None)
+        entry = methods.get(name, {}) if name is not None else {}
         for row in entry.get("curve", []):
             if row.get("entropy", 0) > 0:
                 out.setdefault(int(row["shots"]), []).append(row["epistemic"] / row["entropy"])
     return out
 
 
-def shrinkage(folders: Sequence[Path], reference: str = "abmll", num_resamples: int = 1000, seed: int = 0) -> dict:
-    """The measurements of the module docstring (JSON-able)."""
-    files = _files(folders)
+def shrinkage(folders: Sequence[Path], reference: str = "abmll", num_resamples: int = 1000, seed: int = 0,
+              labels: Mapping[tuple[str, str], str] | None = None) -> dict:
+    """The measurements of the module docstring (JSON-able). ``labels``: ``{(folder, method): label}``."""
+    labels = dict(labels or {})
+    files = _files(folders, labels)
     if not any(m == reference for m, _ in files):
         raise PredictionsError(f"reference method {reference!r} has no predictions; found {sorted({m for m, _ in files})}")
     label = lambda m, k: f"{m}@k{k}"  # noqa: E731
     preds = {label(m, k): load_predictions(fs, names=[label(m, k)] * len(fs))[label(m, k)] for (m, k), fs in files.items()}
     shots = sorted({k for _, k in files})
     methods = sorted({m for m, _ in files}, key=lambda m: (m != reference, m))
-    share = _share(folders, reference)
+    share = _share(folders, reference, labels)
     result: dict = {"reference": reference, "shots": shots, "methods": methods, "folders": [str(f) for f in folders],
                     "per_k": {}}
     for k in shots:
@@ -152,11 +159,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="scripts/uncertainty/shrinkage.py", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path, help="uncertainty-study output folders (one per seed)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--reference", default="abmll")
+    p.add_argument("--reference", default="abmll", help="the method (or label) every other is compared with")
+    p.add_argument("--label", nargs=3, action="append", default=[], metavar=("FOLDER", "METHOD", "LABEL"),
+                   help="call METHOD's predictions in FOLDER LABEL (two runs of one method, e.g. two β)")
     p.add_argument("--resamples", type=int, default=1000)
     args = p.parse_args(argv)
     try:
-        result = shrinkage(args.folders, args.reference, args.resamples)
+        unknown = [f for f, _, _ in args.label if Path(f) not in args.folders]
+        if unknown:
+            raise PredictionsError(f"--label names folder(s) {unknown} that are not among the folders given")
+        labels = {(str(Path(f)), m): lab for f, m, lab in args.label}
+        result = shrinkage(args.folders, args.reference, args.resamples, labels=labels)
     except PredictionsError as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

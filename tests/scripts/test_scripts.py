@@ -102,10 +102,11 @@ def test_uncertainty(tmp_path):
     names = sorted(f.name for f in (tmp_path / "predictions").iterdir())
     assert names == sorted(f"{m}-k{k}.predictions.jsonl" for m in ("abmll", "bayes-lora") for k in (0, 1, 4))
     done = subprocess.run([sys.executable, str(SCRIPTS / "uncertainty/shrinkage.py"), str(tmp_path), "--out", str(tmp_path / "shr"),
-                           "--resamples", "200"], capture_output=True, text=True, env=ENV, timeout=300)
+                           "--resamples", "200", "--label", str(tmp_path), "bayes-lora", "fixed-prior"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     goals = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"k1_not_above_k0", "k4_not_above_k0", "k1_below_bayes-lora", "k4_within_0.02_of_best"} <= set(goals)
+    assert {"k1_not_above_k0", "k4_not_above_k0", "k1_below_fixed-prior", "k4_within_0.02_of_best"} <= set(goals)
     summary = json.loads((tmp_path / "shr" / "shrinkage.json").read_text())
     for k in ("0", "1", "4"):  # the pooled NLL equals the study's own figure for that k
         row = next(r for r in result["methods"]["abmll"]["curve"] if str(r["shots"]) == k)
