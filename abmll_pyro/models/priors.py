@@ -24,6 +24,8 @@ from torch import Tensor
 
 import pyro.distributions as dist
 
+from ..lora.factored import normal
+
 __all__ = ["TaskPrior", "HierarchicalPrior", "FixedPrior", "StudentTPrior"]
 
 Shape = tuple[int, ...]
@@ -125,7 +127,8 @@ class HierarchicalPrior(TaskPrior):
         return {"mean": mean, "precision": std.pow(-2)}
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
-        return dist.Normal(theta["mean"], theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
+        # a FactorNormal when θ's values are factor-backed (lora/factored.py): the same ops, made on demand
+        return normal(theta["mean"], theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
 
     def __repr__(self) -> str:
         return f"HierarchicalPrior(mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"
