@@ -279,7 +279,8 @@ class MetaSVI:
             kl += task_kl_value / b
             task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
             sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
-        g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
+        with factor_backed(self.factor_backed):  # θ's densities recomputed module by module in backward
+            g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
         self._check(g_loss, "global loss −γ·log p(θ)/M")
         if g_loss.requires_grad:
             backward(g_loss)

@@ -165,8 +165,8 @@ class BayesLoRA(nn.Module):
 
     def moments(self, params: Params, module: str) -> tuple[Tensor | FactorValue, Tensor | FactorValue]:
         """``(μ, σ)`` of :meth:`mean` and :meth:`std`; within
-        :func:`~abmll_pyro.lora.factored.factor_backed`, lazy :class:`~abmll_pyro.lora.factored.FactorValue`\ s
-        of the module's factors (no dense tensor is made)."""
+        :func:`~abmll_pyro.lora.factored.factor_backed`, lazy :class:`~abmll_pyro.lora.factored.FactorValue` objects
+        over the module's factors (no dense tensor is made)."""
         if factor_backed_active():
             gaussian = FactorGaussian(self, module, params)
             return FactorValue(gaussian, "mean"), FactorValue(gaussian, "std")

@@ -13,6 +13,9 @@ the layer's saved products — costs, at Llama-3-8B's q/v shapes, 2.7 GB per flo
   entropy, moments are the stock ones) whose ``rsample`` returns a :class:`FactorValue` (the global
   generator advanced exactly as the stock draw advances it), with the analytic KL against another
   :class:`FactorNormal` registered as one :func:`recomputed` node per module.
+* :class:`FactorIndependent` — ``Independent`` whose ``log_prob`` of a :class:`FactorValue` is one
+  :func:`recomputed` node (θ's hyperprior density at θ's factor-backed values: Pyro's KL of a Delta
+  guide site is ``−log p(v)``).
 * :func:`recomputed` — ``fn(*tensors)`` run without autograd in forward, saving only ``tensors``
   (factors, the layer input x); backward runs ``fn`` again with autograd (same autocast state, the
   same ε replayed from the saved generator state) and back-propagates through it. So the values and
@@ -38,8 +41,8 @@ from torch import Tensor
 
 from .noise import LeanNormal, NormalSample, _generator, normal_kl
 
-__all__ = ["FactorGaussian", "FactorValue", "FactorNormal", "factor_backed", "factor_backed_active", "normal",
-           "recomputed"]
+__all__ = ["FactorGaussian", "FactorValue", "FactorNormal", "FactorIndependent", "factor_backed",
+           "factor_backed_active", "normal", "recomputed"]
 
 _STATE = threading.local()
 
@@ -228,6 +231,16 @@ class FactorNormal(LeanNormal):
         if torch.Size(batch_shape) == self.batch_shape:  # (Pyro's plates expand every site's distribution)
             return self
         return LeanNormal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
+
+
+class FactorIndependent(dist.Independent):
+    """``Independent`` (module docstring): ``log_prob`` of a :class:`FactorValue` recomputed in backward."""
+
+    def log_prob(self, value):
+        if not isinstance(value, FactorValue):
+            return super().log_prob(value)
+        density = super().log_prob
+        return recomputed(lambda *f: density(value.dense_of(f)), *value.tensors())
 
 
 def normal(loc, scale, cls: type = dist.Normal, **kwargs) -> dist.Normal:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import pyro.distributions as dist
 
-from ..lora.factored import normal
+from ..lora.factored import FactorIndependent, normal
 
 __all__ = ["TaskPrior", "HierarchicalPrior", "FixedPrior", "StudentTPrior"]
 
@@ -117,10 +117,12 @@ class HierarchicalPrior(TaskPrior):
         return max(self.a0 - 1.0, 0.0) / self.b0
 
     def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
-        event = len(shape)
+        event = len(shape)  # FactorIndependent: ``.to_event(event)`` that also scores θ's factor-backed values
         return {
-            "mean": dist.Normal(_const(0.0, like), _const(self.mean_scale, like), **UNCHECKED).expand(shape).to_event(event),
-            "precision": dist.Gamma(_const(self.a0, like), _const(self.b0, like), **UNCHECKED).expand(shape).to_event(event),
+            "mean": FactorIndependent(dist.Normal(_const(0.0, like), _const(self.mean_scale, like), **UNCHECKED).expand(shape),
+                                      event),
+            "precision": FactorIndependent(dist.Gamma(_const(self.a0, like), _const(self.b0, like), **UNCHECKED).expand(shape),
+                                           event),
         }
 
     def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
