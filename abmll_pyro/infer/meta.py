@@ -14,8 +14,11 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
 
 L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
 is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time; under
-``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built, so
-its dense ``[out, in]`` buffers (5 per module) never sit beside the LM's activations (1 does).
+``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built.
+Where it applies (first order, mean-field guide, hierarchical prior; ``MetaSVI(factor_backed=...)``)
+every loss runs factor-backed (``lora/factored.py``): no dense ``[out, in]`` tensor per adapted module
+is kept for backward or held in a trace (the dense path: 3 per module in an inner step, 5 in the
+outer KL, 1 in the query loss, 7 in the global loss), and the dense ones are made one module at a time.
 """
 
 from __future__ import annotations
