@@ -55,7 +55,7 @@ class ABMLLGuide:
         if len(task_params) != len(tasks):
             raise ValueError(f"{len(task_params)} task parameter sets for {len(tasks)} tasks")
         for m in self.adapter.shapes:
-            values = self.prior.global_values(self.adapter.mean(theta_params, m), self.adapter.std(theta_params, m))
+            values = self.prior.global_values(*self.adapter.moments(theta_params, m))  # lazy within factor_backed()
             for key, value in values.items():
                 pyro.sample(sites.theta(m, key), dist.Delta(value, event_dim=value.dim()))
         for i in pyro.plate(sites.TASKS, len(tasks)) if tasks else ():  # no tasks: θ's terms alone

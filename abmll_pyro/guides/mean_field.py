@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 
 from ..lora.adapter import BayesLoRA
+from ..lora.factored import normal
 from ..lora.noise import LeanNormal
 from ..models.likelihoods import TaskData
 from .base import Params, TaskGuide
@@ -27,9 +28,10 @@ class MeanFieldGuide(TaskGuide):
 
     def task_distribution(self, adapter: BayesLoRA, task_params: Params, module: str) -> dist.Distribution:
         # LeanNormal: a Normal whose rsample keeps no dense noise for backward (lora/noise.py); unchecked
-        # arguments like the priors' (σ = std_map(·) > 0 by construction; models/priors.py)
-        return LeanNormal(adapter.mean(task_params, module), adapter.std(task_params, module),
-                          validate_args=False).to_event(2)
+        # arguments like the priors' (σ = std_map(·) > 0 by construction; models/priors.py); factor-backed
+        # (lora/factored.py) within factor_backed(): the same Normal, holding the factors, not μ and σ
+        mean, std = adapter.moments(task_params, module)
+        return normal(mean, std, LeanNormal, validate_args=False).to_event(2)
 
 
 class PointMassGuide(MeanFieldGuide):

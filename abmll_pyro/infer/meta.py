@@ -14,8 +14,11 @@ One outer step (:meth:`MetaSVI.step`) for a batch of b episodes drawn from M tra
 
 L is the per-task average of the β-tempered negative ELBO over all M tasks. Each episode's query loss
 is back-propagated as soon as it is computed, so only one task's LM graph is alive at a time; under
-``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built, so
-its dense ``[out, in]`` buffers (5 per module) never sit beside the LM's activations (1 does).
+``outer_kl="prior"`` the β-KL (q fixed) is back-propagated before the query's LM graph is built.
+Where it applies (first order, mean-field guide, hierarchical prior; ``MetaSVI(factor_backed=...)``)
+every loss runs factor-backed (``lora/factored.py``): no dense ``[out, in]`` tensor per adapted module
+is kept for backward or held in a trace (the dense path: 3 per module in an inner step, 5 in the
+outer KL, 1 in the query loss, 7 in the global loss), and the dense ones are made one module at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from torch import Tensor, nn
 from ..config import MetaConfig
 from ..data.scoring import TokenBatch
 from ..guides.base import ABMLLGuide, TaskGuide
+from ..guides.amortized import AmortizedGuide
 from ..guides.mean_field import MeanFieldGuide
+from ..lora.factored import factor_backed
 from ..lora.adapter import BayesLoRA
 from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
@@ -113,6 +118,14 @@ class MetaSVI:
     (default :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO` ``(max_plate_nesting=1)``: Pyro's
     ``TraceMeanField_ELBO`` — analytic KL — evaluating densities only where its loss reads them). The optimizer covers θ's
     factors and any parameters of the task guide (an amortization network), nothing else.
+
+    ``factor_backed`` (default ``None``: wherever it applies): the task losses and the task KL run
+    within :func:`~abmll_pyro.lora.factored.factor_backed`, so no dense ``[out, in]`` tensor per
+    adapted module outlives that module's forward or backward (μ, σ, ΔW, θ's values and the KL
+    recomputed from the factors; same values and gradients to round-off). It applies to the first
+    order inner loop and outer step with the mean-field guide (or the amortized guide over it), the
+    hierarchical prior and :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO`; elsewhere (second order,
+    other guides, priors or ELBOs) the dense path runs. ``False``: the dense path everywhere.
     """
 
     def __init__(
@@ -124,6 +137,7 @@ class MetaSVI:
         likelihood: Likelihood | None = None,
         elbo=None,
         num_tasks: int | None = None,
+        factor_backed: bool | None = None,
     ):
         self.adapter = adapter
         self.config = config or MetaConfig()
@@ -133,6 +147,11 @@ class MetaSVI:
         if hasattr(self.guide.task_guide, "bind"):  # a guide that reads the model (e.g. its likelihood)
             self.guide.task_guide.bind(self.model)
         self.elbo = elbo if elbo is not None else LeanMeanFieldELBO(max_plate_nesting=1)
+        applies = self._factor_backed_applies()
+        if factor_backed and not applies:
+            raise ValueError("factor_backed=True needs first order, the mean-field (or amortized mean-field) guide, "
+                             "the hierarchical prior and LeanMeanFieldELBO")
+        self.factor_backed = applies if factor_backed is None else bool(factor_backed)
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
@@ -142,6 +161,16 @@ class MetaSVI:
         stepped = {id(p) for p in self.scale_parameters}
         self.optimizer = torch.optim.Adam([p for p in self.trainable_parameters() if id(p) not in stepped],
                                           lr=self.config.outer_lr)
+
+    def _factor_backed_applies(self) -> bool:
+        """Whether :func:`~abmll_pyro.lora.factored.factor_backed` gives this setup's losses unchanged."""
+        guide, prior = self.guide.task_guide, self.model.prior
+        if isinstance(guide, AmortizedGuide):
+            guide = guide.base
+        return (self.config.inner.order == "first" and type(self.elbo) is LeanMeanFieldELBO
+                and type(guide).task_distribution is MeanFieldGuide.task_distribution
+                and type(prior).task_distribution is HierarchicalPrior.task_distribution
+                and type(prior).global_values is HierarchicalPrior.global_values)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -158,7 +187,8 @@ class MetaSVI:
         beta = self.config.kl_beta
 
         def loss_fn(params: dict[str, Tensor]) -> Tensor:
-            return task_loss(self.elbo, self.model, self.guide, theta, [params], [support], beta)
+            with factor_backed(self.factor_backed):
+                return task_loss(self.elbo, self.model, self.guide, theta, [params], [support], beta)
 
         return loss_fn
 
@@ -219,11 +249,14 @@ class MetaSVI:
             if cfg.query_subsample_size is not None:
                 query = TaskData(query.batch, cfg.query_subsample_size, query.observed)
             if second or cfg.outer_kl == "pass-through":
-                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], cfg.kl_beta))
+                with factor_backed(self.factor_backed):  # (off in second order)
+                    loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query],
+                                                              cfg.kl_beta))
                 task_kl_value = task_kl(self.model, self.guide, theta, task)
             else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
                 fixed = {k: v.detach() for k, v in refined.items()}
-                kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # q's values are task's: the logged KL
+                with factor_backed(self.factor_backed):
+                    kl_value = task_kl_loss(self.model, self.guide, theta, fixed)  # q's values are task's: the logged KL
                 task_kl_value = float(kl_value.detach().double())
                 if cfg.kl_beta:
                     kl_term = cfg.kl_beta * kl_value
@@ -236,7 +269,8 @@ class MetaSVI:
                     total += float(kl_term.detach()) / b
                     del kl_term
                 del kl_value
-                loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                with factor_backed(self.factor_backed):
+                    loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
                 if not torch.is_tensor(loss):  # Pyro's 0.0 for a model with no scored site (no likelihood)
                     loss = torch.zeros((), device=next(iter(theta.values())).device)
             self._check(loss, f"query loss of task {ep.name!r}")
@@ -248,7 +282,8 @@ class MetaSVI:
             kl += task_kl_value / b
             task_sigma = mean_task_std(self.adapter, self.guide.task_guide, task)
             sigma_q = None if sigma_q is None or task_sigma is None else sigma_q + task_sigma / b
-        g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
+        with factor_backed(self.factor_backed):  # θ's densities recomputed module by module in backward
+            g_loss = global_loss(self.elbo, self.model, self.guide, theta, cfg.gamma) / M
         self._check(g_loss, "global loss −γ·log p(θ)/M")
         if g_loss.requires_grad:
             backward(g_loss)

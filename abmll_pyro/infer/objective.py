@@ -20,6 +20,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
 from ..guides.base import ABMLLGuide
+from ..lora.adapter import full_precision
 from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import TaskData
 from .handlers import kl_scale
@@ -66,8 +67,9 @@ def task_kl_loss(model: HierarchicalModel, guide: ABMLLGuide, theta_params: Para
     adapter, prior = model.adapter, model.prior
     total = None
     for m, shape in adapter.shapes.items():
-        mean, std = adapter.mean(theta_params, m), adapter.std(theta_params, m)
-        p = prior.task_distribution(prior.global_values(mean, std), shape, mean[:0].sum())
+        mean, std = adapter.moments(theta_params, m)  # factor-backed within factor_backed() (lora/factored.py)
+        like = mean[:0].sum() if torch.is_tensor(mean) else full_precision(theta_params[adapter.key(m, "mu_A")].detach()[:0].sum())
+        p = prior.task_distribution(prior.global_values(mean, std), shape, like)
         q = guide.task_guide.task_distribution(adapter, task_params, m)
         try:
             kl = kl_divergence(q, p)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from .factored import FactorGaussian, FactorValue, factor_backed_active
 from .layer import BayesLoRALayer, LowRankDelta, is_linear
 from .noise import NormalSample
 from .positivity import AbsStd, LogStd, SoftplusStd, StdMap
@@ -161,6 +162,15 @@ class BayesLoRA(nn.Module):
     def std(self, params: Params, module: str) -> Tensor:
         """σ = std_map(B_σ A_σ) (or the log map's σ of its factors), ``[out, in]``, float32 or float64."""
         return self.std_map.std_of(self.scale_factors(params, module))
+
+    def moments(self, params: Params, module: str) -> tuple[Tensor | FactorValue, Tensor | FactorValue]:
+        """``(μ, σ)`` of :meth:`mean` and :meth:`std`; within
+        :func:`~abmll_pyro.lora.factored.factor_backed`, lazy :class:`~abmll_pyro.lora.factored.FactorValue` objects
+        over the module's factors (no dense tensor is made)."""
+        if factor_backed_active():
+            gaussian = FactorGaussian(self, module, params)
+            return FactorValue(gaussian, "mean"), FactorValue(gaussian, "std")
+        return self.mean(params, module), self.std(params, module)
 
     def scale_factors(self, params: Params, module: str) -> dict[str, Tensor]:
         """The module's scale factors keyed by kind, in float32 or float64."""

@@ -12,7 +12,11 @@ The layer holds no adapter parameters and does no sampling or KL: what it adds i
   the input gradient each save one ``[T, out, in]`` product per adapted module; ∂L/∂ΔW = ∂L/∂(W0 + ΔW)
   is the same product as before. Merged only where it is exact to float32 round-off: a plain
   ``nn.Linear`` or ``Conv1D`` base with no hooks or patched forward, and x in float32/float64 (a bf16
-  or fp16 W0 + ΔW would round ΔW to W0's precision, so those keep the two-matmul form).
+  or fp16 W0 + ΔW would round ΔW to W0's precision, so those keep the two-matmul form);
+* a :class:`~abmll_pyro.lora.factored.FactorValue` sample — the same computation as a dense ΔW, run
+  as one :func:`~abmll_pyro.lora.factored.recomputed` node: ΔW is made from the factors and the
+  replayed noise in forward and again in backward, and only x and the factors are kept (no dense
+  ``[out, in]`` tensor outlives the module's forward or backward).
 
 Works for ``torch.nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight ``[in, out]``).
 """
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .factored import FactorValue, recomputed
 
 __all__ = ["LowRankDelta", "BayesLoRALayer", "linear_shape", "is_linear"]
 
@@ -87,6 +93,16 @@ class BayesLoRALayer(nn.Module):
             raise ValueError(
                 f"ΔW for {self.name} must have shape {(self.out_features, self.in_features)}, got {tuple(delta.shape)}"
             )
+        if isinstance(delta, FactorValue):
+            value = delta
+            if self._mergeable(x):  # the whole merged matmul recomputed (its input gradient needs W0 + ΔW)
+                return recomputed(lambda h, *f: self._dense(h, value.dense_of(f)), x, *value.tensors())
+            return self.base(x) + recomputed(lambda h, *f: h @ value.dense_of(f).to(h.dtype).transpose(0, 1),
+                                             x, *value.tensors())
+        return self._dense(x, delta)
+
+    def _dense(self, x: Tensor, delta: Tensor) -> Tensor:
+        """``y`` for a dense ΔW (module docstring)."""
         delta = delta.to(x.dtype)
         if not self._mergeable(x):
             return self.base(x) + x @ delta.transpose(0, 1)

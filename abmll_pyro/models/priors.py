@@ -24,6 +24,8 @@ from torch import Tensor
 
 import pyro.distributions as dist
 
+from ..lora.factored import FactorIndependent, normal
+
 __all__ = ["TaskPrior", "HierarchicalPrior", "FixedPrior", "StudentTPrior"]
 
 Shape = tuple[int, ...]
@@ -115,17 +117,20 @@ class HierarchicalPrior(TaskPrior):
         return max(self.a0 - 1.0, 0.0) / self.b0
 
     def hyperprior(self, shape: Shape, like: Tensor) -> dict[str, dist.Distribution]:
-        event = len(shape)
+        event = len(shape)  # FactorIndependent: ``.to_event(event)`` that also scores θ's factor-backed values
         return {
-            "mean": dist.Normal(_const(0.0, like), _const(self.mean_scale, like), **UNCHECKED).expand(shape).to_event(event),
-            "precision": dist.Gamma(_const(self.a0, like), _const(self.b0, like), **UNCHECKED).expand(shape).to_event(event),
+            "mean": FactorIndependent(dist.Normal(_const(0.0, like), _const(self.mean_scale, like), **UNCHECKED).expand(shape),
+                                      event),
+            "precision": FactorIndependent(dist.Gamma(_const(self.a0, like), _const(self.b0, like), **UNCHECKED).expand(shape),
+                                           event),
         }
 
     def global_values(self, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
         return {"mean": mean, "precision": std.pow(-2)}
 
     def task_distribution(self, theta: dict[str, Tensor], shape: Shape, like: Tensor) -> dist.Distribution:
-        return dist.Normal(theta["mean"], theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
+        # a FactorNormal when θ's values are factor-backed (lora/factored.py): the same ops, made on demand
+        return normal(theta["mean"], theta["precision"].rsqrt(), **UNCHECKED).to_event(len(shape))
 
     def __repr__(self) -> str:
         return f"HierarchicalPrior(mean_scale={self.mean_scale:g}, a0={self.a0:g}, b0={self.b0:g})"

@@ -20,40 +20,44 @@ LLAMA3_8B_QV = {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}
 LLAMA3_8B_BLOCKS = 32
 
 
-def dense_buffer_counts() -> dict:
+def dense_buffer_counts(factor_backed: bool = True) -> dict:
     """Dense ``[out, in]`` buffers one adapted module keeps for backward in ABMLL's losses, measured on
-    a tiny Llama: an inner step (θ fixed), the outer loss with the β-KL inside (``outer_loss``: second
-    order and ``outer_kl="pass-through"``), and the default first-order outer step's two graphs, which
-    are back-propagated one after the other (``outer_kl``: KL(q fixed ‖ p_θ) first, then
-    ``outer_query``: the query likelihood through the pass-through); the peak of the default outer step
-    holds max(outer_kl, outer_query) of them beside the LM's activations only in the second."""
+    a tiny Llama: an inner step (θ fixed), the outer loss with the β-KL inside (``outer_loss``:
+    ``outer_kl="pass-through"``), the default first-order outer step's two graphs, which are
+    back-propagated one after the other (``outer_kl``: KL(q fixed ‖ p_θ) first, then ``outer_query``:
+    the query likelihood through the pass-through), and the global loss −γ log p(θ). ``factor_backed``:
+    as ``MetaSVI`` runs them (lora/factored.py: 0 each), or ``False``: the dense path (3, 7, 5, 1, 7)."""
+    from abmll_pyro.lora.factored import factor_backed as backed
     from abmll_pyro.config import AdapterConfig, MetaConfig
     from abmll_pyro.data.scoring import OptionBatch
     from abmll_pyro.infer.inner import pass_through
     from abmll_pyro.infer.meta import MetaSVI
-    from abmll_pyro.infer.objective import task_kl_loss, task_loss
+    from abmll_pyro.infer.objective import global_loss, task_kl_loss, task_loss
     from abmll_pyro.lms import tiny_model
     from abmll_pyro.lora.adapter import BayesLoRA
     from abmll_pyro.lora.noise import dense_saved_storages
     from abmll_pyro.models.likelihoods import TaskData
 
     counts = {}
-    for where in ("inner_step", "outer_loss", "outer_kl", "outer_query"):
+    for where in ("inner_step", "outer_loss", "outer_kl", "outer_query", "global_loss"):
         lm, _ = tiny_model("llama")
         name = "model.layers.1.self_attn.q_proj"
         adapter = BayesLoRA(lm, AdapterConfig(rank=2, target_modules=(name,)))
-        svi = MetaSVI(adapter, MetaConfig(kl_beta=0.1))
+        svi = MetaSVI(adapter, MetaConfig(kl_beta=0.1), factor_backed=factor_backed)
         theta = svi.theta() if where != "inner_step" else {k: v.detach() for k, v in svi.theta().items()}
         start = svi.guide.task_guide.init_task_params(adapter, theta)
         params = {k: v.detach().requires_grad_() for k, v in start.items()}
         batch = OptionBatch.from_token_ids([[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9], [10]]], [0, 1],
                                            option_chars=[[1, 2], [1, 1]])  # (the default char reduction's lengths)
-        if where == "outer_kl":
-            loss = task_kl_loss(svi.model, svi.guide, theta, {k: v.detach() for k, v in params.items()})
-        elif where == "outer_query":
-            loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [pass_through(params, start)], [TaskData(batch)], 0.0)
-        else:
-            loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(batch)], 0.1)
+        with backed(svi.factor_backed):
+            if where == "outer_kl":
+                loss = task_kl_loss(svi.model, svi.guide, theta, {k: v.detach() for k, v in params.items()})
+            elif where == "outer_query":
+                loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [pass_through(params, start)], [TaskData(batch)], 0.0)
+            elif where == "global_loss":
+                loss = global_loss(svi.elbo, svi.model, svi.guide, theta, 0.1)
+            else:
+                loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [TaskData(batch)], 0.1)
         frozen = {p.untyped_storage().data_ptr() for p in lm.parameters()}
         counts[where] = len(dense_saved_storages(loss, adapter.shapes[name], frozen))
     return counts
@@ -71,7 +75,8 @@ def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, bas
     * ``memory_ratio_abmll_lora``: peak resident memory above the loaded model, same two runs;
     * the same two ABMLL figures with :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO` in place of
       MetaSVI's default ELBO (``*_lean_elbo``);
-    * the dense-buffer count per adapted module and its projection to Llama-3-8B's q/v shapes;
+    * the dense-buffer count per adapted module (as MetaSVI runs, and on the dense path) and its
+      projection to Llama-3-8B's q/v shapes;
     * with ``baseline`` (another checkout of this package): its ABMLL all-blocks and cached probes
       too, run between the new ones, and old/new ratios of their times and memory.
 
@@ -114,7 +119,7 @@ def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, bas
             "adapt": old_on["adapt_seconds_per_task"] / result["cache_on"]["adapt_seconds_per_task"],
             "predict_s8": old_on["predict_seconds_per_task"] / result["cache_on"]["predict_seconds_per_task"],
         }
-    result.update({"dense_buffers_per_module": counts,
+    result.update({"dense_buffers_per_module": counts, "dense_buffers_per_module_dense_path": dense_buffer_counts(False),
                    "llama3_8b_qv_dense_buffer_gb": {k: v * elements * 4 / 1e9 for k, v in counts.items()}})
     atomic_write_text(out / "cost.json", json.dumps(result, indent=1) + "\n")
     return result

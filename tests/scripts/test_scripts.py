@@ -60,7 +60,8 @@ def test_cost(tmp_path):
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert cost["cache_on"]["trunk_cache"] and not cost["cache_off"]["trunk_cache"]
     assert cost["lora_all_blocks"]["method"] == "lora" and cost["abmll_all_blocks"]["last_layers"] is None
-    assert cost["dense_buffers_per_module"]["inner_step"] <= 3
+    assert set(cost["dense_buffers_per_module"].values()) == {0}  # factor-backed (lora/factored.py)
+    assert cost["dense_buffers_per_module_dense_path"]["inner_step"] <= 3
 
 
 def test_scaling(tmp_path):

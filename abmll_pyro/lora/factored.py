@@ -1,0 +1,262 @@
+"""Factor-backed Gaussians: q(ΔW) and p(ΔW | θ) that hold a module's low-rank factors, not dense tensors.
+
+A dense ``[out, in]`` tensor per adapted module that lives from the guide's draw to the task's
+backward pass — μ, σ, the sample ΔW = μ + σ ⊙ ε, θ's mean and precision in the traces, the KL's and
+the layer's saved products — costs, at Llama-3-8B's q/v shapes, 2.7 GB per float32 copy over the
+32 blocks. Within :func:`factor_backed` none is kept:
+
+* :class:`FactorValue` — a lazy ``[out, in]`` value: a module's factors (:class:`FactorGaussian`),
+  which moment (``"mean"``, ``"std"``, or ``"sample"`` with the generator state its ε is drawn
+  from) and the elementwise ops applied to it (``pow``, ``rsqrt``). It is what Pyro's sample sites
+  hold (θ's Delta values, the ΔW draw); ``dense()`` materializes it with the same ops as before.
+* :class:`FactorNormal` — a real ``Normal`` (``loc``/``scale`` are dense on demand, so log_prob,
+  entropy, moments are the stock ones) whose ``rsample`` returns a :class:`FactorValue` (the global
+  generator advanced exactly as the stock draw advances it), with the analytic KL against another
+  :class:`FactorNormal` registered as one :func:`recomputed` node per module.
+* :class:`FactorIndependent` — ``Independent`` whose ``log_prob`` of a :class:`FactorValue` is one
+  :func:`recomputed` node (θ's hyperprior density at θ's factor-backed values: Pyro's KL of a Delta
+  guide site is ``−log p(v)``).
+* :func:`recomputed` — ``fn(*tensors)`` run without autograd in forward, saving only ``tensors``
+  (factors, the layer input x); backward runs ``fn`` again with autograd (same autocast state, the
+  same ε replayed from the saved generator state) and back-propagates through it. So the values and
+  gradients are those of the plain graph (the same ops), and a dense tensor is transient: one
+  module at a time, in forward and in backward. Used by the Bayesian LoRA layer for ``x ΔWᵀ`` and
+  by the KL.
+
+First order only (the recomputed backward is not itself differentiable); ``MetaSVI`` turns it on
+for the mean-field guide under the hierarchical prior and ``LeanMeanFieldELBO`` (``infer/meta.py``),
+and anything else keeps the dense path.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.kl import register_kl
+from torch import Tensor
+
+from .noise import LeanNormal, NormalSample, _generator, normal_kl
+
+__all__ = ["FactorGaussian", "FactorValue", "FactorNormal", "FactorIndependent", "factor_backed",
+           "factor_backed_active", "normal", "recomputed"]
+
+_STATE = threading.local()
+
+
+@contextmanager
+def factor_backed(enabled: bool = True) -> Iterator[None]:
+    """Within the block, the adapter's moments (:meth:`BayesLoRA.moments`) are :class:`FactorValue`s."""
+    previous = getattr(_STATE, "on", False)
+    _STATE.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE.on = previous
+
+
+def factor_backed_active() -> bool:
+    return getattr(_STATE, "on", False)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+        device = tensors[0].device.type
+        ctx.fn, ctx.device = fn, device
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        need = ctx.needs_input_grad[1:]
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+            out = ctx.fn(*leaves)
+        wanted = [leaf for leaf, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        return (None, *(next(grads) if n else None for n in need))
+
+
+def recomputed(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)``, keeping only ``tensors`` for backward (module docstring). ``fn`` must be
+    deterministic given its arguments (draws replayed from a saved generator state)."""
+    return _Recomputed.apply(fn, *tensors)
+
+
+class FactorGaussian:
+    """One module's factors (``params``: its keys of the adapter's factor dict) and the maps to its
+    dense moments, ``mean()`` = :meth:`BayesLoRA.mean`, ``std()`` = :meth:`BayesLoRA.std`."""
+
+    __slots__ = ("adapter", "module", "params")
+
+    def __init__(self, adapter, module: str, params) -> None:
+        kinds = adapter.factor_kinds
+        self.adapter, self.module = adapter, module
+        self.params = {k: params[k] for k in (adapter.key(module, kind) for kind in kinds)}
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.adapter.shapes[self.module])
+
+    def tensors(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def rebuilt(self, tensors) -> "FactorGaussian":
+        return FactorGaussian(self.adapter, self.module, dict(zip(self.params, tensors)))
+
+    def mean(self) -> Tensor:
+        return self.adapter.mean(self.params, self.module)
+
+    def std(self) -> Tensor:
+        return self.adapter.std(self.params, self.module)
+
+
+class FactorValue:
+    """A lazy ``[out, in]`` value of a :class:`FactorGaussian` (module docstring). Duck-types the
+    little of a tensor that Pyro's sites read (``shape``, ``dim()``, ``dtype``, ``device``,
+    ``expand`` to its own shape) and ``pow``/``rsqrt`` (kept as ops, applied by :meth:`dense`)."""
+
+    def __init__(self, gaussian: FactorGaussian, moment: str, ops: tuple = (), state: Tensor | None = None):
+        if moment not in ("mean", "std", "sample"):
+            raise ValueError(f"moment must be 'mean', 'std' or 'sample', got {moment!r}")
+        self.gaussian, self.moment, self.ops, self.state = gaussian, moment, tuple(ops), state
+        self._dtype = None
+
+    # ---------------------------------------------------------------- the tensor-like surface
+    @property
+    def shape(self) -> torch.Size:
+        return self.gaussian.shape
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gaussian.tensors()[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype :meth:`dense` returns (the mean's, as the current autocast state gives it)."""
+        if self._dtype is None:
+            with torch.no_grad():
+                g = self.gaussian
+                B, A = g.params[g.adapter.key(g.module, "mu_B")], g.params[g.adapter.key(g.module, "mu_A")]
+                probe = g.adapter.mean({g.adapter.key(g.module, "mu_B"): B[:1], g.adapter.key(g.module, "mu_A"): A[:, :1]},
+                                       g.module)
+            self._dtype = probe.dtype
+        return self._dtype
+
+    def expand(self, *shape) -> "FactorValue":
+        shape = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        if shape != self.shape:
+            raise ValueError(f"a factor-backed value of shape {tuple(self.shape)} cannot be expanded to {tuple(shape)}")
+        return self
+
+    def pow(self, exponent: float) -> "FactorValue":
+        return FactorValue(self.gaussian, self.moment, self.ops + (("pow", exponent),), self.state)
+
+    def rsqrt(self) -> "FactorValue":
+        return FactorValue(self.gaussian, self.moment, self.ops + (("rsqrt", None),), self.state)
+
+    # ---------------------------------------------------------------- values
+    def tensors(self) -> list[Tensor]:
+        return self.gaussian.tensors()
+
+    def dense(self, gaussian: FactorGaussian | None = None) -> Tensor:
+        """The dense value (differentiable in the factors), from ``gaussian`` (default: its own)."""
+        g = gaussian or self.gaussian
+        if self.moment == "mean":
+            value = g.mean()
+        elif self.moment == "std":
+            value = g.std()
+        else:  # ε replayed from the state the draw was made at: the sample NormalSample made
+            replay = torch.Generator(device=self.device)
+            replay.set_state(self.state)
+            value = NormalSample.apply(g.mean(), g.std(), replay)
+        for op, arg in self.ops:
+            value = value.pow(arg) if op == "pow" else value.rsqrt()
+        return value
+
+    def dense_of(self, tensors) -> Tensor:
+        """:meth:`dense` with the factors replaced by ``tensors`` (same order as :meth:`tensors`)."""
+        return self.dense(self.gaussian.rebuilt(tensors))
+
+    def __repr__(self) -> str:
+        ops = "".join(f".{op}({'' if a is None else a})" for op, a in self.ops)
+        return f"FactorValue({self.gaussian.module}: {self.moment}{ops}, shape={tuple(self.shape)})"
+
+
+class FactorNormal(LeanNormal):
+    """``Normal(loc, scale)`` of two :class:`FactorValue`s (module docstring); validation off."""
+
+    def __init__(self, loc: FactorValue, scale: FactorValue):
+        if loc.gaussian is not scale.gaussian:
+            raise ValueError("a FactorNormal's loc and scale must come from one module's factors")
+        self.loc_value, self.scale_value = loc, scale
+        torch.distributions.Distribution.__init__(self, loc.shape, validate_args=False)
+
+    @property
+    def loc(self) -> Tensor:
+        return self.loc_value.dense()
+
+    @property
+    def scale(self) -> Tensor:
+        return self.scale_value.dense()
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor | FactorValue:
+        if len(sample_shape) or torch._C._get_tracing_state():
+            return super().rsample(sample_shape)
+        loc, scale = self.loc_value, self.scale_value
+        if loc.moment != "mean" or loc.ops or scale.moment != "std" or scale.ops:  # not μ + σ ε of the factors
+            return LeanNormal(self.loc, self.scale, validate_args=False).rsample()
+        # advance the generator exactly as NormalSample's draw does (same shape, dtype, device); keep its state
+        gen = _generator(loc.device, None)
+        state = gen.get_state()
+        torch.empty(self.batch_shape, dtype=loc.dtype, device=loc.device).normal_(generator=gen)
+        return FactorValue(loc.gaussian, "sample", (), state)
+
+    def log_prob(self, value):
+        return super().log_prob(value.dense() if isinstance(value, FactorValue) else value)
+
+    def expand(self, batch_shape, _instance=None):
+        if torch.Size(batch_shape) == self.batch_shape:  # (Pyro's plates expand every site's distribution)
+            return self
+        return LeanNormal(self.loc, self.scale, validate_args=False).expand(batch_shape, _instance)
+
+
+class FactorIndependent(dist.Independent):
+    """``Independent`` (module docstring): ``log_prob`` of a :class:`FactorValue` recomputed in backward."""
+
+    def log_prob(self, value):
+        if not isinstance(value, FactorValue):
+            return super().log_prob(value)
+        density = super().log_prob
+        return recomputed(lambda *f: density(value.dense_of(f)), *value.tensors())
+
+
+def normal(loc, scale, cls: type = dist.Normal, **kwargs) -> dist.Normal:
+    """``cls(loc, scale, **kwargs)``, or a :class:`FactorNormal` when both are :class:`FactorValue`s."""
+    if isinstance(loc, FactorValue) and isinstance(scale, FactorValue):
+        return FactorNormal(loc, scale)
+    return cls(loc, scale, **kwargs)
+
+
+@register_kl(FactorNormal, FactorNormal)
+def _kl_factor_normal(q: FactorNormal, p: FactorNormal) -> Tensor:
+    gq, gp = q.loc_value.gaussian, p.loc_value.gaussian
+    n = len(gq.params)
+
+    def kl(*tensors: Tensor) -> Tensor:
+        fq, fp = gq.rebuilt(tensors[:n]), gp.rebuilt(tensors[n:])
+        return normal_kl(q.loc_value.dense(fq), q.scale_value.dense(fq), p.loc_value.dense(fp), p.scale_value.dense(fp))
+
+    return recomputed(kl, *gq.tensors(), *gp.tensors())
