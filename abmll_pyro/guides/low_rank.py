@@ -40,7 +40,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
 
-from ..lora.adapter import BayesLoRA, full_precision
+from ..lora.adapter import BayesLoRA, full_precision, no_autocast
 from ..models.likelihoods import TaskData
 from .base import Params
 from .mean_field import MeanFieldGuide
@@ -236,7 +236,8 @@ class LowRankPrecisionGuide(MeanFieldGuide):
         mean = adapter.mean(task_params, module)
         B = task_params.get(adapter.key(module, "res_B"))
         if B is not None:
-            offset = (adapter.config.scaling * full_precision(B)) @ full_precision(task_params[adapter.key(module, "res_A")])
+            with no_autocast(B):
+                offset = (adapter.config.scaling * full_precision(B)) @ full_precision(task_params[adapter.key(module, "res_A")])
             # whiten: the offset in units of θ's σ (the frozen copy), so an inner step of size lr moves the
             # mean by about lr·σ, whatever σ is: plain SGD and Adam resolve the posterior at any prior scale
             mean = mean + (adapter.std(task_params, module) * offset if self.whiten else offset)

@@ -44,6 +44,13 @@ def full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def no_autocast(x: Tensor):
+    """A block in which ``x``'s device runs no autocast: the factor products (μ = B A, σ's B_σ A_σ), the
+    KL and prior terms built from them stay in float32/float64 while the LM runs under bf16/fp16
+    autocast (autocast would otherwise run their matmuls in the low precision)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _safe(name: str) -> str:
     return name.replace(".", "-")
 
@@ -157,11 +164,14 @@ class BayesLoRA(nn.Module):
         """μ = (α/r)·B_μ A_μ, ``[out, in]``, float32 or float64 (whatever the LM's dtype); the scaling
         multiplies the ``[out, r]`` factor, not the dense product (exact when α/r is a power of 2)."""
         B, A = params[self.key(module, "mu_B")], params[self.key(module, "mu_A")]
-        return (self.config.scaling * full_precision(B)) @ full_precision(A)
+        with no_autocast(B):
+            return (self.config.scaling * full_precision(B)) @ full_precision(A)
 
     def std(self, params: Params, module: str) -> Tensor:
         """σ = std_map(B_σ A_σ) (or the log map's σ of its factors), ``[out, in]``, float32 or float64."""
-        return self.std_map.std_of(self.scale_factors(params, module))
+        factors = self.scale_factors(params, module)
+        with no_autocast(next(iter(factors.values()))):
+            return self.std_map.std_of(factors)
 
     def moments(self, params: Params, module: str) -> tuple[Tensor | FactorValue, Tensor | FactorValue]:
         """``(μ, σ)`` of :meth:`mean` and :meth:`std`; within

@@ -29,3 +29,30 @@ def test_bf16_model_keeps_latent_and_observed_terms_in_float32():
 
     loss = task_loss(svi.elbo, svi.model, svi.guide, theta, [task], [ep.query], kl_beta=1e-8)
     assert loss.dtype == torch.float32  # the β-scaled KL is added in float32, not bf16
+
+
+def test_factor_products_and_kl_stay_float32_under_bf16_autocast():
+    """Mixed precision (float32 weights, bf16 autocast): autocast would run μ = (α/r)·B A and σ's factor
+    product in bf16; they, and the task KL built from them, are computed outside it, bit for bit the
+    values without autocast."""
+    import pyro.distributions as dist
+    from torch.distributions import kl_divergence
+
+    for std_map in ("softplus", "log-rowcol"):
+        adapter = BayesLoRA(tiny_lm("llama"), AdapterConfig(rank=2, std_map=std_map), generator=torch.Generator().manual_seed(0))
+        svi = MetaSVI(adapter, MetaConfig(kl_beta=1.0))
+        prior = {k: v.detach() for k, v in svi.theta().items()}
+        task = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in prior.items()}
+        m = adapter.module_names[0]
+
+        def terms():
+            q = svi.guide.task_guide.task_distribution(adapter, task, m)
+            p = dist.Normal(adapter.mean(prior, m), adapter.std(prior, m))
+            return adapter.mean(task, m), adapter.std(task, m), kl_divergence(q.base_dist, p).sum()
+
+        plain = terms()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = terms()
+        for a, b in zip(plain, mixed):
+            assert b.dtype == torch.float32, std_map
+            assert torch.equal(a, b), std_map
