@@ -33,8 +33,9 @@ from ..data.templates import DirectTemplate, Template, make_template
 from ..data.trunk import attach_trunk_cache
 from ..guides.low_rank import LowRankPrecisionGuide
 from ..infer.meta import Episode, MetaSVI
-from ..infer.predictive import posterior_predictive
+from ..infer.predictive import mean_probs, posterior_predictive
 from ..lora.adapter import BayesLoRA
+from ..models.likelihoods import TaskData
 from ..models.priors import HierarchicalPrior
 from .metrics import ece_floor, expected_calibration_error
 from .sbc import posterior_draws, projections, rank_uniformity, sbc_ranks
@@ -165,12 +166,10 @@ def _meta_train(svi: MetaSVI, episodes: list[Episode], cfg: KnownTruthConfig, ma
     return history
 
 
-def _fine_tune(svi: MetaSVI, support, cfg: KnownTruthConfig) -> dict[str, torch.Tensor]:
+def _fine_tune(svi: MetaSVI, support: TaskData, cfg: KnownTruthConfig) -> dict[str, torch.Tensor]:
     """A point estimate from the same start as the posterior: q's mean fitted by maximum likelihood on
     ``support`` (no KL, no sampling; Adam at ``inner_lr`` for ``num_inner_steps``; the guide's frozen
     keys stay frozen) — a non-Bayesian fine-tune from the meta-learned mean μ_θ."""
-    from ..infer.predictive import mean_probs
-
     task_guide = svi.guide.task_guide
     with torch.no_grad():
         start = task_guide.init_task_params(svi.adapter, svi.theta(), support)
@@ -211,14 +210,13 @@ def _evaluate(svi: MetaSVI, test: list[KnownTask], cfg: KnownTruthConfig, masks,
             continue
         gold = query.batch.gold
         predictions = {}
-        from ..models.likelihoods import TaskData
         for k in cfg.shots_curve:
-            sub = support if k == cfg.test_shots else TaskData(support.batch.select(torch.arange(k))) if k else None
-            if k == 0:
+            if k == 0:  # the prior predictive
                 predictions["k0"] = ({key: v.detach() for key, v in svi.theta().items()}, "sample")
-            else:
-                predictions[f"k{k}"] = (post if k == cfg.test_shots else svi.adapt(sub), "sample")
-            if cfg.fine_tune and k:
+                continue
+            sub = support if k == cfg.test_shots else TaskData(support.batch.select(torch.arange(k)))
+            predictions[f"k{k}"] = (post if k == cfg.test_shots else svi.adapt(sub), "sample")
+            if cfg.fine_tune:
                 predictions[f"mle_k{k}"] = (_fine_tune(svi, sub, cfg), "mean")
         with torch.no_grad():
             for name, (params, mode) in predictions.items():
