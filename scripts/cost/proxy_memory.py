@@ -63,19 +63,21 @@ def proxy_config(base: RunConfig, method: str, blocks: int, data_dir: str | Path
 
 
 def proxy_memory(base: RunConfig, out: Path, probe: Callable[..., dict], methods: Sequence[str] = ("abmll", "lora"),
-                 warmup: int = 0, clock: str = "cpu") -> dict:
+                 warmup: int = 0, clock: str = "cpu", malloc: str = "fixed") -> dict:
     """Measure ``methods`` on the 1- and 2-block proxies (``probe(config, warmup, options)`` runs one
     probe in a fresh process) and project each to Llama-3-8B; writes ``out/proxy_memory.json``.
 
     ``warmup=0``: the probe's one timed step is the first (in first order the peak of a step does not
-    depend on earlier steps: nothing but the factors and their Adam state outlives a step)."""
+    depend on earlier steps: nothing but the factors and their Adam state outlives a step).
+    ``malloc``: the probes' allocator settings (``scripts/cost/probe.py``; ``"fixed"``: the resident
+    set follows the live tensors, the CPU counterpart of a GPU's ``max_memory_allocated``)."""
     from abmll_pyro.data.sources import write_metaicl_sample
 
     examples = base.shots + base.query_size + 8
     data = write_metaicl_sample(out / "metaicl-sample", "cls-45", examples=examples)
-    runs = {f"{m}_{b}": probe(proxy_config(base, m, b, data), warmup, {"clock": clock})
+    runs = {f"{m}_{b}": probe(proxy_config(base, m, b, data), warmup, {"clock": clock, "malloc": malloc})
             for m in methods for b in (1, 2)}
-    result: dict = {"runs": runs, "paper_ratio": PAPER_RATIO, "weight_gb": LLAMA3_8B_WEIGHT_BYTES / 1e9}
+    result: dict = {"runs": runs, "malloc": malloc, "paper_ratio": PAPER_RATIO, "weight_gb": LLAMA3_8B_WEIGHT_BYTES / 1e9}
     for m in methods:
         result[m] = project_memory(runs[f"{m}_1"]["peak_above_model_mb"], runs[f"{m}_2"]["peak_above_model_mb"])
     if {"abmll", "lora"} <= set(methods):

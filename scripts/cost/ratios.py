@@ -64,7 +64,7 @@ def dense_buffer_counts(factor_backed: bool = True) -> dict:
 
 
 def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, baseline: Path | None = None,
-                cache_off: bool = True, clock: str = "wall") -> dict:
+                cache_off: bool = True, clock: str = "wall", malloc: str = "default") -> dict:
     """The cost figures, each probe in its own process, on ``base``'s model, tasks and batch:
 
     * ``speedup_trunk_cache``: ABMLL seconds per meta-step with the trunk cache off / on (warm), at
@@ -81,18 +81,20 @@ def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, bas
       too, run between the new ones, and old/new ratios of their times and memory.
 
     ``clock="cpu"``: every probe times with its own CPU time instead of the wall clock (a shared machine).
+    ``malloc``: every probe's allocator settings (``scripts/cost/probe.py``).
     """
     abmll = base.updated(method="abmll", steps=steps)
-    test = {"warm": True, "test_tasks": 1, "clock": clock}
+    test = {"warm": True, "test_tasks": 1, "clock": clock, "malloc": malloc}
+    plain = {"clock": clock, "malloc": malloc}
     full = dict(last_layers=None, trunk_cache=False)
     cached, all_blocks = abmll.updated(trunk_cache=True, num_samples=8), abmll.updated(**full)
     runs = [("cache_on", cached, test, None)]  # old (baseline) probes right after their new twins: same load
     runs += [("baseline_cache_on", cached, test, baseline)] if baseline is not None else []
     runs += [("cache_off", abmll.updated(trunk_cache=False, num_samples=8), test, None)] if cache_off else []
-    runs += [("abmll_all_blocks", all_blocks, {"clock": clock}, None)]
-    runs += [("baseline_abmll_all_blocks", all_blocks, {"clock": clock}, baseline)] if baseline is not None else []
-    runs += [("lora_all_blocks", base.updated(method="lora", steps=steps, **full), {"clock": clock}, None),
-             ("abmll_all_blocks_lean_elbo", all_blocks, {"elbo": "lean", "clock": clock}, None)]
+    runs += [("abmll_all_blocks", all_blocks, plain, None)]
+    runs += [("baseline_abmll_all_blocks", all_blocks, plain, baseline)] if baseline is not None else []
+    runs += [("lora_all_blocks", base.updated(method="lora", steps=steps, **full), plain, None),
+             ("abmll_all_blocks_lean_elbo", all_blocks, {"elbo": "lean", **plain}, None)]
     result = {name: run_probe(config, warmup, options, tree) for name, config, options, tree in runs}
     counts = dense_buffer_counts()
     elements = LLAMA3_8B_BLOCKS * sum(o * i for o, i in LLAMA3_8B_QV.values())
@@ -121,5 +123,6 @@ def cost_ratios(base: RunConfig, out: Path, steps: int = 2, warmup: int = 1, bas
         }
     result.update({"dense_buffers_per_module": counts, "dense_buffers_per_module_dense_path": dense_buffer_counts(False),
                    "llama3_8b_qv_dense_buffer_gb": {k: v * elements * 4 / 1e9 for k, v in counts.items()}})
+    result["malloc"] = malloc
     atomic_write_text(out / "cost.json", json.dumps(result, indent=1) + "\n")
     return result

@@ -22,7 +22,10 @@ The line above the last gives ``speedup_trunk_cache=…`` (nan with ``--no-cache
 
 The preset's ratios use MetaSVI's default ELBO; ``cost.json`` also gives them with LeanMeanFieldELBO
 (``*_lean_elbo``). ``--no-cache-off`` skips the slowest probe (the uncached one); ``--clock cpu`` times
-each probe with its own CPU time (a machine shared with other jobs). ``--proxy off`` skips the proxy
+each probe with its own CPU time (a machine shared with other jobs). Memory is the resident set with glibc's
+mmap threshold fixed (``--malloc fixed``, the default: freed tensors leave the resident set, as on a GPU's
+allocated-memory counter; ``--malloc default`` measures with glibc's own settings, whose peak also counts
+freed blocks kept in the heap; ``scripts/cost/probe.py`` says why). ``--proxy off`` skips the proxy
 probes (X is nan); they need about 4.5 GB of memory and a few minutes on 2 cores.
 """
 
@@ -52,6 +55,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-cache-off", dest="cache_off", action="store_false", help="skip the uncached probe")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time with the wall clock or each probe's CPU time (steadier on a shared machine)")
+    p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
+                   help="the probes' glibc allocator: mmap threshold fixed at 64 KiB, so resident memory follows "
+                        "live tensors (fixed), or glibc's default, whose peak also counts freed memory kept in the heap")
     p.add_argument("--proxy", choices=["on", "off", "only"], default="on",
                    help="the Llama-3-8B shape-proxy memory probes: also (on), not (off), or alone (only)")
     args = p.parse_args(argv)
@@ -59,7 +65,7 @@ def main(argv=None) -> None:
     ratios = {"time_ratio": NAN, "memory_ratio": NAN}
     if args.proxy != "only":
         ratios = cost_ratios(base_config(args), args.out, args.steps, baseline=args.baseline,
-                             cache_off=args.cache_off, clock=args.clock)
+                             cache_off=args.cache_off, clock=args.clock, malloc=args.malloc)
         keys = ("speedup_trunk_cache_cold", "speedup_adapt", "speedup_predict_s8", "time_ratio_lean_elbo",
                 "memory_ratio_lean_elbo", "old_over_new", "dense_buffers_per_module", "llama3_8b_qv_dense_buffer_gb")
         print(json.dumps({k: ratios[k] for k in keys if k in ratios}))
@@ -74,7 +80,7 @@ def main(argv=None) -> None:
         # the paper preset's settings; with --preset paper, --set changes them too
         paper = (base_config(args) if args.preset == "paper"
                  else RunConfig.from_dict(get_preset("paper").config, where="the paper preset"))
-        proxy = proxy_memory(paper, args.out, run_probe, clock=args.clock)
+        proxy = proxy_memory(paper, args.out, run_probe, clock=args.clock, malloc=args.malloc)
         projected = proxy["projected_memory_ratio_8b"]
         for m in ("abmll", "lora"):
             r = proxy[m]
