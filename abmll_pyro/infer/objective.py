@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..guides.base import ABMLLGuide
 from ..lora.adapter import full_precision
+from ..lora.factored import FactorGaussian, row_blocks
 from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import TaskData
 from .handlers import kl_scale
@@ -49,14 +50,19 @@ def global_loss(elbo, model: HierarchicalModel, guide: ABMLLGuide, theta_params:
 
 @torch.no_grad()
 def log_hyperprior(model: HierarchicalModel, theta_params: Params) -> float:
-    """log p(θ) at θ's point values, summed over modules and sites (float64 sum)."""
+    """log p(θ) at θ's point values, summed over modules and sites (float64 sums), each module's
+    densities made one block of rows at a time (``lora.factored.row_blocks``: a logged value, no
+    ``[out, in]`` tensor of a large module made whole)."""
     adapter, prior = model.adapter, model.prior
     total = 0.0
-    for m, shape in adapter.shapes.items():
-        mean, std = adapter.mean(theta_params, m), adapter.std(theta_params, m)
-        hyper = prior.hyperprior(shape, mean[:0].sum())
-        for key, value in prior.global_values(mean, std).items():
-            total += float(hyper[key].log_prob(value).sum(dtype=torch.float64))
+    for m, (rows, columns) in adapter.shapes.items():
+        gaussian = FactorGaussian(adapter, m, theta_params)
+        for r0, r1 in row_blocks(rows, columns):
+            block = gaussian.rows(r0, r1)
+            mean, std = block.mean(), block.std()
+            hyper = prior.hyperprior((r1 - r0, columns), mean[:0].sum())
+            for key, value in prior.global_values(mean, std).items():
+                total += float(hyper[key].log_prob(value).sum(dtype=torch.float64))
     return total
 
 

@@ -149,6 +149,12 @@ class BayesLoRA(nn.Module):
         return ("mu_A", "mu_B") + tuple(self.std_map.kinds)
 
     @property
+    def row_kinds(self) -> tuple[str, ...]:
+        """The factor kinds whose first dimension is the module's output row (``mu_B`` and the std
+        map's): rows ``r0:r1`` of μ and σ are :meth:`mean` and :meth:`std` of these sliced."""
+        return ("mu_B",) + tuple(self.std_map.row_kinds)
+
+    @property
     def module_names(self) -> list[str]:
         return list(self.shapes)
 

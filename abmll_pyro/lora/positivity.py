@@ -55,6 +55,9 @@ class StdMap:
 
     floor: float
     kinds: tuple[str, ...] = LOW_RANK_KINDS
+    #: the kinds indexed by the module's output row (their first dimension is ``out``): σ's rows
+    #: ``r0:r1`` are ``std_of`` of these sliced and the others whole
+    row_kinds: tuple[str, ...] = ("sigma_B",)
 
     def init_factors(self, out_features: int, in_features: int, rank: int,
                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -156,6 +159,7 @@ class LogStd(StdMap):
             raise ValueError(f"init_std must exceed the floor {floor}, got {init_std}")
         self.init_std, self.floor, self.structure = float(init_std), float(floor), structure
         self.kinds = self.STRUCTURES[structure]
+        self.row_kinds = ("sigma_log",) if structure == "full" else ("sigma_row",)
         self.log_gap = math.log(self.init_std - self.floor)
 
     def __call__(self, raw: Tensor) -> Tensor:

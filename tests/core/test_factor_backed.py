@@ -45,6 +45,53 @@ def _loss(where, svi, theta, start, params, backed):
         return task_loss(svi.elbo, svi.model, svi.guide, theta, [params], [batch], 0.1)  # inner step / combined
 
 
+@pytest.mark.parametrize("std_map", ["softplus", "paper", "log-rowcol", "log-full"])
+@pytest.mark.parametrize("where", ["inner_step", "outer_kl", "global_loss"])
+def test_row_blocks_give_the_dense_losses(where, std_map, monkeypatch):
+    """A module larger than ROW_BLOCK_ELEMENTS: its KL and θ's hyperprior density are summed over
+    row blocks (here 3 rows of the tiny q_proj's 32 at a time), every elementwise term made for one
+    block only, and the loss and gradients equal the dense path's to round-off (float64; another
+    summation order)."""
+    import abmll_pyro.lora.factored as factored
+    import abmll_pyro.lora.noise as noise
+
+    out = {}
+    kl, rows_of = noise.normal_kl, factored._rows_of
+    for backed in (False, True):
+        lm, adapter, svi, theta, start, params = _setup(std_map, backed, where != "inner_step")
+        columns = adapter.shapes[NAME][1]
+        monkeypatch.setattr(factored, "ROW_BLOCK_ELEMENTS", 3 * columns)
+        shapes = []
+        monkeypatch.setattr(factored, "normal_kl", lambda *a: shapes.append(tuple(a[0].shape)) or kl(*a))
+        monkeypatch.setattr(factored, "_rows_of", lambda d, r0, r1: shapes.append((r1 - r0,)) or rows_of(d, r0, r1))
+        loss = _loss(where, svi, theta, start, params, backed)
+        leaves = list(params.values()) + [p for p in svi.theta().values()]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        out[backed] = loss.detach(), grads, shapes
+    (old_loss, old_grads, _), (new_loss, new_grads, shapes) = out[False], out[True]
+    rows = adapter.shapes[NAME][0]
+    passes = 2 * (2 if where == "global_loss" else 1)  # forward + backward (θ's two sites: mean and precision)
+    assert shapes and max(s[0] for s in shapes) == 3 and sum(s[0] for s in shapes) == passes * rows
+    torch.testing.assert_close(new_loss, old_loss, rtol=1e-13, atol=0.0)
+    assert sum(g is not None for g in new_grads) > 0
+    for a, b in zip(old_grads, new_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15 * float(a.abs().max()))
+
+
+def test_the_logged_hyperprior_density_in_row_blocks(monkeypatch):
+    """log_hyperprior (a logged value, no gradient) made 3 rows at a time equals it made whole."""
+    import abmll_pyro.lora.factored as factored
+    from abmll_pyro.infer.objective import log_hyperprior
+
+    _, adapter, svi, theta, *_ = _setup("softplus", True, False)
+    whole = log_hyperprior(svi.model, theta)
+    monkeypatch.setattr(factored, "ROW_BLOCK_ELEMENTS", 3 * adapter.shapes[NAME][1])
+    assert len(factored.row_blocks(*adapter.shapes[NAME])) > 1
+    assert log_hyperprior(svi.model, theta) == pytest.approx(whole, rel=1e-12)
+
+
 @pytest.mark.parametrize("std_map", ["softplus", "paper", "log-rowcol"])
 @pytest.mark.parametrize("where", ["inner_step", "outer_loss", "outer_kl", "outer_query", "global_loss"])
 def test_same_loss_and_gradients_and_no_dense_buffer_kept(where, std_map):
