@@ -7,7 +7,10 @@ Each (method, blocks) pair runs the cost probe (``probe.py`` here) in its own pr
 autocast, first order, every block adapted, no trunk cache) on generated MetaICL-format cls-45 data
 (:func:`~abmll_pyro.data.sources.write_metaicl_sample`: short inputs, ~30 byte tokens per example).
 A probe reports ``m`` = its peak resident set above the resident set right after the model and
-adapter were built (CPU: ``VmHWM`` after a reset; GPU: ``max_memory_allocated``).
+adapter were built (CPU: ``VmHWM`` after a reset; GPU: ``max_memory_allocated``). On the CPU the
+probes run with glibc's mmap threshold fixed (``malloc="fixed"``, ``scripts/cost/probe.py``), so the
+resident set follows the live tensors as the GPU counter does; with glibc's default settings the
+peak also counts freed blocks kept in the heap (``--malloc default`` measures that).
 
 Projection. With L blocks, peak memory above the weights is a fixed part F (embedding output, the
 vocabulary head's logits and their gradient at the scored positions, optimizer state of nothing
