@@ -101,6 +101,10 @@ def fmt(value: Any, spec: dict, where: str) -> str:
         return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where}: fmt {form!r} needs a number, the summary holds {value!r}")
+    for key in ("scale", "divide"):
+        factor = spec.get(key)
+        if key in spec and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor == 0):
+            raise SpecError(f"{where}.{key}: needs a non-zero number, got {factor!r} (YAML reads 1e-9 as text: write 1.0e-9)")
     if "scale" in spec:
         value = value * spec["scale"]
     if "divide" in spec:
