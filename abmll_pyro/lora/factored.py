@@ -241,10 +241,15 @@ class FactorValue:
             value = g.mean()
         elif self.moment == "std":
             value = g.std()
-        else:  # ε replayed from the state the draw was made at: the sample NormalSample made
+        else:  # ε replayed from the state the draw was made at: the sample NormalSample made, bit for bit
             replay = torch.Generator(device=self.device)
             replay.set_state(self.state)
-            value = NormalSample.apply(g.mean(), g.std(), replay)
+            mean, std = g.mean(), g.std()
+            eps = torch.empty(torch.broadcast_shapes(mean.shape, std.shape), dtype=mean.dtype,
+                              device=mean.device).normal_(generator=replay)
+            # μ + σ ε (= NormalSample's ε σ + μ: IEEE products and sums commute); within a recomputed
+            # backward ε is the product's saved operand (one module's transient), not drawn a second time
+            value = mean + std * eps
         for op, arg in self.ops:
             value = value.pow(arg) if op == "pow" else value.rsqrt()
         return value

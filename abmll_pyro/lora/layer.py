@@ -95,6 +95,8 @@ class BayesLoRALayer(nn.Module):
             )
         if isinstance(delta, FactorValue):
             value = delta
+            if self._mergeable(x) and not torch.is_autocast_enabled(x.device.type) and not self._base_trains():
+                return _MergedFactorLinear.apply(self, value, x, *value.tensors())
             if self._mergeable(x):  # the whole merged matmul recomputed (its input gradient needs W0 + ΔW)
                 return recomputed(lambda h, *f: self._dense(h, value.dense_of(f)), x, *value.tensors())
             return self.base(x) + recomputed(lambda h, *f: h @ value.dense_of(f).to(h.dtype).transpose(0, 1),
@@ -114,6 +116,14 @@ class BayesLoRALayer(nn.Module):
         y = flat @ weight if base.bias is None else torch.addmm(base.bias, flat, weight)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _base_trains(self) -> bool:
+        return any(p.requires_grad for p in self.base.parameters(recurse=False))
+
+    def _weight_out_in(self) -> Tensor:
+        """W0 as ``[out, in]`` (a Conv1D keeps ``[in, out]``: its transpose, a view)."""
+        weight = self.base.weight
+        return weight if isinstance(self.base, nn.Linear) else weight.transpose(0, 1)
+
     def _mergeable(self, x: Tensor) -> bool:
         """Whether ``x (W0 + ΔW)ᵀ`` may replace ``base(x) + x ΔWᵀ`` (see the module docstring)."""
         base = self.base
@@ -125,3 +135,39 @@ class BayesLoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, in={self.in_features}, out={self.out_features}"
+
+
+class _MergedFactorLinear(torch.autograd.Function):
+    """``x (W0 + ΔW)ᵀ + b`` for a factor-backed ΔW (:class:`~abmll_pyro.lora.factored.FactorValue`),
+    without autocast and with W0, b frozen. Forward runs without autograd and saves ``x`` and the
+    factors; backward remakes ΔW from the factors (with autograd, ε replayed) and forms the two
+    gradients the matmul has by hand, ``∂x = ȳ (W0 + ΔW)`` and ``∂ΔW = ȳᵀ x``, back-propagating the
+    latter into the factors: the forward product is not run again (``recomputed`` would run it to
+    differentiate it). Same values and gradients as ``recomputed`` to round-off."""
+
+    @staticmethod
+    def forward(ctx, layer: BayesLoRALayer, value: FactorValue, x: Tensor, *factors: Tensor) -> Tensor:
+        ctx.layer, ctx.value = layer, value
+        ctx.save_for_backward(x, *factors)
+        return layer._dense(x, value.dense_of(factors))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, *factors = ctx.saved_tensors
+        need_x, need = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        leaves = [f.detach().requires_grad_(n) for f, n in zip(factors, need)]
+        with torch.enable_grad():
+            delta = ctx.value.dense_of(leaves)
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if need_x:
+            weight = ctx.layer._weight_out_in() + delta.detach().to(x.dtype)
+            grad_x = g.mm(weight).view(x.shape)
+        wanted = [leaf for leaf, n in zip(leaves, need) if n]
+        grads = iter(())
+        if wanted:
+            grad_delta = g.t().mm(x.reshape(-1, x.shape[-1])).to(delta.dtype)
+            del g
+            grads = iter(torch.autograd.grad(delta, wanted, grad_delta, allow_unused=True))
+        return (None, None, grad_x, *(next(grads) if n else None for n in need))
+

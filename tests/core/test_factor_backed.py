@@ -167,3 +167,61 @@ def test_factor_backed_applies_to_the_first_order_mean_field_hierarchical_case_o
     assert not MetaSVI(adapter, MetaConfig(), prior=StudentTPrior()).factor_backed
     with pytest.raises(ValueError, match="factor_backed=True needs"):
         MetaSVI(adapter, second, factor_backed=True)
+
+
+_TARGET = {"llama": "model.layers.1.self_attn.q_proj", "qwen2": "model.layers.1.self_attn.v_proj",
+           "gpt2": "transformer.h.1.attn.c_attn"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_the_merged_layer_backward_does_not_rerun_the_forward_product(kind):
+    """A sampled factor-backed ΔW in a mergeable layer (Linear with and without bias, Conv1D): the
+    output equals the dense ΔW's bit for bit, the gradients of x and of the factors equal plain
+    autograd's to round-off, and backward forms one ``[tokens, ·]`` product, ∂x (``recomputed``
+    reruns the merged matmul too: two)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from abmll_pyro.lora.factored import FactorGaussian, recomputed
+
+    class Products(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm) and out.shape[0] == self.shape[0]:
+                self.count += 1
+            return out
+
+    name = _TARGET[kind]
+    lm = tiny_lm(kind, dtype=torch.float64)
+    adapter = BayesLoRA(lm, AdapterConfig(rank=2, target_modules=(name,))).double()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in adapter.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    params = adapter.global_params()
+    layer = lm.get_submodule(name)
+    out_features, in_features = adapter.shapes[name]
+    gaussian = FactorGaussian(adapter, name, params)
+    torch.manual_seed(4)
+    value = FactorNormal(FactorValue(gaussian, "mean"), FactorValue(gaussian, "std")).rsample()
+    x = torch.randn(2, 5, in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    weights = torch.randn(2, 5, out_features, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    leaves = [x, *gaussian.tensors()]
+    runs = {}
+    for how in ("merged", "dense", "recomputed"):
+        if how == "recomputed":
+            y = recomputed(lambda h, *f: layer._dense(h, value.dense_of(f)), x, *value.tensors())
+        else:
+            layer.delta = value if how == "merged" else value.dense()
+            y = layer(x)
+        layer.delta = None
+        with Products((10, out_features)) as products:
+            grads = torch.autograd.grad((y * weights).sum(), leaves)
+        runs[how] = y.detach(), grads, products.count
+    assert torch.equal(runs["merged"][0], runs["dense"][0])
+    for a, b in zip(runs["dense"][1], runs["merged"][1]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15 * float(a.abs().max()))
+    assert runs["merged"][2] == 1 and runs["recomputed"][2] == 2
