@@ -34,9 +34,10 @@ v: D_kv × D) of rank r::
 (Σ_m 2 · 2·out_m·r·in_m). **Executed** is what the code path runs, and what
 ``torch.utils.flop_counter.FlopCounterMode`` counts around one inner step (with the math SDPA kernel,
 whose matmuls it sees; the default CPU flash kernel it does not count): the blocks run on the padded
-rows (t → n·L), attention is dense (a → n·L²), each adapted projection's merged matmul
-``x (W0 + ΔW)ᵀ`` is run again in backward (factor-backed, ``abmll_pyro/lora/factored.py``: + Σ_m
-2nL · out_m · in_m), and the factors cost 20 products per module and step (the layer's μ, σ in forward
+rows (t → n·L), attention is dense (a → n·L²) — the merged matmul ``x (W0 + ΔW)ᵀ`` of an adapted
+projection is not run again in backward (``abmll_pyro/lora/layer.py:_MergedFactorLinear`` forms ∂x and
+∂ΔW from the remade ΔW; under autocast the recomputed path would add Σ_m 2nL · out_m · in_m, not
+counted here: these presets run float32) — and the factors cost 20 products per module and step (the layer's μ, σ in forward
 and again in backward: 4; the KL's q and p moments in forward and again in backward: 8; the layer's
 and the KL's dense gradients of μ and σ, each to two factors: 8). Without the trunk cache the blocks
 below ``j`` also run forward (executed only).
@@ -176,7 +177,6 @@ def step_flops(dims: Dims, lay: dict, kind: str = "needed") -> dict[str, int]:
         "factors": sum(2 * o * dims.rank * i for o, i in modules) * FACTOR_PRODUCTS[kind],
     }
     if run:
-        out["recompute"] = sum(2 * t * o * i for o, i in modules)
         if not dims.trunk_cache:  # the frozen blocks below the lowest adapted one, forward
             out["trunk_forward"] = dims.lowest * (2 * t * dims.block_linear() + 4 * dims.H * dims.d_h * pairs)
     out["total"] = sum(out.values())
@@ -248,7 +248,7 @@ def model_shapes(dims: Dims, lay: dict) -> dict[str, tuple[int, int, int]]:
 
 def flops_by_shape(dims: Dims, lay: dict, kind: str = "needed") -> dict[str, int]:
     """:func:`step_flops`' total split by the shape each part runs at (``other``: attention, factors,
-    recomputed projections and the trunk, small, at no shape of their own)."""
+    and the trunk, small, at no shape of their own)."""
     part = step_flops(dims, lay, kind)
     t = lay["tokens_run"] if kind == "executed" else lay["tokens_real"]
     D, D_kv, F, b = dims.D, dims.D_kv, dims.F, dims.blocks
