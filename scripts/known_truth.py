@@ -5,7 +5,10 @@ OUT/known_truth.json, rank histograms in OUT/sbc_ranks.png.
 
     python scripts/known_truth.py --preset tiny --out /tmp/kt
     python scripts/known_truth.py --preset tiny --out /tmp/kt --spreads 0.1 0.3 1.0
-    python scripts/known_truth.py --preset smollm2 --out runs/kt-smollm2 --spreads 0.03 0.1 0.3
+    python scripts/known_truth.py --preset smollm2 --out runs/kt-smollm2 --spreads 0.03 0.1 --threads 1 \
+        --set guide=low-rank-precision scalar_scale=true scale_optimizer=sgd scale_lr=0.01 outer_lr=0.005 rank=8 \
+        lora_alpha=8 shots=16 examples_per_task=32 test_shots=16 eval_shots=4 start_at_truth=true steps=4 \
+        tasks_per_step=2 num_train_tasks=8 num_test_tasks=6 num_projections=8 seed=0   # docs/posterior.md §12
     python scripts/known_truth.py --preset tiny --out /tmp/kt --set freeze_scales=true   # the broken control
     python scripts/known_truth.py --preset tiny --out /tmp/kt --spreads 0.3 --m-step-at-truth 0.5 1 2   # the M-step's fixed point
 """

@@ -48,6 +48,7 @@ from .mean_field import MeanFieldGuide
 __all__ = ["LowRankPrecisionNormal", "LowRankPrecisionGuide", "COV_KINDS"]
 
 COV_KINDS = ("cov_U", "cov_V")
+ROUNDOFF = 64  # a column's rows below ROUNDOFF·eps of its largest are round-off (:func:`_rank_one`)
 
 
 class LowRankPrecisionNormal(TorchDistribution):
@@ -70,25 +71,39 @@ class LowRankPrecisionNormal(TorchDistribution):
         super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
 
     # ------------------------------------------------------------------ R×R algebra
-    def _pairs(self) -> tuple[Tensor, Tensor]:
-        """``([out, R²], [R², in])``: U_ki U_kj and V_il V_jl, so that a ``[out, in]`` weight G gives
-        Σ_kl (u_i u_jᵀ ⊙ G ⊙ …) as ``(left.T @ G) ⊙ right`` summed over in."""
+    def _rows(self) -> Tensor | None:
+        """The rows of U with a nonzero entry, the only rows W touches (None: every row). For the LM
+        head these are the option rows: the R×R algebra then costs rows·in, not out·in."""
+        if not hasattr(self, "_active"):
+            active = self.U.detach().ne(0).any(1)
+            self._active = None if bool(active.all()) else active.nonzero().squeeze(1)
+        return self._active
+
+    def _pairs(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``([rows, R²], [R², in], rows)``: U_ki U_kj over U's nonzero rows (:meth:`_rows`) and V_il V_jl,
+        so that a ``[rows, in]`` weight G gives Σ_kl (u_i u_jᵀ ⊙ G ⊙ …) as ``(left.T @ G) ⊙ right``."""
         R = self.U.shape[1]
-        left = (self.U[:, :, None] * self.U[:, None, :]).reshape(self.U.shape[0], R * R)
+        rows = self._rows()
+        U = self.U if rows is None else self.U[rows]
+        left = (U[:, :, None] * U[:, None, :]).reshape(U.shape[0], R * R)
         right = (self.V[:, None, :] * self.V[None, :, :]).reshape(R * R, self.V.shape[1])
-        return left, right
+        return left, right, rows
 
     @property
     def capacitance(self) -> Tensor:
         """C = I_R + Wᵀ diag(σ²) W, ``[R, R]``: C_ij = Σ_kl U_ki U_kj σ²_kl V_il V_jl."""
         R = self.U.shape[1]
-        left, right = self._pairs()
-        gram = ((left.T @ self.scale.pow(2)) * right).sum(-1).reshape(R, R)
+        left, right, rows = self._pairs()
+        var = self.scale.pow(2) if rows is None else self.scale[rows].pow(2)
+        gram = ((left.T @ var) * right).sum(-1).reshape(R, R)
         return torch.eye(R, dtype=self.U.dtype, device=self.U.device) + gram
 
     def _project(self, e: Tensor) -> Tensor:
         """Wᵀ vec(e) = [u_jᵀ e v_j]_j, ``[..., R]`` for ``e`` ``[..., out, in]``."""
-        return ((e @ self.V.T) * self.U).sum(-2)
+        rows = self._rows()
+        if rows is None:
+            return ((e @ self.V.T) * self.U).sum(-2)
+        return ((e.index_select(-2, rows) @ self.V.T) * self.U[rows]).sum(-2)
 
     def _expand(self, c: Tensor) -> Tensor:
         """W c = U diag(c) V, ``[..., out, in]`` for ``c`` ``[..., R]``."""
@@ -105,10 +120,12 @@ class LowRankPrecisionNormal(TorchDistribution):
         var = self.scale.pow(2)
         if not self.U.shape[1]:
             return var
-        left, right = self._pairs()
+        left, right, rows = self._pairs()
         R = self.U.shape[1]
         cinv = torch.linalg.inv(self.capacitance).reshape(1, R * R)
-        return var - var.pow(2) * ((left * cinv) @ right)
+        if rows is None:
+            return var - var.pow(2) * ((left * cinv) @ right)
+        return var.index_add(0, rows, -var[rows].pow(2) * ((left * cinv) @ right))  # other rows: σ² exactly
 
     def log_det_capacitance(self) -> Tensor:
         return torch.linalg.slogdet(self.capacitance)[1] if self.U.shape[1] else self.loc.new_zeros(())
@@ -327,21 +344,28 @@ def _score_contrasts(scores: Tensor) -> list[tuple[float, int, Tensor]]:
 
 def _rank_one(G: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
     """``(u, v)`` with u vᵀ the best rank-1 approximation of ``G`` ``[out, in]`` (power iteration from
-    its largest row; |u| = |v| = √s₁). Exact in one step when G has rank 1."""
+    its largest row; |u| = |v| = √s₁). Exact in one step when G has rank 1.
+
+    Rows whose norm is below ``ROUNDOFF``·eps of the largest are round-off, zero in exact arithmetic
+    (for the LM head every row but the options': the softmax's shared term cancels in a score
+    contrast); they get u = 0 exactly, so the power iteration runs on the other rows and
+    :class:`LowRankPrecisionNormal` skips them (out·in → options·in)."""
     norms = G.norm(dim=1)
     if float(norms.max()) == 0.0:
         return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
-    v = G[int(norms.argmax())].clone()
+    keep = (norms > ROUNDOFF * torch.finfo(G.dtype).eps * norms.max()).nonzero().squeeze(1)
+    full, G = G, G[keep]
+    v = G[int(norms[keep].argmax())].clone()
     v = v / v.norm()
     tiny = torch.finfo(G.dtype).tiny
     for _ in range(max(iterations, 1)):
         v = G.T @ (G @ v)
         size = v.norm()
         if not float(size) > tiny:  # G v = 0: G is (numerically) zero along the start
-            return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
+            return full.new_zeros(full.shape[0]), full.new_zeros(full.shape[1])
         v = v / size
     u = G @ v  # = s₁ u₁
     s = u.norm()
     if not float(s) > tiny:
-        return G.new_zeros(G.shape[0]), G.new_zeros(G.shape[1])
-    return u / s.sqrt(), v * s.sqrt()
+        return full.new_zeros(full.shape[0]), full.new_zeros(full.shape[1])
+    return full.new_zeros(full.shape[0]).index_copy(0, keep, u / s.sqrt()), v * s.sqrt()

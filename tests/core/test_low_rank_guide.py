@@ -3,7 +3,9 @@
 * The distribution: log-density, entropy, marginal variances and the KL to an elementwise Normal
   equal a dense MultivariateNormal with precision diag(1/σ²) + W Wᵀ (float64, to 1e-10); its
   reparameterized draws have that covariance (200k draws: the largest entry error under 5 standard
-  errors of a sample covariance, ≈ 5·√(2/n)·max|Σ| ≈ 0.016·max|Σ|); R = 0 is the mean-field Normal.
+  errors of a sample covariance, ≈ 5·√(2/n)·max|Σ| ≈ 0.016·max|Σ|); R = 0 is the mean-field Normal;
+  rows of U that are zero (skipped by the R×R algebra) change none of that; a column's round-off
+  rows come out as exact zeros.
 * The GGN start on the LM head: Σ_j vec(u_j v_jᵀ) vec(u_j v_jᵀ)ᵀ equals Jᵀ H J, the option scores'
   Gauss–Newton matrix over the support set computed densely from per-example Jacobians (each column
   is exactly rank 1 for the head, read at one position), to 1e-8 relative.
@@ -22,6 +24,7 @@ from abmll_pyro.data.sources.known_truth import default_text_pool, family_inputs
 from abmll_pyro.data.templates import DirectTemplate
 from abmll_pyro.eval.known_truth import identified_mask
 from abmll_pyro.guides import LowRankPrecisionGuide, LowRankPrecisionNormal
+from abmll_pyro.guides.low_rank import _rank_one
 from abmll_pyro.infer import pass_through
 from abmll_pyro.lms import tiny_model
 from abmll_pyro.models import HierarchicalPrior
@@ -61,6 +64,41 @@ def test_distribution_equals_the_dense_gaussian(R):
     cov = ref.covariance_matrix
     assert float((torch.cov(draws.T) - cov).abs().max()) < 5 * (2 / n) ** 0.5 * float(cov.abs().max())
     torch.testing.assert_close(draws.mean(0), q.loc.flatten(), atol=0.02, rtol=0)
+
+
+def test_rows_without_columns_are_skipped_exactly():
+    """U with zero rows (the LM head: every row but the options') takes the row-restricted path; it
+    equals the dense Gaussian, and those rows keep σ² and are drawn as the prior's."""
+    full = _random_q(3)
+    U = full.U.clone()
+    U[1] = 0.0
+    q = LowRankPrecisionNormal(full.loc, full.scale, U, full.V)
+    assert q._rows().tolist() == [0, 2]
+    ref = _dense(q)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    assert float(q.log_prob(x)) == pytest.approx(float(ref.log_prob(x.flatten())), abs=1e-10)
+    assert float(q.entropy()) == pytest.approx(float(ref.entropy()), abs=1e-10)
+    torch.testing.assert_close(q.variance.flatten(), ref.covariance_matrix.diag(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(q.variance[1], q.scale[1].pow(2), rtol=0, atol=0)
+    torch.manual_seed(0)
+    n = 200_000
+    cov = ref.covariance_matrix
+    draws = q.rsample((n,)).reshape(n, -1)
+    assert float((torch.cov(draws.T) - cov).abs().max()) < 5 * (2 / n) ** 0.5 * float(cov.abs().max())
+
+
+def test_rank_one_drops_round_off_rows():
+    """A rank-1 G with rows at round-off (1e-9 of the largest in float32: the option softmax's
+    cancelled shared term on the LM head's other rows) gives u = 0 there, exactly, and u vᵀ = G
+    elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, generator=g), torch.randn(5, generator=g)
+    G = torch.outer(a, b)
+    G[[1, 4]] *= 1e-9
+    u, v = _rank_one(G, 8)
+    assert u[[1, 4]].eq(0).all() and u[[0, 2, 3, 5]].ne(0).all()
+    keep = [0, 2, 3, 5]
+    torch.testing.assert_close(torch.outer(u, v)[keep], G[keep], rtol=1e-5, atol=1e-6)
 
 
 def test_zero_columns_are_the_mean_field_normal():
