@@ -73,34 +73,16 @@ def factor_backed_active() -> bool:
     return getattr(_STATE, "on", False)
 
 
-class _Recomputed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
-        device = tensors[0].device.type
-        ctx.fn, ctx.device = fn, device
-        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.save_for_backward(*tensors)
-        return fn(*tensors)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        need = ctx.needs_input_grad[1:]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
-            out = ctx.fn(*leaves)
-        wanted = [leaf for leaf, n in zip(leaves, need) if n]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-        return (None, *(next(grads) if n else None for n in need))
-
-
 def recomputed(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     """``fn(*tensors)``, keeping only ``tensors`` for backward (module docstring). ``fn`` must be
     deterministic given its arguments (draws replayed from a saved generator state)."""
-    return _Recomputed.apply(fn, *tensors)
+    return _RecomputedSum.apply(lambda _, *t: fn(*t), (None,), *tensors)  # one "block": the whole of fn
 
 
 class _RecomputedSum(torch.autograd.Function):
+    """Σ_b fn(b, *tensors) saving only ``tensors``; backward one block's graph at a time (``recomputed``
+    is the one-block case)."""
+
     @staticmethod
     def forward(ctx, fn: Callable[..., Tensor], blocks: Sequence[tuple[int, int]], *tensors: Tensor) -> Tensor:
         device = tensors[0].device.type
@@ -117,13 +99,13 @@ class _RecomputedSum(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         leaves = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
         wanted = [leaf for leaf, n in zip(leaves, need) if n]
+        if not wanted:
+            return (None, None, *(None for _ in need))
         sums: list[Tensor | None] = [None] * len(wanted)
         enabled, dtype = ctx.autocast
         for block in ctx.blocks:  # one block's graph at a time: its dense tensors freed before the next
             with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
                 out = ctx.fn(block, *leaves)
-            if not wanted:
-                break
             for i, g in enumerate(torch.autograd.grad(out, wanted, grad, allow_unused=True)):
                 if g is not None:
                     sums[i] = g if sums[i] is None else sums[i] + g
