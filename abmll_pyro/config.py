@@ -163,6 +163,13 @@ class MetaConfig:
     Second order differentiates the whole loss through the inner steps and ignores this setting (the
     preconditioned inner steps' curvature is treated as a constant there, so it is exact for SGD and
     Adam only).
+
+    With a task subspace (:class:`~abmll_pyro.models.subspace.TaskSubspace`): ``subspace_beta`` weights
+    the KL of its coordinates z_i (default 1: the ELBO's own weight, whatever ``kl_beta`` is for ΔW),
+    ``subspace_inner_lr`` is the damping of the inner loop's Newton step for q(z_i)'s parameters
+    (:meth:`~abmll_pyro.models.subspace.TaskSubspace.newton_step`; 1 is a full step; default 0.5) — and
+    ``subspace_scale_lr`` the outer Adam's for its log-scales (default ``outer_lr``). Without a
+    subspace they are unused.
     """
 
     kl_beta: float = 1e-8
@@ -175,6 +182,9 @@ class MetaConfig:
     inner: InnerLoopConfig = field(default_factory=InnerLoopConfig)
     scale_optimizer: str = "adam"
     scale_lr: float | None = None
+    subspace_beta: float = 1.0
+    subspace_inner_lr: float = 0.5
+    subspace_scale_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
@@ -192,6 +202,12 @@ class MetaConfig:
                f"scale_optimizer must be one of ['adam', 'sgd'], got {self.scale_optimizer!r}")
         _check(self.scale_lr is None or (math.isfinite(self.scale_lr) and self.scale_lr > 0),
                f"scale_lr must be > 0 or None, got {self.scale_lr!r}")
+        _check(math.isfinite(self.subspace_beta) and self.subspace_beta >= 0,
+               f"subspace_beta must be finite and >= 0, got {self.subspace_beta!r}")
+        _check(math.isfinite(self.subspace_inner_lr) and self.subspace_inner_lr > 0,
+               f"subspace_inner_lr must be finite and > 0, got {self.subspace_inner_lr!r}")
+        _check(self.subspace_scale_lr is None or (math.isfinite(self.subspace_scale_lr) and self.subspace_scale_lr > 0),
+               f"subspace_scale_lr must be > 0 or None, got {self.subspace_scale_lr!r}")
 
     @property
     def gamma(self) -> float:

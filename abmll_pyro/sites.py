@@ -9,6 +9,7 @@ from __future__ import annotations
 TASKS = "tasks"  # the (sequential) plate over tasks
 THETA_PREFIX = "theta/"  # global latent sites theta: scaled by kl_gamma
 PHI_PREFIX = "phi["  # task latent sites phi_i: scaled by kl_beta
+LATENT_PREFIX = "z["  # task subspace sites z_i (models/subspace.py): scaled by their own β
 
 
 def theta(module: str, key: str) -> str:
@@ -19,6 +20,11 @@ def theta(module: str, key: str) -> str:
 def phi(task: int, module: str) -> str:
     """Task ``task``'s weight perturbation ΔW of ``module``."""
     return f"{PHI_PREFIX}{task}]/{module}"
+
+
+def latent(task: int, module: str) -> str:
+    """Task ``task``'s subspace coordinates z of ``module`` (:class:`~abmll_pyro.models.subspace.TaskSubspace`)."""
+    return f"{LATENT_PREFIX}{task}]/{module}"
 
 
 def data(task: int) -> str:
@@ -47,3 +53,7 @@ def is_theta(name: str) -> bool:
 
 def is_phi(name: str) -> bool:
     return name.startswith(PHI_PREFIX)
+
+
+def is_latent(name: str) -> bool:
+    return name.startswith(LATENT_PREFIX)

@@ -25,6 +25,7 @@ from .. import sites
 from ..lora.adapter import BayesLoRA
 from ..models.likelihoods import TaskData
 from ..models.priors import TaskPrior
+from ..models.subspace import TaskSubspace
 
 __all__ = ["TaskGuide", "ABMLLGuide"]
 
@@ -45,11 +46,14 @@ class ABMLLGuide:
     """Callable Pyro guide with the model's signature ``(theta_params, task_params, tasks)``.
 
     θ is a point estimate: a Delta at ``prior.global_values(μ_θ, σ_θ)`` for every global site, so the
-    ELBO receives log p(θ). Task i's ΔW_{i,m} ~ ``task_guide.task_distribution(task_params[i], m)``.
+    ELBO receives log p(θ). Task i's ΔW_{i,m} ~ ``task_guide.task_distribution(task_params[i], m)``;
+    with a ``subspace``, z_{i,m} ~ ``subspace.posterior(task_params[i], m)`` after them.
     """
 
-    def __init__(self, adapter: BayesLoRA, prior: TaskPrior, task_guide: TaskGuide):
+    def __init__(self, adapter: BayesLoRA, prior: TaskPrior, task_guide: TaskGuide,
+                 subspace: TaskSubspace | None = None):
         self.adapter, self.prior, self.task_guide = adapter, prior, task_guide
+        self.subspace = subspace
 
     def __call__(self, theta_params: Params, task_params: Sequence[Params], tasks: Sequence[TaskData]) -> None:
         if len(task_params) != len(tasks):
@@ -61,3 +65,6 @@ class ABMLLGuide:
         for i in pyro.plate(sites.TASKS, len(tasks)) if tasks else ():  # no tasks: θ's terms alone
             for m in self.adapter.shapes:
                 pyro.sample(sites.phi(i, m), self.task_guide.task_distribution(self.adapter, task_params[i], m))
+            if self.subspace is not None:
+                for m in self.subspace.modules:
+                    pyro.sample(sites.latent(i, m), self.subspace.posterior(task_params[i], m))

@@ -40,6 +40,7 @@ from ..lora.adapter import BayesLoRA
 from ..models.hierarchical import HierarchicalModel
 from ..models.likelihoods import Likelihood, OptionLikelihood, TaskData
 from ..models.priors import HierarchicalPrior, TaskPrior
+from ..models.subspace import TaskSubspace
 from .elbo import LeanMeanFieldELBO
 from .inner import PRECONDITIONED, NonFiniteLossError, inner_loop, pass_through
 from .kl_curvature import kl_curvature
@@ -100,6 +101,8 @@ class StepResult:
     sigma_theta: float | None = None
     sigma_q: float | None = None
     nll_per_example: float | None = None  # the mean over tasks of −log p(query_i | φ_i) / |query_i| (_scored_units)
+    subspace_kl: float | None = None  # with a task subspace: the mean over tasks of KL(q(z_i) ‖ p(z_i | θ))
+    subspace_scale: float | None = None  # with a task subspace: the mean prior scale s over its directions
 
 
 def _scored_units(batch) -> int:
@@ -126,6 +129,10 @@ class MetaSVI:
     order inner loop and outer step with the mean-field guide (or the amortized guide over it), the
     hierarchical prior and :class:`~abmll_pyro.infer.elbo.LeanMeanFieldELBO`; elsewhere (second order,
     other guides, priors or ELBOs) the dense path runs. ``False``: the dense path everywhere.
+
+    ``subspace`` (default None): a :class:`~abmll_pyro.models.subspace.TaskSubspace`, whose task
+    coordinates z_i join ΔW_i in model and guide (their KL weighted by ``config.subspace_beta``); its
+    bases and log-scales are trained with θ (the log-scales at ``config.subspace_scale_lr``).
     """
 
     def __init__(
@@ -138,12 +145,16 @@ class MetaSVI:
         elbo=None,
         num_tasks: int | None = None,
         factor_backed: bool | None = None,
+        subspace: TaskSubspace | None = None,
     ):
         self.adapter = adapter
         self.config = config or MetaConfig()
+        self.subspace = subspace
+        self._learning_curvature = False  # True within loss_and_grads: the subspace's curvature buffer learns
         prior = prior.for_adapter(adapter) if hasattr(prior, "for_adapter") else prior  # its init_std, not a default's
-        self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood())
-        self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide())
+        self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood(),
+                                       subspace=subspace)
+        self.guide = ABMLLGuide(adapter, self.model.prior, task_guide or MeanFieldGuide(), subspace=subspace)
         if hasattr(self.guide.task_guide, "bind"):  # a guide that reads the model (e.g. its likelihood)
             self.guide.task_guide.bind(self.model)
         self.elbo = elbo if elbo is not None else LeanMeanFieldELBO(max_plate_nesting=1)
@@ -159,8 +170,13 @@ class MetaSVI:
         self.scale_parameters = ([p for p in self.trainable_parameters() if id(p) in scales]
                                  if self.config.scale_optimizer == "sgd" else [])
         stepped = {id(p) for p in self.scale_parameters}
-        self.optimizer = torch.optim.Adam([p for p in self.trainable_parameters() if id(p) not in stepped],
-                                          lr=self.config.outer_lr)
+        own = {id(p) for p in subspace.log_scale.values()} if subspace is not None else set()
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in stepped | own]}]
+        if own and self.config.subspace_scale_lr is not None:
+            groups.append({"params": list(subspace.log_scale.values()), "lr": self.config.subspace_scale_lr})
+        elif own:
+            groups[0]["params"] += list(subspace.log_scale.values())
+        self.optimizer = torch.optim.Adam(groups, lr=self.config.outer_lr)
 
     def _factor_backed_applies(self) -> bool:
         """Whether :func:`~abmll_pyro.lora.factored.factor_backed` gives this setup's losses unchanged."""
@@ -177,18 +193,28 @@ class MetaSVI:
         params = list(self.adapter.parameters())
         if isinstance(self.guide.task_guide, nn.Module):
             params += [p for p in self.guide.task_guide.parameters() if p.requires_grad]
+        if self.subspace is not None:
+            params += [p for p in self.subspace.parameters() if p.requires_grad]
         return params
 
     def theta(self) -> dict[str, Tensor]:
         return self.adapter.global_params()
 
+    def init_task_params(self, theta: dict[str, Tensor], support: TaskData | None = None) -> dict[str, Tensor]:
+        """A task's starting variational parameters: the task guide's (from θ and the support set),
+        and q(z_i)'s at the prior with a task subspace."""
+        start = self.guide.task_guide.init_task_params(self.adapter, theta, support)
+        if self.subspace is not None:
+            start.update(self.subspace.init_task_params())
+        return start
+
     # ------------------------------------------------------------------ inner loop
     def _support_loss_fn(self, theta: dict[str, Tensor], support: TaskData):
-        beta = self.config.kl_beta
+        beta, latent_beta = self.config.kl_beta, self.config.subspace_beta
 
         def loss_fn(params: dict[str, Tensor]) -> Tensor:
             with factor_backed(self.factor_backed):
-                return task_loss(self.elbo, self.model, self.guide, theta, [params], [support], beta)
+                return task_loss(self.elbo, self.model, self.guide, theta, [params], [support], beta, latent_beta)
 
         return loss_fn
 
@@ -203,9 +229,15 @@ class MetaSVI:
         curvature = None
         if inner.optimizer in PRECONDITIONED:
             curvature = kl_curvature(self.adapter, self.model.prior, fixed, self.config.kl_beta, self.guide.task_guide)
+        step = None
+        if self.subspace is not None:
+            beta, lr = self.config.subspace_beta, self.config.subspace_inner_lr
+            learn = self._learning_curvature
+            step = lambda params, grads: self.subspace.newton_step(params, grads, beta, lr, learn)  # noqa: E731
         refined = inner_loop(self._support_loss_fn(fixed, support), start, steps, inner.inner_lr,
                              inner.optimizer, create_graph=create_graph, curvature=curvature, adam_eps=inner.adam_eps,
-                             frozen=frozenset(getattr(self.guide.task_guide, "frozen_keys", lambda p: ())(start)))
+                             frozen=frozenset(getattr(self.guide.task_guide, "frozen_keys", lambda p: ())(start)),
+                             custom_step=step)
         refresh = getattr(self.guide.task_guide, "refresh", None)  # e.g. a precision re-read at the refined mean
         return refresh(self.adapter, refined, support) if refresh is not None else refined
 
@@ -213,7 +245,7 @@ class MetaSVI:
         """The task posterior's parameters after the inner loop from θ on ``support`` (detached)."""
         theta = self.theta()
         with torch.no_grad():
-            start = self.guide.task_guide.init_task_params(self.adapter, theta, support)
+            start = self.init_task_params(theta, support)
         refined = self.refine(theta, start, support, num_inner_steps)
         return {k: v.detach() for k, v in refined.items()}
 
@@ -229,15 +261,23 @@ class MetaSVI:
         if not episodes:
             raise ValueError("a meta step needs at least one episode")
         backward = backward or (lambda loss: loss.backward())
+        self._learning_curvature = True
+        try:
+            return self._loss_and_grads(episodes, num_tasks, backward)
+        finally:
+            self._learning_curvature = False
+
+    def _loss_and_grads(self, episodes: Sequence[Episode], num_tasks: int | None, backward) -> StepResult:
         M = num_tasks or self.num_tasks or len(episodes)
         cfg, inner = self.config, self.config.inner
         second = inner.order == "second"
         theta = self.theta()
-        total = nll = kl = per_example = 0.0
+        total = nll = kl = per_example = latent_kl = 0.0
+        latent_beta = cfg.subspace_beta
         sigma_q: float | None = 0.0
         b = len(episodes)
         for ep in episodes:
-            start = self.guide.task_guide.init_task_params(self.adapter, theta, ep.support)
+            start = self.init_task_params(theta, ep.support)
             refined = self.refine(theta, start, ep.support, create_graph=second)
             if second:
                 task = refined
@@ -251,8 +291,10 @@ class MetaSVI:
             if second or cfg.outer_kl == "pass-through":
                 with factor_backed(self.factor_backed):  # (off in second order)
                     loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query],
-                                                              cfg.kl_beta))
+                                                              cfg.kl_beta, latent_beta))
                 task_kl_value = task_kl(self.model, self.guide, theta, task)
+                if self.subspace is not None:
+                    latent_kl += float(self.subspace.kl(task).detach().double()) / b
             else:  # likelihood through the pass-through, KL with q held fixed (the M-step for θ)
                 fixed = {k: v.detach() for k, v in refined.items()}
                 with factor_backed(self.factor_backed):
@@ -269,8 +311,18 @@ class MetaSVI:
                     total += float(kl_term.detach()) / b
                     del kl_term
                 del kl_value
+                if self.subspace is not None:  # q(z_i) fixed too: the M-step for the subspace's scales
+                    z_kl = self.subspace.kl(fixed)
+                    latent_kl += float(z_kl.detach().double()) / b
+                    if latent_beta:
+                        z_term = latent_beta * z_kl
+                        self._check(z_term, f"subspace KL term of task {ep.name!r}")
+                        if z_term.requires_grad:
+                            backward(z_term / b)
+                        total += float(z_term.detach()) / b
                 with factor_backed(self.factor_backed):
-                    loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query], 0.0))
+                    loss, loglik = recorded(lambda: task_loss(self.elbo, self.model, self.guide, theta, [task], [query],
+                                                              0.0, 0.0))
                 if not torch.is_tensor(loss):  # Pyro's 0.0 for a model with no scored site (no likelihood)
                     loss = torch.zeros((), device=next(iter(theta.values())).device)
             self._check(loss, f"query loss of task {ep.name!r}")
@@ -288,8 +340,11 @@ class MetaSVI:
         if g_loss.requires_grad:
             backward(g_loss)
         total += float(g_loss.detach())
+        sub = self.subspace
         return StepResult(total, nll, kl, log_hyperprior(self.model, theta),
-                          sigma_theta=mean_prior_std(self.adapter, theta), sigma_q=sigma_q, nll_per_example=per_example)
+                          sigma_theta=mean_prior_std(self.adapter, theta), sigma_q=sigma_q, nll_per_example=per_example,
+                          subspace_kl=latent_kl if sub is not None else None,
+                          subspace_scale=sub.mean_scale() if sub is not None else None)
 
     def step(self, episodes: Sequence[Episode], num_tasks: int | None = None) -> StepResult:
         """One outer step: zero the gradients, :meth:`loss_and_grads`, clip, optimizer step."""

@@ -3,6 +3,7 @@
 With the effect handler :func:`~abmll_pyro.infer.handlers.kl_scale` and any Pyro ELBO:
 
     task_loss   = −E_q[log p(D_i | φ_i)] + β·KL(q(φ_i) ‖ p(φ_i | θ))     (θ sites masked out)
+                  [+ β_z·KL(q(z_i) ‖ p(z_i | θ)) with a task subspace]
     global_loss = −γ·log p(θ)                                           (no tasks in the call)
 
 Both run the same model and guide through ``elbo.differentiable_loss``. The diagnostics
@@ -32,9 +33,11 @@ Params = Mapping[str, Tensor]
 
 
 def task_loss(elbo, model: HierarchicalModel, guide: ABMLLGuide, theta_params: Params,
-              task_params: Sequence[Params], tasks: Sequence[TaskData], kl_beta: float) -> Tensor:
-    """Σ over ``tasks`` of −E_q log p(D_i | φ_i) + kl_beta·KL_i (differentiable)."""
-    with kl_scale(kl_beta=kl_beta, kl_gamma=0.0):
+              task_params: Sequence[Params], tasks: Sequence[TaskData], kl_beta: float,
+              latent_beta: float | None = None) -> Tensor:
+    """Σ over ``tasks`` of −E_q log p(D_i | φ_i) + kl_beta·KL_i (+ latent_beta·KL of the subspace
+    sites, ``kl_beta`` when None) (differentiable)."""
+    with kl_scale(kl_beta=kl_beta, kl_gamma=0.0, latent_beta=latent_beta):
         return elbo.differentiable_loss(model, guide, theta_params, task_params, tasks)
 
 

@@ -117,5 +117,7 @@ def mean_probs(svi: MetaSVI, task_params: Mapping[str, Tensor], query: TaskData)
     scores_fn = getattr(svi.model.likelihood, "scores", None)
     if scores_fn is None:
         raise TypeError(f"mean-mode prediction needs a likelihood with scores(); got {type(svi.model.likelihood).__name__}")
-    with adapter.use(deltas):
+    subspace = getattr(svi.model, "subspace", None)
+    shifts = subspace.mean_shifts(task_params) if subspace is not None else {}  # z at q's mean
+    with adapter.use(deltas), adapter.shifted(shifts):
         return torch.softmax(scores_fn(adapter.lm, query.batch), -1)

@@ -222,9 +222,27 @@ class BayesLoRA(nn.Module):
             for m, d in previous.items():
                 self.layers[m].delta = d
 
+    @contextmanager
+    def shifted(self, shifts: Mapping[str, LowRankDelta | None]) -> Iterator[None]:
+        """Within the block, module m also adds ``shifts[m]`` (a :class:`LowRankDelta` or None) to what
+        its delta gives: a task subspace's term (:class:`~abmll_pyro.models.subspace.TaskSubspace`)."""
+        unknown = set(shifts) - set(self.layers)
+        if unknown:
+            raise KeyError(f"no adapted module named {sorted(unknown)}; adapted: {self.module_names}")
+        previous = {m: self.layers[m].shift for m in shifts}
+        try:
+            for m, d in shifts.items():
+                self.layers[m].shift = d
+            yield
+        finally:
+            for m, d in previous.items():
+                self.layers[m].shift = d
+
+    @contextmanager
     def off(self) -> Iterator[None]:
-        """The base model: every adapter off."""
-        return self.use({m: None for m in self.layers})
+        """The base model: every adapter off (deltas and shifts)."""
+        with self.use({m: None for m in self.layers}), self.shifted({m: None for m in self.layers}):
+            yield
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

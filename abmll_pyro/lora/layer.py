@@ -18,6 +18,9 @@ The layer holds no adapter parameters and does no sampling or KL: what it adds i
   replayed noise in forward and again in backward, and only x and the factors are kept (no dense
   ``[out, in]`` tensor outlives the module's forward or backward).
 
+Beside it, :attr:`BayesLoRALayer.shift` (a :class:`LowRankDelta` or None) adds ``scaling · (x Aᵀ) Bᵀ``
+to whatever the delta gives: a task subspace's term (``models/subspace.py``), never formed densely.
+
 Works for ``torch.nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight ``[in, out]``).
 """
 
@@ -80,8 +83,17 @@ class BayesLoRALayer(nn.Module):
         self.name = name
         self.out_features, self.in_features = linear_shape(base)
         self.delta: LowRankDelta | Tensor | None = None
+        self.shift: LowRankDelta | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._forward(x)
+        shift = self.shift
+        if shift is None:
+            return y
+        A, B = shift.A.to(x.dtype), shift.B.to(x.dtype)
+        return y + shift.scaling * ((x @ A.transpose(0, 1)) @ B.transpose(0, 1))
+
+    def _forward(self, x: Tensor) -> Tensor:
         delta = self.delta
         if delta is None:
             return self.base(x)

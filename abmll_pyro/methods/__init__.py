@@ -11,6 +11,7 @@ from typing import Callable
 from ..infer.meta import MetaSVI
 from ..lora.adapter import BayesLoRA
 from ..models.likelihoods import OptionLikelihood
+from ..models.subspace import TaskSubspace
 from .abmll import ABMLL
 from .base import LoRAFactors, Method, option_logits, option_nll, option_probs
 from .bayes_lora import PerTaskBayesLoRA
@@ -31,15 +32,17 @@ __all__ = ["Method", "METHODS", "TRAINABLE", "SAME_TRAINING", "build_method", "A
            "LoRAFactors", "option_logits", "option_nll", "option_probs", "make_prior", "make_guide"]
 
 
-def _svi(adapter: BayesLoRA, config, num_train_tasks: int) -> MetaSVI:
+def _svi(adapter: BayesLoRA, config, num_train_tasks: int, subspace: bool = False) -> MetaSVI:
+    dim = getattr(config, "subspace_dim", 0)
     return MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior, adapter),
                    task_guide=make_guide(config.guide, adapter), likelihood=OptionLikelihood(config.score_reduction),
-                   num_tasks=max(num_train_tasks, 1))
+                   num_tasks=max(num_train_tasks, 1),
+                   subspace=TaskSubspace(adapter, dim, config.subspace_scale) if subspace and dim else None)
 
 
 def _abmll(in_context: bool) -> Callable:
     def build(adapter: BayesLoRA, config, num_train_tasks: int) -> Method:
-        svi = _svi(adapter, config, num_train_tasks)
+        svi = _svi(adapter, config, num_train_tasks, subspace=True)
         return ABMLL(svi, max(num_train_tasks, 1), config.num_samples, config.predict_mode, in_context=in_context)
 
     return build

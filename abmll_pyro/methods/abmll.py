@@ -45,7 +45,9 @@ class ABMLL(Method):
         parts = {"loss": r.loss, "nll": r.nll_per_example, "query_nll_sum": r.nll, "task_kl": r.task_kl,
                  "log_p_theta": r.log_p_theta}
         # the posterior's scale in metrics.jsonl: mean σ of θ's prior and of the tasks' q
-        parts.update({k: v for k, v in (("sigma_theta", r.sigma_theta), ("sigma_q", r.sigma_q)) if v is not None})
+        parts.update({k: v for k, v in (("sigma_theta", r.sigma_theta), ("sigma_q", r.sigma_q),
+                                        ("subspace_kl", r.subspace_kl), ("subspace_scale", r.subspace_scale))
+                      if v is not None})
         return parts
 
     def adapt(self, episode):
@@ -64,6 +66,8 @@ class ABMLL(Method):
         guide = self.svi.guide.task_guide
         if hasattr(guide, "state_dict"):
             out.update({f"guide/{k}": v.detach() for k, v in guide.state_dict().items()})
+        if self.svi.subspace is not None:
+            out.update({f"subspace/{k}": v.detach() for k, v in self.svi.subspace.state_dict().items()})
         return out
 
     def load_state_tensors(self, tensors):
@@ -73,3 +77,6 @@ class ABMLL(Method):
         guide = self.svi.guide.task_guide
         if hasattr(guide, "load_state_dict"):
             guide.load_state_dict({k[len("guide/"):]: v for k, v in tensors.items() if k.startswith("guide/")})
+        if self.svi.subspace is not None:
+            self.svi.subspace.load_state_dict({k[len("subspace/"):]: v for k, v in tensors.items()
+                                               if k.startswith("subspace/")})

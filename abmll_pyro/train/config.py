@@ -132,6 +132,12 @@ class RunConfig:
     outer_kl: str = "prior"
     scale_optimizer: str = "adam"  # θ's scale factors: with the other factors (adam) or by plain gradient steps (sgd)
     scale_lr: float | None = None  # the sgd scale step's size (null: outer_lr)
+    # the task subspace (models/subspace.py): d learned directions per adapted module with their own scales
+    subspace_dim: int = 0  # d (0: none)
+    subspace_scale: float = 0.1  # the directions' prior scale s at the start
+    subspace_beta: float = 1.0  # the weight of q(z_i)'s KL (ΔW's is kl_beta)
+    subspace_inner_lr: float = 0.5  # the damping of q(z_i)'s Newton step in the inner loop (1: a full step; MetaConfig)
+    subspace_scale_lr: float | None = None  # the outer Adam's for log s (null: outer_lr)
     reptile_step_size: float = 0.5
     ts_prior_std: float | None = 0.25  # chosen on dev tasks (docs/RESULTS.md, cpu-long section 4)
     # the Bayesian-LoRA peers (methods/laplace_lora.py, blob.py, ensemble_lora.py, mc_dropout_lora.py)
@@ -177,6 +183,10 @@ class RunConfig:
             v = getattr(self, name)
             check(v is None or (isinstance(v, int) and v >= 1), f"{name} must be an integer >= 1 or null, got {v!r}")
         check(math.isfinite(self.kl_beta) and self.kl_beta >= 0, f"kl_beta must be finite and >= 0, got {self.kl_beta!r}")
+        check(isinstance(self.subspace_dim, int) and self.subspace_dim >= 0,
+              f"subspace_dim must be an integer >= 0, got {self.subspace_dim!r}")
+        check(math.isfinite(self.subspace_scale) and self.subspace_scale > 0,
+              f"subspace_scale must be finite and > 0, got {self.subspace_scale!r}")
         check(self.kl_gamma is None or (math.isfinite(self.kl_gamma) and self.kl_gamma >= 0),
               f"kl_gamma must be finite and >= 0 (or null), got {self.kl_gamma!r}")
         check(self.reptile_step_size > 0, f"reptile_step_size must be > 0, got {self.reptile_step_size!r}")
@@ -226,7 +236,9 @@ class RunConfig:
     def meta_config(self) -> MetaConfig:
         return MetaConfig(kl_beta=self.kl_beta, kl_gamma=self.kl_gamma, outer_lr=self.outer_lr,
                           tasks_per_step=self.tasks_per_step, grad_clip=self.grad_clip, outer_kl=self.outer_kl,
-                          inner=self.inner_config(), scale_optimizer=self.scale_optimizer, scale_lr=self.scale_lr)
+                          inner=self.inner_config(), scale_optimizer=self.scale_optimizer, scale_lr=self.scale_lr,
+                          subspace_beta=self.subspace_beta, subspace_inner_lr=self.subspace_inner_lr,
+                          subspace_scale_lr=self.subspace_scale_lr)
 
     # ----------------------------------------------------------------- (de)serialization
     @classmethod

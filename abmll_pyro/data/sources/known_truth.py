@@ -18,7 +18,7 @@ oracle predictor, whose expected NLL is the label entropy).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import pyro.poutine as poutine
@@ -68,11 +68,13 @@ def true_theta(adapter: BayesLoRA, spread: float, mean_rms: float, generator: to
 @dataclass(frozen=True)
 class KnownTask:
     """One task drawn from the family: ``batch`` (labels = sampled gold), the true ΔW_i per module,
-    and ``true_probs`` ``[n, K]``, the label distribution the labels were drawn from."""
+    ``true_probs`` ``[n, K]``, the label distribution the labels were drawn from, and with a task
+    subspace in the model the true z_i per module (``latent``; empty without one)."""
 
     batch: OptionBatch
     delta: dict[str, Tensor]
     true_probs: Tensor
+    latent: dict[str, Tensor] = field(default_factory=dict)
 
     def split(self, shots: int) -> tuple[TaskData, TaskData]:
         """``(support, query)``: the first ``shots`` examples and the rest."""
@@ -104,7 +106,9 @@ def sample_task(model: HierarchicalModel, theta_star: dict[str, Tensor], batch: 
     gold = trace.nodes[sites.obs(0)]["value"].detach().cpu().long()
     delta = {m: trace.nodes[sites.phi(0, m)]["value"].detach() for m in adapter.shapes}
     probs = trace.nodes[sites.probs(0)]["value"].detach().cpu()
-    return KnownTask(replace(batch, gold=gold), delta, probs)
+    subspace = getattr(model, "subspace", None)
+    latent = {m: trace.nodes[sites.latent(0, m)]["value"].detach() for m in subspace.modules} if subspace is not None else {}
+    return KnownTask(replace(batch, gold=gold), delta, probs, latent)
 
 
 def family_inputs(tokenizer, pool: Sequence[str], n: int, generator: torch.Generator,
