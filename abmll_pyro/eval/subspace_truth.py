@@ -14,11 +14,11 @@ alone (the empirical-Bayes M-step plus the query likelihood), and reports
   predictive) and k = ``shots`` against the oracle's (the true z_i), with the epistemic share
   (mutual information / predictive entropy) at both;
 * **simulation-based calibration** (:mod:`abmll_pyro.eval.sbc`): the rank of each true z_{i,m,j}
-  among S draws of q(z_{i,m} | support), the rank histogram and the χ² uniformity test.
+  among S draws of q(z_{i,m} | support) (each coordinate's marginal), the rank histogram and the χ² uniformity test.
 
 Controls that break on purpose: ``freeze_scales=True`` never trains s (it stays at ``init_scale``);
-``sbc_scale_factor`` < 1 multiplies q's standard deviations before the SBC draws (an overconfident
-posterior: ranks pile up at both ends).
+the SBC is run a second time on the same draws with q's standard deviations multiplied by
+``control_scale_factor`` (0.3: an overconfident posterior, whose ranks pile up at both ends).
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ import torch
 from ..config import AdapterConfig, InnerLoopConfig, MetaConfig
 from ..data.sources.known_truth import KnownTask, default_text_pool, family_inputs, sample_task
 from ..data.templates import DirectTemplate
+from ..data.trunk import attach_trunk_cache
 from ..infer.meta import Episode, MetaSVI
 from ..infer.predictive import predictive_samples, uncertainty_split
 from ..lora.adapter import BayesLoRA
 from ..models.priors import HierarchicalPrior
 from ..models.subspace import TaskSubspace
+from .known_truth import identified_mask
 from .sbc import rank_uniformity, sbc_ranks
 
 __all__ = ["SubspaceTruthConfig", "run_subspace_truth"]
@@ -48,20 +50,20 @@ __all__ = ["SubspaceTruthConfig", "run_subspace_truth"]
 class SubspaceTruthConfig:
     """One study (defaults: the tiny test's settings)."""
 
-    spread: float = 1.0  # s*, the true scale of every direction
-    init_scale: float = 3.0  # s at the start of meta-training
+    spread: float = 10.0  # s*, the true scale of every direction (in units of its gain)
+    init_scale: float = 3.3  # s at the start of meta-training
     dim: int = 2  # directions per adapted module
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("lm_head",)
     rank: int = 2  # ΔW's factors (fixed at their start: μ_θ = 0, σ_θ = init_std)
     init_std: float = 1e-3
     separator: str = " "
     kl_beta: float = 1.0
     subspace_beta: float = 1.0
     subspace_inner_lr: float = 0.5
-    subspace_scale_lr: float = 0.05
+    subspace_scale_lr: float = 0.1
     num_inner_steps: int = 10
-    num_train_tasks: int = 16
-    num_test_tasks: int = 16
+    num_train_tasks: int = 32
+    num_test_tasks: int = 24
     examples_per_task: int = 24
     shots: int = 12
     steps: int = 40
@@ -71,7 +73,8 @@ class SubspaceTruthConfig:
     sbc_bins: int = 5
     seed: int = 0
     freeze_scales: bool = False  # control: s never trains
-    sbc_scale_factor: float = 1.0  # control (< 1): q's standard deviations shrunk before the SBC draws
+    control_scale_factor: float = 0.3  # the SBC control: q's standard deviations shrunk by this before its draws
+    option_rows: bool = True  # an adapted output head's directions restricted to the option tokens' rows
 
     def __post_init__(self) -> None:
         if not (self.spread > 0 and self.init_scale > 0 and math.isfinite(self.spread) and math.isfinite(self.init_scale)):
@@ -80,15 +83,15 @@ class SubspaceTruthConfig:
             raise ValueError(f"shots must be in 1..{self.examples_per_task - 1}, got {self.shots}")
         if (self.sbc_samples + 1) % self.sbc_bins:
             raise ValueError(f"sbc_bins must divide sbc_samples + 1 = {self.sbc_samples + 1}, got {self.sbc_bins}")
-        if not self.sbc_scale_factor > 0:
-            raise ValueError(f"sbc_scale_factor must be > 0, got {self.sbc_scale_factor!r}")
+        if not self.control_scale_factor > 0:
+            raise ValueError(f"control_scale_factor must be > 0, got {self.control_scale_factor!r}")
 
 
 def _build(lm, cfg: SubspaceTruthConfig, generator: torch.Generator) -> MetaSVI:
     dtype = next(lm.parameters()).dtype
     adapter = BayesLoRA(lm, AdapterConfig(rank=cfg.rank, target_modules=cfg.target_modules, init_std=cfg.init_std),
                         generator=generator).to(dtype)
-    subspace = TaskSubspace(adapter, cfg.dim, cfg.spread, generator=generator)
+    subspace = TaskSubspace(adapter, cfg.dim, cfg.spread, init="random", generator=generator)
     for p in list(adapter.parameters()) + list(subspace.A.values()) + list(subspace.B.values()):
         p.requires_grad_(False)
     inner = InnerLoopConfig(num_inner_steps=cfg.num_inner_steps, inner_lr=1e-2, optimizer="kl-precond")  # ΔW: held at its prior
@@ -111,7 +114,7 @@ def _set_scales(subspace: TaskSubspace, value: float) -> None:
 
 def _evaluate(svi: MetaSVI, tasks: list[KnownTask], cfg: SubspaceTruthConfig, generator: torch.Generator) -> dict:
     sub = svi.subspace
-    ranks, nll = [], {0: [], cfg.shots: []}
+    ranks, control, nll = [], [], {0: [], cfg.shots: []}
     share = {0: [], cfg.shots: []}
     oracle = []
     for task in tasks:
@@ -128,16 +131,21 @@ def _evaluate(svi: MetaSVI, tasks: list[KnownTask], cfg: SubspaceTruthConfig, ge
         oracle.append(task.oracle_nll(cfg.shots))
         with torch.no_grad():
             for m in sub.modules:
-                q = sub.posterior(posterior, m).base_dist
-                draws = q.loc + cfg.sbc_scale_factor * q.scale * torch.randn(
-                    (cfg.sbc_samples, *q.loc.shape), generator=generator, dtype=q.loc.dtype)
-                ranks.append(sbc_ranks(task.latent[m].double(), draws.double(), generator))
+                q = sub.posterior(posterior, m)
+                eps = torch.randn((cfg.sbc_samples, *q.loc.shape), generator=generator, dtype=q.loc.dtype)
+                offsets = eps @ q.scale_tril.transpose(0, 1)
+                truth = task.latent[m].double()
+                ranks.append(sbc_ranks(truth, (q.loc + offsets).double(), generator))
+                control.append(sbc_ranks(truth, (q.loc + cfg.control_scale_factor * offsets).double(), generator))
     test = rank_uniformity(torch.cat(ranks), cfg.sbc_samples, cfg.sbc_bins)
+    broken = rank_uniformity(torch.cat(control), cfg.sbc_samples, cfg.sbc_bins)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"nll": {str(k): mean(v) for k, v in nll.items()}, "oracle_nll": mean(oracle),
             "epistemic_share": {str(k): mean(v) for k, v in share.items()},
             "per_task_nll": {str(k): v for k, v in nll.items()}, "per_task_oracle": oracle,
-            "sbc": {"histogram": test.histogram, "chi2": test.chi2, "p_value": test.p_value, "n": int(torch.cat(ranks).numel())}}
+            "sbc": {"histogram": test.histogram, "chi2": test.chi2, "p_value": test.p_value, "n": int(torch.cat(ranks).numel())},
+            "sbc_control": {"scale_factor": cfg.control_scale_factor, "histogram": broken.histogram, "chi2": broken.chi2,
+                            "p_value": broken.p_value}}
 
 
 def run_subspace_truth(lm, tokenizer, config: SubspaceTruthConfig, pool: Sequence[str] | None = None,
@@ -145,11 +153,19 @@ def run_subspace_truth(lm, tokenizer, config: SubspaceTruthConfig, pool: Sequenc
     """The study of the module docstring on ``lm``; a JSON-ready summary."""
     cfg = config
     start = time.perf_counter()
+    attach_trunk_cache(lm)  # the frozen layers below the lowest adapted one run once per input
     pyro.set_rng_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     svi = _build(lm, cfg, g)
     pool = list(pool) if pool is not None else default_text_pool()
     template = DirectTemplate(sep=cfg.separator)
+    if cfg.option_rows:  # an output head's directions on the option tokens' rows: every direction identified
+        masks = identified_mask(svi.adapter, tokenizer, template=template)
+        with torch.no_grad():
+            for m in svi.subspace.modules:
+                if m in masks:
+                    rows = masks[m].any(dim=1)
+                    svi.subspace.B[svi.subspace._name(m)][~rows] = 0.0
     theta_star = {k: v.detach() for k, v in svi.theta().items()}
     tasks = [sample_task(svi.model, theta_star, family_inputs(tokenizer, pool, cfg.examples_per_task, g, template=template),
                          cfg.seed * 100003 + i) for i in range(cfg.num_train_tasks + cfg.num_test_tasks)]
@@ -164,6 +180,8 @@ def run_subspace_truth(lm, tokenizer, config: SubspaceTruthConfig, pool: Sequenc
     order = torch.randperm(n * (cfg.steps * cfg.tasks_per_step // n + 1), generator=g) % n
     for step in range(cfg.steps):
         batch = [episodes[int(i)] for i in order[step * cfg.tasks_per_step:(step + 1) * cfg.tasks_per_step]]
+        for group in svi.optimizer.param_groups:  # decaying linearly to 10%: the last steps average the task noise
+            group["lr"] = cfg.subspace_scale_lr * (1.0 - 0.9 * step / max(cfg.steps - 1, 1))
         result = svi.step(batch, cfg.num_train_tasks)
         if step % 10 == 0 or step == cfg.steps - 1:
             s = _scales(svi.subspace)

@@ -37,7 +37,8 @@ def _svi(adapter: BayesLoRA, config, num_train_tasks: int, subspace: bool = Fals
     return MetaSVI(adapter, config.meta_config(), prior=make_prior(config.prior, adapter),
                    task_guide=make_guide(config.guide, adapter), likelihood=OptionLikelihood(config.score_reduction),
                    num_tasks=max(num_train_tasks, 1),
-                   subspace=TaskSubspace(adapter, dim, config.subspace_scale) if subspace and dim else None)
+                   subspace=TaskSubspace(adapter, dim, config.subspace_scale, config.subspace_init)
+                   if subspace and dim else None)
 
 
 def _abmll(in_context: bool) -> Callable:

@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inner_optimizer": INNER_OPTIMIZERS,
     "outer_kl": OUTER_KL,
     "scale_optimizer": ("adam", "sgd"),
+    "subspace_init": ("svd", "random"),
     "predict_mode": ("sample", "mean"),
     "eval_split": ("test", "dev"),
     "mixed_precision": MIXED_PRECISION_NAMES,
@@ -134,7 +135,8 @@ class RunConfig:
     scale_lr: float | None = None  # the sgd scale step's size (null: outer_lr)
     # the task subspace (models/subspace.py): d learned directions per adapted module with their own scales
     subspace_dim: int = 0  # d (0: none)
-    subspace_scale: float = 0.1  # the directions' prior scale s at the start
+    subspace_scale: float = 0.1  # the directions' prior scale s at the start (relative to each direction's gain)
+    subspace_init: str = "svd"  # the directions' start: W0's top singular pairs (svd) or random
     subspace_beta: float = 1.0  # the weight of q(z_i)'s KL (ΔW's is kl_beta)
     subspace_inner_lr: float = 0.5  # the damping of q(z_i)'s Newton step in the inner loop (1: a full step; MetaConfig)
     subspace_scale_lr: float | None = None  # the outer Adam's for log s (null: outer_lr)
@@ -195,7 +197,7 @@ class RunConfig:
         for name in ("blob_prior_std", "blob_init_eps"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)!r}")
         check(0 < self.mc_dropout_rate < 1, f"mc_dropout_rate must be in (0, 1), got {self.mc_dropout_rate!r}")
-        for name in ("template", "score_reduction", "eval_split", "predict_mode", "device"):
+        for name in ("template", "score_reduction", "eval_split", "predict_mode", "device", "subspace_init"):
             v = getattr(self, name)
             check(v in CHOICES[name], f"{name} must be one of {list(CHOICES[name])}, got {v!r}")
         if self.report_to is not None:  # ("none",) is null; each name once

@@ -17,29 +17,40 @@ from abmll_pyro import AdapterConfig, BayesLoRA, InnerLoopConfig, MetaConfig, Me
 from abmll_pyro.infer.objective import task_loss
 from abmll_pyro.infer.predictive import mean_probs, predictive_samples, uncertainty_split
 from abmll_pyro.models.likelihoods import TaskData
-from abmll_pyro.models.subspace import LOC, LOG_SCALE, TaskSubspace
+from abmll_pyro.models.subspace import LOC, TRIL, TaskSubspace
 
 
-def _svi(dim=2, scale=0.5, dtype=torch.float64, **meta):
+def _svi(dim=2, scale=0.5, dtype=torch.float64, init="svd", **meta):
     lm = tiny_lm(dtype=dtype)
     adapter = BayesLoRA(lm, AdapterConfig(rank=2, init_std=1e-3), generator=torch.Generator().manual_seed(0)).to(dtype)
-    subspace = TaskSubspace(adapter, dim, scale, generator=torch.Generator().manual_seed(1))
+    subspace = TaskSubspace(adapter, dim, scale, init=init, generator=torch.Generator().manual_seed(1))
     settings = dict(kl_beta=1.0, outer_lr=1e-2, subspace_scale_lr=0.05,
                     inner=InnerLoopConfig(num_inner_steps=3, inner_lr=1e-2, optimizer="kl-precond"))
     settings.update(meta)
     return MetaSVI(adapter, MetaConfig(**settings), subspace=subspace, num_tasks=8)
 
 
-def test_the_shift_is_the_dense_sum_of_scaled_directions():
-    svi = _svi()
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_the_shift_is_the_dense_sum_of_scaled_directions(init):
+    svi = _svi(init=init)
     adapter, sub = svi.adapter, svi.subspace
     m = sub.modules[0]
     z = torch.tensor([0.7, -1.3], dtype=torch.float64)
     a, b = sub.directions(m)
     torch.testing.assert_close(a.norm(dim=1), torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(b.norm(dim=0), torch.ones(2, dtype=torch.float64))
-    dense = sum(z[j] * torch.outer(b[:, j], a[j]) for j in range(2))
     layer = adapter.layers[m]
+    W0 = layer._weight_out_in().detach()
+    gain = sub.gain[sub._name(m)]
+    if init == "svd":  # W0's top singular pairs, gains its singular values: z = −1 removes them
+        U, S, Vh = torch.linalg.svd(W0)
+        torch.testing.assert_close(gain, S[:2])
+        torch.testing.assert_close((b * U[:, :2]).sum(0).abs(), torch.ones(2, dtype=torch.float64))
+        removed = W0 + sum(-S[j] * torch.outer(b[:, j], a[j]) for j in range(2))
+        torch.testing.assert_close(torch.linalg.svdvals(removed)[:1], S[2:3])
+    else:  # the root-mean-square singular value
+        torch.testing.assert_close(gain, torch.full((2,), float(W0.norm() / min(W0.shape) ** 0.5), dtype=torch.float64))
+    dense = sum(z[j] * gain[j] * torch.outer(b[:, j], a[j]) for j in range(2))
     x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
     with adapter.shifted({m: sub.shift(m, z)}):
         shifted = layer(x)
@@ -59,7 +70,7 @@ def test_subspace_sites_take_their_own_beta():
     params = {k: (v + 0.01 if k.endswith(":mu_B") else v) for k, v in params.items()}  # q(ΔW) off the prior too
     for m in svi.subspace.modules:  # q(z) away from the prior
         params[svi.subspace.key(m, LOC)] = torch.tensor([0.3, -0.2], dtype=torch.float64)
-        params[svi.subspace.key(m, LOG_SCALE)] = torch.log(torch.tensor([0.2, 0.9], dtype=torch.float64))
+        params[svi.subspace.key(m, TRIL)] = torch.tensor([[math.log(0.2), 0.0], [0.3, math.log(0.9)]], dtype=torch.float64)
 
     def loss(beta, latent_beta):
         torch.manual_seed(0)
@@ -76,27 +87,43 @@ def test_the_newton_step_keeps_q_at_the_prior_without_evidence_and_solves_a_quad
     svi = _svi()
     sub = svi.subspace
     m = sub.modules[0]
-    k_loc, k_log = sub.key(m, LOC), sub.key(m, LOG_SCALE)
+    k_loc, k_tril = sub.key(m, LOC), sub.key(m, TRIL)
     s = sub.scale(m).detach()
-    # no evidence: the loss is the KL alone (its gradients in closed form); q at the prior stays there
-    params = {k_loc: torch.zeros(2, dtype=torch.float64), k_log: s.log()}
-    grads = {k_loc: params[k_loc] / s**2, k_log: (params[k_log].exp() ** 2 / s**2 - 1)}
-    out = sub.newton_step(params, grads, beta=1.0, lr=0.5)
+
+    def kl_grads(loc, raw):  # the β = 1 KL's gradients by autograd: the loss with no evidence
+        loc, raw = loc.clone().requires_grad_(True), raw.clone().requires_grad_(True)
+        kl = sub.kl({**{k: v for k, v in sub.init_task_params().items()}, k_loc: loc, k_tril: raw})
+        return dict(zip((k_loc, k_tril), torch.autograd.grad(kl, [loc, raw])))
+
+    # no evidence: q at the prior stays there, exactly, and its curvature estimate is 0
+    start = sub.init_task_params()
+    params = {k_loc: start[k_loc], k_tril: start[k_tril]}
+    out = sub.newton_step(params, kl_grads(params[k_loc], params[k_tril]), beta=1.0, lr=0.5, learn_curvature=True)
     torch.testing.assert_close(out[k_loc], params[k_loc])
-    torch.testing.assert_close(out[k_log], params[k_log])
-    # a quadratic likelihood h/2 (z − c)² with known curvature: the full step lands on the posterior mean
-    h, c = torch.tensor([4.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64)
-    sub.curvature[sub._name(m)].copy_(h)
+    torch.testing.assert_close(out[k_tril], params[k_tril])
+    torch.testing.assert_close(sub.curvature[sub._name(m)], torch.zeros(2, 2, dtype=torch.float64))
+    # a quadratic likelihood ½(z − c)ᵀH(z − c) with a coupled H: Stein's identity gives H back from the
+    # gradient in L (E_q[∇f εᵀ] = H·L exactly for a quadratic), and a full step lands on the posterior
+    H = torch.tensor([[4.0, 1.5], [1.5, 2.0]], dtype=torch.float64)
+    c = torch.tensor([0.3, -0.2], dtype=torch.float64)
     z = torch.tensor([0.2, 0.1], dtype=torch.float64)
-    params = {k_loc: z, k_log: torch.log(torch.tensor([0.3, 0.3], dtype=torch.float64))}
-    grads = {k_loc: h * (z - c) + z / s**2, k_log: torch.zeros(2, dtype=torch.float64)}
-    out = sub.newton_step(params, grads, beta=1.0, lr=1.0)
-    posterior_mean = h * c / (h + 1 / s**2)
-    step = (out[k_loc] - z).abs()
-    bound = 2 * 0.3
-    expected = torch.where((posterior_mean - z).abs() > bound, torch.full_like(z, bound), (posterior_mean - z).abs())
-    torch.testing.assert_close(step, expected)  # the Newton step, clipped at two posterior sds
-    torch.testing.assert_close(out[k_log], -0.5 * torch.log(h + 1 / s**2))  # v² = 1/(h + 1/s²)
+    raw = torch.tensor([[math.log(0.3), 0.0], [0.1, math.log(0.4)]], dtype=torch.float64)
+    L = sub.scale_tril(raw)
+    g = kl_grads(z, raw)
+    g[k_loc] = g[k_loc] + H @ (z - c)  # E_q ∇f at the mean
+    stein = torch.tril(H @ L)  # E_q[∇f εᵀ] restricted to L's free entries; in raw: the diagonal times L_ii
+    g[k_tril] = g[k_tril] + torch.tril(stein, -1) + torch.diag_embed(stein.diagonal() * L.diagonal())
+    sub.curvature[sub._name(m)].zero_()
+    for _ in range(200):  # the running average converges to H
+        sub.newton_step({k_loc: z, k_tril: raw}, g, beta=1.0, lr=1.0, learn_curvature=True)
+    torch.testing.assert_close(sub.curvature[sub._name(m)], H, rtol=1e-4, atol=1e-4)
+    sub.curvature[sub._name(m)].copy_(H)
+    out = sub.newton_step({k_loc: z, k_tril: raw}, g, beta=1.0, lr=1.0)
+    precision = H + torch.diag(1 / s**2)
+    posterior_mean = torch.linalg.solve(precision, H @ c)
+    torch.testing.assert_close(out[k_loc], posterior_mean)  # within the clip (two sds) here
+    new_L = sub.scale_tril(out[k_tril])
+    torch.testing.assert_close(new_L @ new_L.T, torch.linalg.inv(precision))
 
 
 def test_scales_stay_put_on_tasks_without_signal():
@@ -133,7 +160,7 @@ def test_prediction_samples_z_and_the_checkpoint_keeps_the_subspace(tmp_path):
     from abmll_pyro.methods.abmll import ABMLL
     method = ABMLL(svi, 8, 2, "sample")
     tensors = method.state_tensors()
-    assert any(k.startswith("subspace/log_scale.") for k in tensors) and any(k.startswith("subspace/curvature.") for k in tensors)
+    assert {"log_scale", "curvature", "gain", "A", "B"} <= {k.split("/")[1].split(".")[0] for k in tensors if k.startswith("subspace/")}
     other = ABMLL(_svi(dim=2, scale=0.1), 8, 2, "sample")
     other.load_state_tensors(tensors)
     for k, v in other.state_tensors().items():
@@ -147,6 +174,10 @@ def test_bad_subspace_settings_are_refused():
         TaskSubspace(adapter, 0)
     with pytest.raises(ValueError, match="init_scale"):
         TaskSubspace(adapter, 2, -1.0)
+    with pytest.raises(ValueError, match="init must be"):
+        TaskSubspace(adapter, 2, init="pca")
+    with pytest.raises(ValueError, match="exceeds the smaller dimension"):
+        TaskSubspace(adapter, 100)
     with pytest.raises(ValueError, match="subspace_inner_lr"):
         MetaConfig(subspace_inner_lr=0.0)
     with pytest.raises(ValueError, match="subspace_beta"):
