@@ -29,7 +29,7 @@ layer's output; no dense ``[out, in]`` tensor is made).
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -41,8 +41,16 @@ from ..lora.layer import LowRankDelta
 __all__ = ["TaskSubspace", "LOC", "TRIL"]
 
 LOC, TRIL = "z_loc", "z_tril"
+INITS = ("svd", "random", "gradients")
 
 Params = Mapping[str, Tensor]
+
+
+def _orthonormal(v: Tensor, basis: list[Tensor]) -> Tensor:
+    """``v`` with its components along the (orthonormal) ``basis`` removed, scaled to unit length."""
+    for u in basis:
+        v = v - (u @ v) * u
+    return v / v.norm().clamp_min(1e-30)
 
 
 class BufferDict(nn.Module):
@@ -65,10 +73,12 @@ class TaskSubspace(nn.Module):
         adapter: the :class:`BayesLoRA` whose modules get a subspace (sizes the bases).
         dim: d, directions per module (≥ 1; at most the module's smaller dimension with ``init="svd"``).
         init_scale: s at the start, for every direction (> 0), in units of the gain.
-        init: ``"svd"`` (default): the directions start as W0's top-d singular pairs (a_j, b_j the
+        init: ``"svd"`` (default): the directions start as W0's top singular pairs (a_j, b_j the
             right and left singular vectors) and g_j = σ_j(W0), so z_j is a relative change of the j-th
             singular value — directions along which the model already acts; ``"random"``: standard
-            normal directions and g_j = ‖W0‖_F/√min(out, in), the root-mean-square singular value.
+            normal directions and g_j = ‖W0‖_F/√min(out, in), the root-mean-square singular value;
+            ``"gradients"``: random until :meth:`init_from_gradients` sets them from training tasks
+            (the run's setup does, before training), with the random start's gains.
         generator: for the random start.
     """
 
@@ -79,8 +89,8 @@ class TaskSubspace(nn.Module):
             raise ValueError(f"subspace dim must be an integer >= 1, got {dim!r}")
         if not (math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"subspace init_scale must be finite and > 0, got {init_scale!r}")
-        if init not in ("svd", "random"):
-            raise ValueError(f"subspace init must be 'svd' or 'random', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"subspace init must be one of {list(INITS)}, got {init!r}")
         smallest = min((min(shape) for shape in adapter.shapes.values()), default=dim)
         if init == "svd" and dim > smallest:
             raise ValueError(f"subspace dim={dim} exceeds the smaller dimension ({smallest}) of an adapted module; "
@@ -95,7 +105,7 @@ class TaskSubspace(nn.Module):
         for m, (out_features, in_features) in adapter.shapes.items():
             name = self._name(m)
             weight = adapter.layers[m]._weight_out_in().detach().double().cpu()
-            if init == "svd":
+            if init == "svd":  # ("gradients": random until init_from_gradients)
                 U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
                 A, B, gain = Vh[:dim], U[:, :dim], S[:dim]
             else:
@@ -230,6 +240,50 @@ class TaskSubspace(nn.Module):
             out[k_loc] = loc - torch.maximum(torch.minimum(step, bound), -bound)
             out[k_tril] = raw + lr * (target_raw - torch.tril(raw))
         return out
+
+    @torch.no_grad()
+    def init_from_gradients(self, adapter: BayesLoRA, scores: Callable[[nn.Module, object], Tensor],
+                            supports: Sequence[object], iterations: int = 30,
+                            generator: torch.Generator | None = None) -> None:
+        """Set every module's directions to where the training tasks disagree most (data, not W0).
+
+        For T support sets (option batches) G_t = ∂NLL_t/∂W at W0 + μ_θ (μ_θ = 0 at the start), the
+        negative log-likelihood summed over the set's examples, and its centred copies D_t = G_t − mean_t G_t;
+        direction j maximizes Σ_t (b_jᵀ D_t a_j)² over unit a_j, b_j orthogonal to the earlier ones
+        (alternating power iteration, ``iterations`` rounds): the rank-one moves of W whose first-order
+        effect on the tasks' fit differs most from task to task — what a task's few examples can
+        inform and θ's shared mean cannot absorb. ``scores(lm, batch)`` gives ``[n, options]`` scores.
+        The gains stay the random start's (W0's root-mean-square singular value)."""
+        grads: dict[str, list[Tensor]] = {m: [] for m in self.keys}
+        for batch in supports:
+            with torch.enable_grad():
+                deltas = {m: torch.zeros(adapter.shapes[m], dtype=self.A[self._name(m)].dtype,
+                                         device=self.A[self._name(m)].device, requires_grad=True) for m in self.keys}
+                with adapter.use(deltas):
+                    s = scores(adapter.lm, batch)
+                nll = -torch.log_softmax(s.float(), -1).gather(-1, batch.gold.to(s.device)[:, None]).sum()
+                values = torch.autograd.grad(nll, list(deltas.values()))
+            for m, g in zip(deltas, values):
+                grads[m].append(g.detach().double())
+        for m, gs in grads.items():
+            D = torch.stack(gs)
+            D = D - D.mean(0, keepdim=True)
+            a_list, b_list = [], []
+            for _ in range(self.dim):
+                a = torch.randn(D.shape[2], generator=generator, dtype=D.dtype).to(D.device)
+                b = torch.randn(D.shape[1], generator=generator, dtype=D.dtype).to(D.device)
+                for _ in range(iterations):
+                    c = torch.einsum("o,toi,i->t", b, D, a)
+                    b = torch.einsum("t,toi,i->o", c, D, a)
+                    b = _orthonormal(b, b_list)
+                    c = torch.einsum("o,toi,i->t", b, D, a)
+                    a = torch.einsum("t,toi,o->i", c, D, b)
+                    a = _orthonormal(a, a_list)
+                a_list.append(a)
+                b_list.append(b)
+            name = self._name(m)
+            self.A[name].copy_(torch.stack(a_list).to(self.A[name].dtype))
+            self.B[name].copy_(torch.stack(b_list, 1).to(self.B[name].dtype))
 
     # ----------------------------------------------------------------- the weight shift
     def directions(self, module: str) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "inner_optimizer": INNER_OPTIMIZERS,
     "outer_kl": OUTER_KL,
     "scale_optimizer": ("adam", "sgd"),
-    "subspace_init": ("svd", "random"),
+    "subspace_init": ("svd", "random", "gradients"),
     "predict_mode": ("sample", "mean"),
     "eval_split": ("test", "dev"),
     "mixed_precision": MIXED_PRECISION_NAMES,
@@ -136,7 +136,7 @@ class RunConfig:
     # the task subspace (models/subspace.py): d learned directions per adapted module with their own scales
     subspace_dim: int = 0  # d (0: none)
     subspace_scale: float = 0.1  # the directions' prior scale s at the start (relative to each direction's gain)
-    subspace_init: str = "svd"  # the directions' start: W0's top singular pairs (svd) or random
+    subspace_init: str = "svd"  # the directions' start: W0's top singular pairs (svd), random, or the training tasks' gradients
     subspace_beta: float = 1.0  # the weight of q(z_i)'s KL (ΔW's is kl_beta)
     subspace_inner_lr: float = 0.5  # the damping of q(z_i)'s Newton step in the inner loop (1: a full step; MetaConfig)
     subspace_scale_lr: float | None = None  # the outer Adam's for log s (null: outer_lr)

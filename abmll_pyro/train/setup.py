@@ -125,6 +125,32 @@ def fit_context(config: RunConfig, lm: nn.Module) -> RunConfig:
     return config
 
 
+#: training tasks whose support gradients set the subspace's directions (``subspace_init: gradients``)
+SUBSPACE_INIT_TASKS = 16
+
+
+def _subspace_from_gradients(svi, taskset: TaskSet, config: RunConfig, tokenizer, device) -> None:
+    """The subspace's directions from the support sets of the first ``SUBSPACE_INIT_TASKS`` training
+    tasks (``shots`` examples each, split with a generator seeded from ``seed``; option tasks only)."""
+    from ..data.scoring import OptionBatch
+    from ..data.tasks import split_task
+    from .episodes import EpisodeEncoder
+
+    encoder = EpisodeEncoder(tokenizer, config.prompt_length(False), config.template, False, device)
+    g = torch.Generator().manual_seed(config.seed)
+    supports = []
+    for task in taskset.train[:SUBSPACE_INIT_TASKS]:
+        if len(task) <= config.shots:
+            continue
+        split = split_task(task, config.shots, 1, g, allow_smaller_query=True)
+        batch = encoder.encode(list(split.support), f"{task.name} support")
+        if isinstance(batch, OptionBatch):
+            supports.append(batch)
+    scores = getattr(svi.model.likelihood, "scores", None)
+    if supports and scores is not None:
+        svi.subspace.init_from_gradients(svi.adapter, scores, supports, generator=g)
+
+
 @dataclass
 class Built:
     lm: nn.Module
@@ -156,6 +182,8 @@ def build(config: RunConfig, device: torch.device | str = "cpu", with_tasks: boo
         attach_trunk_cache(lm, TrunkCache(directory=os.environ.get(TRUNK_DIR_ENV) or None))
     method = build_method(config.method, adapter, config, len(taskset.train))
     svi = getattr(method, "svi", None)
+    if svi is not None and getattr(svi, "subspace", None) is not None and svi.subspace.init == "gradients" and taskset.train:
+        _subspace_from_gradients(svi, taskset, config, tokenizer, device)
     if svi is not None:  # generative (token) episodes beside option episodes, one model
         svi.model.likelihood = with_tokens(svi.model.likelihood)
     return Built(lm, tokenizer, adapter, method, config), taskset

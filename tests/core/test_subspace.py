@@ -182,3 +182,42 @@ def test_bad_subspace_settings_are_refused():
         MetaConfig(subspace_inner_lr=0.0)
     with pytest.raises(ValueError, match="subspace_beta"):
         MetaConfig(subspace_beta=math.inf)
+
+
+def test_directions_from_gradients_are_where_the_tasks_disagree_most():
+    """init_from_gradients: orthonormal directions; the first maximizes Σ_t (bᵀ D_t a)² over the tasks'
+    centred support gradients D_t — at least as high as at each D_t's top singular pair and at 200
+    random unit pairs (the power iteration's objective, checked by brute force)."""
+    from _support.helpers import family_batch
+    from abmll_pyro.models.likelihoods import OptionLikelihood
+    svi = _svi(dim=2, init="gradients")
+    adapter, sub = svi.adapter, svi.subspace
+    g = torch.Generator().manual_seed(5)
+    supports = [family_batch(6, t, g) for t in range(6)]
+    scores = OptionLikelihood("sum").scores
+    sub.init_from_gradients(adapter, scores, supports, generator=torch.Generator().manual_seed(0))
+    m = sub.modules[0]
+    a, b = sub.directions(m)
+    torch.testing.assert_close(a @ a.T, torch.eye(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(b.T @ b, torch.eye(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    grads = []
+    for batch in supports:
+        delta = torch.zeros(adapter.shapes[m], dtype=torch.float64, requires_grad=True)
+        with adapter.use({m: delta}):
+            s = scores(adapter.lm, batch)
+        nll = -torch.log_softmax(s, -1).gather(-1, batch.gold[:, None]).sum()
+        grads.append(torch.autograd.grad(nll, delta)[0])
+    D = torch.stack(grads)
+    D = D - D.mean(0)
+    objective = lambda a_, b_: float((torch.einsum("o,toi,i->t", b_, D, a_) ** 2).sum())  # noqa: E731
+    found = objective(a[0], b[:, 0])
+    assert found > 0
+    rivals = []
+    for t in range(len(D)):
+        U, S, Vh = torch.linalg.svd(D[t])
+        rivals.append(objective(Vh[0], U[:, 0]))
+    r = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        x, y = torch.randn(D.shape[2], generator=r, dtype=torch.float64), torch.randn(D.shape[1], generator=r, dtype=torch.float64)
+        rivals.append(objective(x / x.norm(), y / y.norm()))
+    assert found >= max(rivals) * (1 - 1e-9), (found, max(rivals))
