@@ -34,11 +34,16 @@ def _final(run: Path) -> tuple[dict, dict]:
     return metrics, load_file(str(ckpt / "adapter.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["abmll", "reptile", "mc-dropout-lora"])  # the last: dropout masks in training
+#: extra flags per case: the task subspace adds its own state (directions, scales, curvature buffer)
+EXTRA = {"abmll-subspace": ["--subspace-dim", "2", "--subspace-init", "gradients", "--subspace-scale-lr", "0.05"]}
+
+
+@pytest.mark.parametrize("method", ["abmll", "abmll-subspace", "reptile", "mc-dropout-lora"])  # the last: dropout masks in training
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    reference = _abmll("train", "--method", method, "--out", str(full), *ARGS)
-    victim = _abmll("train", "--method", method, "--out", str(killed), *ARGS)
+    flags = ["--method", method.split("-subspace")[0], *EXTRA.get(method, [])]
+    reference = _abmll("train", *flags, "--out", str(full), *ARGS)
+    victim = _abmll("train", *flags, "--out", str(killed), *ARGS)
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 120
     while not latest.exists() and victim.poll() is None and time.monotonic() < deadline:
