@@ -30,6 +30,9 @@ the layer's saved products — costs, at Llama-3-8B's q/v shapes, 2.7 GB per flo
   block (the value is then the dense path's bit for bit); larger ones sum their blocks' sums (the
   dense sum's value to round-off: another summation order).
 
+Within :func:`~abmll_pyro.lora.prior_cache.cached_prior` (the first-order inner loop) that KL takes a
+fixed θ's p moments per block from a cache made once per inner loop (``lora/prior_cache.py``).
+
 First order only (the recomputed backward is not itself differentiable); ``MetaSVI`` turns it on
 for the mean-field guide under the hierarchical prior and ``LeanMeanFieldELBO`` (``infer/meta.py``),
 and anything else keeps the dense path.
@@ -47,6 +50,7 @@ from pyro.distributions.kl import _kl_independent_independent, register_kl
 from torch import Tensor
 
 from .noise import LeanNormal, NormalSample, _generator, normal_kl
+from .prior_cache import active_prior_cache
 
 __all__ = ["FactorGaussian", "FactorValue", "FactorNormal", "FactorIndependent", "factor_backed",
            "factor_backed_active", "normal", "recomputed", "recomputed_sum", "ROW_BLOCK_ELEMENTS"]
@@ -340,13 +344,23 @@ def _kl_factor_independent(q: FactorIndependent, p: FactorIndependent) -> Tensor
         return _kl_independent_independent(q, p)
     gq, gp = bq.loc_value.gaussian, bp.loc_value.gaussian
     n = len(gq.params)
+    blocks = row_blocks(*bq.batch_shape)
+    cache = active_prior_cache()
+    if cache is not None and cache.holds(gp):  # a fixed θ's p: its moments made once (lora/prior_cache.py)
+        prior = cache.moments(bp.loc_value, bp.scale_value, blocks)
+
+        def cached_block_kl(block: tuple[int, int], *tensors: Tensor) -> Tensor:
+            fq = gq.rebuilt(tensors).rows(*block)
+            return normal_kl(bq.loc_value.dense(fq), bq.scale_value.dense(fq), *prior[block]).sum()
+
+        return recomputed_sum(cached_block_kl, blocks, *gq.tensors())
 
     def block_kl(block: tuple[int, int], *tensors: Tensor) -> Tensor:
         fq, fp = gq.rebuilt(tensors[:n]).rows(*block), gp.rebuilt(tensors[n:]).rows(*block)
         return normal_kl(bq.loc_value.dense(fq), bq.scale_value.dense(fq),
                          bp.loc_value.dense(fp), bp.scale_value.dense(fp)).sum()
 
-    return recomputed_sum(block_kl, row_blocks(*bq.batch_shape), *gq.tensors(), *gp.tensors())
+    return recomputed_sum(block_kl, blocks, *gq.tensors(), *gp.tensors())
 
 
 @register_kl(FactorNormal, FactorNormal)
