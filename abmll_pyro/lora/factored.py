@@ -48,6 +48,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.kl import _kl_independent_independent, register_kl
 from torch import Tensor
+from torch.distributions.utils import _sum_rightmost
 
 from .noise import LeanNormal, NormalSample, _generator, normal_kl
 from .prior_cache import active_prior_cache
@@ -304,6 +305,9 @@ class FactorIndependent(dist.Independent):
 
     def log_prob(self, value):
         if not isinstance(value, FactorValue) or isinstance(self.base_dist, FactorNormal):
+            base, n = self.base_dist, self.reinterpreted_batch_ndims
+            if torch.is_tensor(value) and value.shape == base.batch_shape and _sliceable(base, n):
+                return _sum_rightmost(_compact(base).log_prob(value), n)  # = Independent.log_prob's ops
             return super().log_prob(value)  # (a FactorNormal scores a FactorValue densely itself)
         base = self.base_dist
         if value.moment == "sample" or not _sliceable(base, self.reinterpreted_batch_ndims):
@@ -324,7 +328,22 @@ def _sliceable(d, event_dims: int) -> bool:
 
 
 def _rows_of(d, r0: int, r1: int):
+    compact = _compact(d)
+    if compact is not d:  # every row the same parameters: the 0-dim ones broadcast over the block's value
+        return compact
     return type(d)(**{k: getattr(d, k)[r0:r1] for k in d.arg_constraints}, validate_args=False)
+
+
+def _compact(d):
+    """``d`` (a :func:`_sliceable` Normal or Gamma) with parameters that are one value expanded (every
+    stride 0, as θ's hyperprior's are) as that 0-dim value, else ``d`` itself. Its log-density of an
+    ``[out, in]`` value is the same elementwise ops on the same numbers (bit for bit, value and gradient),
+    with the parameters' own terms (the Gamma's lgamma(a) and a·log b, the Normal's σ² and log σ) made
+    once instead of once per element: about half of the dense passes of θ's hyperprior density."""
+    params = {k: getattr(d, k) for k in d.arg_constraints}
+    if not all(v.numel() and all(s == 0 for s in v.stride()) for v in params.values()):
+        return d
+    return type(d)(**{k: v[(0,) * v.dim()] for k, v in params.items()}, validate_args=False)
 
 
 def normal(loc, scale, cls: type = dist.Normal, **kwargs) -> dist.Normal:
