@@ -30,6 +30,9 @@ the layer's saved products — costs, at Llama-3-8B's q/v shapes, 2.7 GB per flo
   block (the value is then the dense path's bit for bit); larger ones sum their blocks' sums (the
   dense sum's value to round-off: another summation order).
 
+Within :func:`~abmll_pyro.lora.prior_cache.cached_prior` (the first-order inner loop) that KL takes a
+fixed θ's p moments per block from a cache made once per inner loop (``lora/prior_cache.py``).
+
 First order only (the recomputed backward is not itself differentiable); ``MetaSVI`` turns it on
 for the mean-field guide under the hierarchical prior and ``LeanMeanFieldELBO`` (``infer/meta.py``),
 and anything else keeps the dense path.
@@ -45,8 +48,10 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.kl import _kl_independent_independent, register_kl
 from torch import Tensor
+from torch.distributions.utils import _sum_rightmost
 
 from .noise import LeanNormal, NormalSample, _generator, normal_kl
+from .prior_cache import active_prior_cache
 
 __all__ = ["FactorGaussian", "FactorValue", "FactorNormal", "FactorIndependent", "factor_backed",
            "factor_backed_active", "normal", "recomputed", "recomputed_sum", "ROW_BLOCK_ELEMENTS"]
@@ -300,6 +305,9 @@ class FactorIndependent(dist.Independent):
 
     def log_prob(self, value):
         if not isinstance(value, FactorValue) or isinstance(self.base_dist, FactorNormal):
+            base, n = self.base_dist, self.reinterpreted_batch_ndims
+            if torch.is_tensor(value) and value.shape == base.batch_shape and _sliceable(base, n):
+                return _sum_rightmost(_compact(base).log_prob(value), n)  # = Independent.log_prob's ops
             return super().log_prob(value)  # (a FactorNormal scores a FactorValue densely itself)
         base = self.base_dist
         if value.moment == "sample" or not _sliceable(base, self.reinterpreted_batch_ndims):
@@ -320,7 +328,22 @@ def _sliceable(d, event_dims: int) -> bool:
 
 
 def _rows_of(d, r0: int, r1: int):
+    compact = _compact(d)
+    if compact is not d:  # every row the same parameters: the 0-dim ones broadcast over the block's value
+        return compact
     return type(d)(**{k: getattr(d, k)[r0:r1] for k in d.arg_constraints}, validate_args=False)
+
+
+def _compact(d):
+    """``d`` (a :func:`_sliceable` Normal or Gamma) with parameters that are one value expanded (every
+    stride 0, as θ's hyperprior's are) as that 0-dim value, else ``d`` itself. Its log-density of an
+    ``[out, in]`` value is the same elementwise ops on the same numbers (bit for bit, value and gradient),
+    with the parameters' own terms (the Gamma's lgamma(a) and a·log b, the Normal's σ² and log σ) made
+    once instead of once per element: about half of the dense passes of θ's hyperprior density."""
+    params = {k: getattr(d, k) for k in d.arg_constraints}
+    if not all(v.numel() and all(s == 0 for s in v.stride()) for v in params.values()):
+        return d
+    return type(d)(**{k: v[(0,) * v.dim()] for k, v in params.items()}, validate_args=False)
 
 
 def normal(loc, scale, cls: type = dist.Normal, **kwargs) -> dist.Normal:
@@ -340,13 +363,23 @@ def _kl_factor_independent(q: FactorIndependent, p: FactorIndependent) -> Tensor
         return _kl_independent_independent(q, p)
     gq, gp = bq.loc_value.gaussian, bp.loc_value.gaussian
     n = len(gq.params)
+    blocks = row_blocks(*bq.batch_shape)
+    cache = active_prior_cache()
+    if cache is not None and cache.holds(gp):  # a fixed θ's p: its moments made once (lora/prior_cache.py)
+        prior = cache.moments(bp.loc_value, bp.scale_value, blocks)
+
+        def cached_block_kl(block: tuple[int, int], *tensors: Tensor) -> Tensor:
+            fq = gq.rebuilt(tensors).rows(*block)
+            return normal_kl(bq.loc_value.dense(fq), bq.scale_value.dense(fq), *prior[block]).sum()
+
+        return recomputed_sum(cached_block_kl, blocks, *gq.tensors())
 
     def block_kl(block: tuple[int, int], *tensors: Tensor) -> Tensor:
         fq, fp = gq.rebuilt(tensors[:n]).rows(*block), gp.rebuilt(tensors[n:]).rows(*block)
         return normal_kl(bq.loc_value.dense(fq), bq.scale_value.dense(fq),
                          bp.loc_value.dense(fp), bp.scale_value.dense(fp)).sum()
 
-    return recomputed_sum(block_kl, row_blocks(*bq.batch_shape), *gq.tensors(), *gp.tensors())
+    return recomputed_sum(block_kl, blocks, *gq.tensors(), *gp.tensors())
 
 
 @register_kl(FactorNormal, FactorNormal)

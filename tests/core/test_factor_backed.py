@@ -225,3 +225,28 @@ def test_the_merged_layer_backward_does_not_rerun_the_forward_product(kind):
     for a, b in zip(runs["dense"][1], runs["merged"][1]):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15 * float(a.abs().max()))
     assert runs["merged"][2] == 1 and runs["recomputed"][2] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", ["normal", "gamma"])
+def test_hyperprior_density_with_one_value_parameters_is_the_expanded_one(family, dtype):
+    """θ's hyperprior (one Normal or Gamma expanded to [out, in]) scored with its parameters as 0-dim
+    values (factored._compact): the log-density and its gradient in the value equal bit for bit the
+    expanded distribution's (the same elementwise ops on the same numbers), densely and in row blocks."""
+    import abmll_pyro.lora.factored as factored
+    from abmll_pyro.lora.factored import FactorIndependent
+
+    one = torch.tensor(2.0, dtype=dtype)
+    base = (pyro.distributions.Normal(one * 0.1, one) if family == "normal"
+            else pyro.distributions.Gamma(one, one * 0.005)).expand((7, 5))
+    assert factored._compact(base) is not base and factored._compact(base).batch_shape == ()
+    g = torch.Generator().manual_seed(0)
+    value = (torch.rand(7, 5, generator=g, dtype=dtype) * 3 + 0.1).requires_grad_()
+    old = pyro.distributions.Independent(base, 2).log_prob(value)
+    new = FactorIndependent(base, 2).log_prob(value)
+    assert torch.equal(new, old)
+    assert torch.equal(torch.autograd.grad(new, value)[0], torch.autograd.grad(old, value)[0])
+    rows = factored._rows_of(base, 2, 5)
+    assert torch.equal(rows.log_prob(value[2:5]), base.log_prob(value)[2:5])
+    varied = pyro.distributions.Normal(torch.zeros(7, 5, dtype=dtype), one)  # parameters not one value: kept
+    assert factored._compact(varied) is varied and factored._rows_of(varied, 2, 5).loc.shape == (3, 5)
