@@ -168,8 +168,9 @@ class MetaConfig:
     the KL of its coordinates z_i (default 1: the ELBO's own weight, whatever ``kl_beta`` is for ΔW),
     ``subspace_inner_lr`` is the damping of the inner loop's Newton step for q(z_i)'s parameters
     (:meth:`~abmll_pyro.models.subspace.TaskSubspace.newton_step`; 1 is a full step; default 0.5) — and
-    ``subspace_scale_lr`` the outer Adam's for its log-scales (default ``outer_lr``). Without a
-    subspace they are unused.
+    ``subspace_scale_lr`` the outer Adam's for its log-scales (default ``outer_lr``; 0 keeps s at its
+    start: a scale chosen on dev tasks instead of by empirical Bayes). Without a subspace they are
+    unused.
     """
 
     kl_beta: float = 1e-8
@@ -206,8 +207,8 @@ class MetaConfig:
                f"subspace_beta must be finite and >= 0, got {self.subspace_beta!r}")
         _check(math.isfinite(self.subspace_inner_lr) and self.subspace_inner_lr > 0,
                f"subspace_inner_lr must be finite and > 0, got {self.subspace_inner_lr!r}")
-        _check(self.subspace_scale_lr is None or (math.isfinite(self.subspace_scale_lr) and self.subspace_scale_lr > 0),
-               f"subspace_scale_lr must be > 0 or None, got {self.subspace_scale_lr!r}")
+        _check(self.subspace_scale_lr is None or (math.isfinite(self.subspace_scale_lr) and self.subspace_scale_lr >= 0),
+               f"subspace_scale_lr must be >= 0 or None, got {self.subspace_scale_lr!r}")
 
     @property
     def gamma(self) -> float:

@@ -56,7 +56,7 @@ KEY_HELP = {
     "subspace_init": "the subspace directions' start: W0's top singular pairs, random, or the training tasks' gradients",
     "subspace_beta": "the weight of the subspace coordinates' KL (kl_beta weighs the dense adapter's)",
     "subspace_inner_lr": "the damping of the inner loop's Newton step on the subspace coordinates (1: a full step)",
-    "subspace_scale_lr": "the outer Adam's learning rate for the subspace's log-scales (null: outer_lr)",
+    "subspace_scale_lr": "the outer Adam's learning rate for the subspace's log-scales (null: outer_lr; 0: s fixed)",
     "reptile_step_size": "Reptile's outer step size epsilon",
     "ts_prior_std": "standard deviation of lora-ts's Normal prior on log T (null: unregularized fit)",
     "laplace_logit_samples": "draws of the linearized Laplace predictive's option logits (laplace-lora)",

@@ -1,0 +1,60 @@
+"""The task subspace's scripts: the known-truth study's summary (from committed-format study files, no
+training) and the scale probe on a tiny trained run; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abmll_pyro.presets import synthetic_task_folder
+from abmll_pyro.train.config import RunConfig
+from abmll_pyro.train.run import train_run
+
+SCRIPTS = Path(__file__).parents[2] / "scripts" / "subspace_truth"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_the_study_summarizes_existing_studies(tmp_path):
+    """--summarize-only reads the per-study files the committed summary was made from (here: its own
+    rows written back as study files) and reproduces the committed table."""
+    committed = Path(__file__).parents[2] / "docs" / "results" / "subspace-truth"
+    for study in json.loads((committed / "summary.json").read_text())["studies"]:
+        c = study["config"]
+        (tmp_path / f"s{c['spread']:g}-start{c['init_scale']:g}.json").write_text(json.dumps(study))
+    done = _script("run.py", "--out", str(tmp_path), "--spreads", "3", "10", "30", "--summarize-only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "summary.md").read_text() == (committed / "summary.md").read_text()
+    assert done.stdout.strip().splitlines()[-1].startswith("worst_ratio=0.313 ")
+    missing = _script("run.py", "--out", str(tmp_path / "none"), "--spreads", "3", "--summarize-only")
+    assert missing.returncode != 0 and "missing" in missing.stderr
+    bad = _script("run.py", "--out", str(tmp_path), "--spreads", "-1")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "spreads" in bad.stderr
+
+
+def test_the_scale_probe_on_a_tiny_run(tmp_path):
+    tasks = synthetic_task_folder(tmp_path / "tasks")
+    config = RunConfig(method="abmll", model="tiny-llama", tasks=str(tasks), steps=2, tasks_per_step=2, shots=3,
+                       query_size=3, rank=2, num_inner_steps=1, inner_lr=1e-2, kl_beta=1e-3, max_test_tasks=1,
+                       eval_query_size=3, num_threads=1, num_samples=2, subspace_dim=2, subspace_scale=0.5)
+    train_run(config, tmp_path / "run", progress=False)
+    out = tmp_path / "probe.json"
+    done = _script("scale_probe.py", "--run", str(tmp_path / "run"), "--factors", "1", "4", "--shots", "0", "2",
+                   "--queries", "3", "--samples", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["factor"], r["shots"]) for r in rows] == [(1.0, 0), (1.0, 2), (4.0, 0), (4.0, 2)]
+    assert all(r["n"] == 3 and r["nll"] > 0 for r in rows)  # max_test_tasks=1: one task × 3 queries
+    assert rows[2]["epistemic_share"] > rows[0]["epistemic_share"]  # a wider prior: draws disagree more
+    for args, needle in ((["--run", str(tmp_path / "nowhere")], "config.json"),
+                         (["--run", str(tmp_path / "run"), "--factors", "0"], "factors")):
+        bad = _script("scale_probe.py", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
