@@ -207,36 +207,29 @@ class BayesLoRA(nn.Module):
         return out
 
     # ----------------------------------------------------------------- forward modes
-    @contextmanager
     def use(self, deltas: Mapping[str, Delta]) -> Iterator[None]:
         """Within the block, module m adds ``deltas[m]`` (dense ΔW, :class:`LowRankDelta` or None)."""
-        unknown = set(deltas) - set(self.layers)
-        if unknown:
-            raise KeyError(f"no adapted module named {sorted(unknown)}; adapted: {self.module_names}")
-        previous = {m: self.layers[m].delta for m in deltas}
-        try:
-            for m, d in deltas.items():
-                self.layers[m].delta = d
-            yield
-        finally:
-            for m, d in previous.items():
-                self.layers[m].delta = d
+        return self._set("delta", deltas)
 
-    @contextmanager
     def shifted(self, shifts: Mapping[str, LowRankDelta | None]) -> Iterator[None]:
         """Within the block, module m also adds ``shifts[m]`` (a :class:`LowRankDelta` or None) to what
         its delta gives: a task subspace's term (:class:`~abmll_pyro.models.subspace.TaskSubspace`)."""
-        unknown = set(shifts) - set(self.layers)
+        return self._set("shift", shifts)
+
+    @contextmanager
+    def _set(self, attribute: str, values: Mapping[str, object]) -> Iterator[None]:
+        """Within the block, each named layer's ``attribute`` is ``values[m]``; restored afterwards."""
+        unknown = set(values) - set(self.layers)
         if unknown:
             raise KeyError(f"no adapted module named {sorted(unknown)}; adapted: {self.module_names}")
-        previous = {m: self.layers[m].shift for m in shifts}
+        previous = {m: getattr(self.layers[m], attribute) for m in values}
         try:
-            for m, d in shifts.items():
-                self.layers[m].shift = d
+            for m, value in values.items():
+                setattr(self.layers[m], attribute, value)
             yield
         finally:
-            for m, d in previous.items():
-                self.layers[m].shift = d
+            for m, value in previous.items():
+                setattr(self.layers[m], attribute, value)
 
     @contextmanager
     def off(self) -> Iterator[None]:
