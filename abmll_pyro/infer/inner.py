@@ -68,8 +68,6 @@ def inner_loop(
     curvature: Callable[[Params], Mapping[str, object]] | None = None,
     adam_eps: float = _ADAM_EPS,
     frozen: frozenset[str] | set[str] = frozenset(),
-    key_lr: Mapping[str, float | Tensor] | None = None,
-    key_optimizer: Mapping[str, str] | None = None,
     custom_step: Callable[[Params, Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> Params:
     """Return the parameters after ``num_steps`` steps on ``loss_fn`` from ``start``.
@@ -83,11 +81,8 @@ def inner_loop(
     gradient through it). Zero steps return ``start`` itself (values unchanged; detached
     in first order). ``frozen``: keys carried through unchanged (with their history, so a first-order
     pass-through still routes their gradient to what produced them), e.g. a guide's copy of θ.
-    ``key_lr``: a learning rate of its own for some keys (a number, or a tensor broadcast against the
-    key's value: a per-element rate, e.g. in a prior's whitened units); ``key_optimizer``: ``"sgd"`` or
-    ``"adam"`` for some keys whatever ``optimizer`` is. ``custom_step(params, grads)``: the new values
-    of the keys it returns, from the current parameters and the gradients of every key; those keys
-    skip the optimizer (e.g. a task subspace's Newton step,
+    ``custom_step(params, grads)``: the new values of the keys it returns, from the current parameters
+    and the gradients of every key; those keys skip the optimizer (e.g. a task subspace's Newton step,
     :meth:`~abmll_pyro.models.subspace.TaskSubspace.newton_step`).
     """
     if optimizer not in OPTIMIZERS:
@@ -97,18 +92,9 @@ def inner_loop(
     if not (adam_eps > 0 and math.isfinite(adam_eps)):
         raise ValueError(f"adam_eps must be finite and > 0, got {adam_eps!r}")
     keys = [k for k in start if k not in frozen]
-    rates = {k: (key_lr or {}).get(k, lr) for k in keys}
-    for k, rate in rates.items():
-        ok = bool(torch.isfinite(rate).all() and (rate >= 0).all()) if torch.is_tensor(rate) else rate >= 0 and math.isfinite(rate)
-        if not ok:
-            raise ValueError(f"learning rate of {k!r} must be finite and >= 0, got {rate!r}")
     params = dict(start) if create_graph else {k: (v.detach() if k in frozen else v.detach().requires_grad_(True))
                                                for k, v in start.items()}
-    own = dict(key_optimizer or {})
-    bad = {k: o for k, o in own.items() if o not in ("sgd", "adam")}
-    if bad:
-        raise ValueError(f"key_optimizer values must be 'sgd' or 'adam', got {bad}")
-    adam = optimizer in ("adam", "adam-precond") or "adam" in own.values()
+    adam = optimizer in ("adam", "adam-precond")
     m = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
     v2 = {k: torch.zeros_like(v) for k, v in params.items()} if adam else {}
     b1, b2 = _ADAM_BETAS
@@ -124,22 +110,21 @@ def inner_loop(
         for k, g in zip(keys, grads):
             if k in new:
                 continue
-            p, rate = params[k], rates[k]
+            p = params[k]
             if g is None:  # the loss does not depend on this factor (e.g. σ under a point-mass guide)
                 new[k] = p
                 continue
             h = curv.get(k)
-            step = own.get(k, optimizer)
-            if step == "sgd" or (step == "kl-precond" and h is None):
-                new[k] = p - rate * g
-            elif step == "kl-precond":
-                new[k] = p - precondition(g, rate, h)
+            if optimizer == "sgd" or (optimizer == "kl-precond" and h is None):
+                new[k] = p - lr * g
+            elif optimizer == "kl-precond":
+                new[k] = p - precondition(g, lr, h)
             else:
                 m[k] = b1 * m[k] + (1 - b1) * g
                 v2[k] = b2 * v2[k] + (1 - b2) * g * g
                 m_hat, v_hat = m[k] / (1 - b1**t), v2[k] / (1 - b2**t)
                 root = (v_hat + adam_eps**2).sqrt()
-                new[k] = p - rate * (m_hat / root) if h is None or step == "adam" else p - precondition(g, rate / root, h)
+                new[k] = p - lr * (m_hat / root) if h is None else p - precondition(g, lr / root, h)
         params = new if create_graph else {k: (v if k in frozen else v.detach().requires_grad_(True)) for k, v in new.items()}
     return params
 
