@@ -65,7 +65,8 @@ def _cmd_data(args) -> int:
     else:
         from .presets import synthetic_task_folder
 
-        print(synthetic_task_folder(args.out, overwrite=args.overwrite))
+        print(synthetic_task_folder(args.out, num_train=args.num_train, num_test=args.num_test, examples=args.examples,
+                                    seed=args.seed, overwrite=args.overwrite))
     return 0
 
 

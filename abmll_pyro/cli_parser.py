@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (otherwise argparse's one-line error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="prepare task data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", title="actions",
@@ -122,6 +137,11 @@ def _data_parser(sub) -> None:
     syn = dsub.add_parser("synthetic", help="write the generated task set of the smoke preset")
     syn.add_argument("--out", required=True, metavar="DIR", help="the task folder to write")
     syn.add_argument("--overwrite", action="store_true", help=_OVERWRITE_FOLDER)
+    syn.add_argument("--num-train", dest="num_train", type=_count(0), default=6, metavar="N",
+                     help="training tasks (default 6)")
+    syn.add_argument("--num-test", dest="num_test", type=_count(1), default=3, metavar="N", help="test tasks (default 3)")
+    syn.add_argument("--examples", type=_count(1), default=16, metavar="N", help="examples per task (default 16)")
+    syn.add_argument("--seed", type=int, default=0, help="the generator's seed (default 0)")
 
 
 def _train_parser(sub) -> None:

@@ -196,3 +196,30 @@ def test_train_and_evaluate_share_a_trunk_folder(tmp_path, handwritten, tiny, ca
     monkeypatch.chdir(tmp_path)
     assert main(["--quiet", "evaluate", "--run", str(run), "--trunk-dir", "none"]) == 0  # off, not a folder "none"
     assert not (tmp_path / "none").exists()
+
+
+def test_data_synthetic_writes_the_requested_sizes_and_refuses_bad_ones(tmp_path, capsys):
+    """``abmll data synthetic``'s size flags (an out-of-family suite for the uncertainty study):
+    the folder holds the asked-for tasks and examples; a count below its minimum is one line, exit 2."""
+    from abmll_pyro.data.sources.folder import load_task_folder
+
+    out = tmp_path / "ood"
+    assert main(["data", "synthetic", "--out", str(out), "--num-train", "0", "--num-test", "5", "--examples", "40",
+                 "--seed", "3"]) == 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["train"] == [] and len(splits["test"]) == 5
+    tasks = load_task_folder(out, splits["train"], None, splits["test"])
+    assert [len(t.examples) for t in tasks.test] == [40] * 5
+    first = (out / "synthetic00.jsonl").read_text()
+    assert main(["data", "synthetic", "--out", str(out), "--num-train", "0", "--num-test", "5", "--examples", "40",
+                 "--seed", "4", "--overwrite"]) == 0
+    assert (out / "synthetic00.jsonl").read_text() != first  # the seed is passed on
+    capsys.readouterr()
+    for flag, value, needle in (("--num-test", "0", "must be at least 1, got 0"), ("--examples", "x", "expected an integer"),
+                                ("--num-train", "-1", "must be at least 0, got -1")):
+        with pytest.raises(SystemExit) as stop:
+            main(["data", "synthetic", "--out", str(tmp_path / "bad"), flag, value])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and flag in err[0]
+        assert not (tmp_path / "bad").exists()
