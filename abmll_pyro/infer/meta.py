@@ -160,7 +160,6 @@ class MetaSVI:
         self.adapter = adapter
         self.config = config or MetaConfig()
         self.subspace = subspace
-        self._learning_curvature = False  # True within loss_and_grads: the subspace's curvature buffer learns
         prior = prior.for_adapter(adapter) if hasattr(prior, "for_adapter") else prior  # its init_std, not a default's
         self.model = HierarchicalModel(adapter, prior or HierarchicalPrior(adapter=adapter), likelihood or OptionLikelihood(),
                                        subspace=subspace)
@@ -232,8 +231,11 @@ class MetaSVI:
         return loss_fn
 
     def refine(self, theta: dict[str, Tensor], start: dict[str, Tensor], support: TaskData,
-               num_inner_steps: int | None = None, create_graph: bool = False) -> dict[str, Tensor]:
-        """Run the inner loop from ``start`` on ``support`` with θ fixed (first order: θ detached)."""
+               num_inner_steps: int | None = None, create_graph: bool = False,
+               learn_curvature: bool = False) -> dict[str, Tensor]:
+        """Run the inner loop from ``start`` on ``support`` with θ fixed (first order: θ detached).
+        ``learn_curvature``: the task subspace's curvature buffer learns from these steps (training's
+        inner loops only; adapting a test task reads it and leaves it as it is)."""
         inner = self.config.inner
         if inner.subsample_size is not None:
             support = TaskData(support.batch, inner.subsample_size, support.observed)
@@ -245,8 +247,7 @@ class MetaSVI:
         step = None
         if self.subspace is not None:
             beta, lr = self.config.subspace_beta, self.config.subspace_inner_lr
-            learn = self._learning_curvature
-            step = lambda params, grads: self.subspace.newton_step(params, grads, beta, lr, learn)  # noqa: E731
+            step = lambda params, grads: self.subspace.newton_step(params, grads, beta, lr, learn_curvature)  # noqa: E731
         cache = not create_graph and self.factor_backed and (  # θ's prior moments made once (theta_cache)
             self.theta_cache if self.theta_cache is not None else prior_cache_bytes(self.adapter, fixed) <= PRIOR_CACHE_BYTES)
         with cached_prior(fixed if cache else None):
@@ -277,11 +278,7 @@ class MetaSVI:
         if not episodes:
             raise ValueError("a meta step needs at least one episode")
         backward = backward or (lambda loss: loss.backward())
-        self._learning_curvature = True
-        try:
-            return self._loss_and_grads(episodes, num_tasks, backward)
-        finally:
-            self._learning_curvature = False
+        return self._loss_and_grads(episodes, num_tasks, backward)
 
     def _loss_and_grads(self, episodes: Sequence[Episode], num_tasks: int | None, backward) -> StepResult:
         M = num_tasks or self.num_tasks or len(episodes)
@@ -294,7 +291,7 @@ class MetaSVI:
         b = len(episodes)
         for ep in episodes:
             start = self.init_task_params(theta, ep.support)
-            refined = self.refine(theta, start, ep.support, create_graph=second)
+            refined = self.refine(theta, start, ep.support, create_graph=second, learn_curvature=True)
             if second:
                 task = refined
             elif inner.pass_through:
