@@ -1,5 +1,6 @@
 """The task subspace's scripts: the known-truth study's summary (from committed-format study files, no
-training) and the scale probe on a tiny trained run; bad input exits 2 with one line."""
+training), the scale probe and the marginal-likelihood probe on a tiny trained run; bad input exits 2
+with one line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from abmll_pyro.presets import synthetic_task_folder
 from abmll_pyro.train.config import RunConfig
@@ -40,14 +42,21 @@ def test_the_study_summarizes_existing_studies(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "spreads" in bad.stderr
 
 
-def test_the_scale_probe_on_a_tiny_run(tmp_path):
-    tasks = synthetic_task_folder(tmp_path / "tasks")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny ABMLL run with a 2-direction task subspace (2 outer steps on the generated tasks)."""
+    root = tmp_path_factory.mktemp("subspace-run")
+    tasks = synthetic_task_folder(root / "tasks")
     config = RunConfig(method="abmll", model="tiny-llama", tasks=str(tasks), steps=2, tasks_per_step=2, shots=3,
                        query_size=3, rank=2, num_inner_steps=1, inner_lr=1e-2, kl_beta=1e-3, max_test_tasks=1,
                        eval_query_size=3, num_threads=1, num_samples=2, subspace_dim=2, subspace_scale=0.5)
-    train_run(config, tmp_path / "run", progress=False)
+    train_run(config, root / "run", progress=False)
+    return root / "run"
+
+
+def test_the_scale_probe_on_a_tiny_run(tmp_path, tiny_run):
     out = tmp_path / "probe.json"
-    done = _script("scale_probe.py", "--run", str(tmp_path / "run"), "--factors", "1", "4", "--shots", "0", "2",
+    done = _script("scale_probe.py", "--run", str(tiny_run), "--factors", "1", "4", "--shots", "0", "2",
                    "--queries", "3", "--samples", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -55,6 +64,47 @@ def test_the_scale_probe_on_a_tiny_run(tmp_path):
     assert all(r["n"] == 3 and r["nll"] > 0 for r in rows)  # max_test_tasks=1: one task × 3 queries
     assert rows[2]["epistemic_share"] > rows[0]["epistemic_share"]  # a wider prior: draws disagree more
     for args, needle in ((["--run", str(tmp_path / "nowhere")], "config.json"),
-                         (["--run", str(tmp_path / "run"), "--factors", "0"], "factors")):
+                         (["--run", str(tiny_run), "--factors", "0"], "factors")):
         bad = _script("scale_probe.py", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
+
+
+def test_the_marginal_summary_on_closed_forms():
+    """Per-example predictive and joint marginal likelihood from R draws' log-probabilities."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from marginal_probe import summarize
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    same = summarize(torch.full((4, 2), -0.5, dtype=torch.float64), torch.full((4, 3), -1.0, dtype=torch.float64))
+    assert same["log_pred_sum"] == pytest.approx(-3.0) and same["log_ml"] == pytest.approx(-4.0)
+    assert same["ess"] == pytest.approx(4.0) and (same["n_query"], same["n_all"]) == (3, 5)
+    # two draws, one query example each way round: per example log((0.9 + 0.1)/2) twice; jointly the
+    # product 0.09 under both draws: log 0.09
+    q = torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=torch.float64).log()
+    mixed = summarize(torch.zeros(2, 0, dtype=torch.float64), q)
+    assert mixed["log_pred_sum"] == pytest.approx(2 * torch.tensor(0.5).log().item())
+    assert mixed["log_ml"] == pytest.approx(torch.tensor(0.09).log().item()) and mixed["ess"] == pytest.approx(2.0)
+    # one draw explains both examples: the joint prefers it (weight 0.81 / 0.82), ESS near 1
+    q = torch.tensor([[0.9, 0.9], [0.1, 0.1]], dtype=torch.float64).log()
+    skew = summarize(torch.zeros(2, 0, dtype=torch.float64), q)
+    assert skew["log_ml"] == pytest.approx(torch.tensor((0.81 + 0.01) / 2).log().item())
+    assert skew["ess"] == pytest.approx(1 / ((0.81 / 0.82) ** 2 + (0.01 / 0.82) ** 2))
+
+
+def test_the_marginal_probe_on_a_tiny_run(tmp_path, tiny_run):
+    out = tmp_path / "marginal.json"
+    done = _script("marginal_probe.py", "--run", str(tiny_run), "--split", "test", "--factors", "1", "4",
+                   "--draws", "4", "--shots", "3", "--queries", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["factor"] for r in rows] == [1.0, 4.0] and all(r["tasks"] == 1 and r["draws"] == 4 for r in rows)
+    for r in rows:
+        assert r["nll_per_example"] > 0 and r["joint_nll_per_example"] > 0 and 1.0 <= r["min_ess"] <= 4.0
+        task = r["per_task"][0]
+        assert (task["n_query"], task["n_all"]) == (3, 6)
+    assert rows[1]["mean_scale"] == pytest.approx(4 * rows[0]["mean_scale"])
+    for args, needle in ((["--run", str(tmp_path / "nowhere")], "config.json"),
+                         (["--run", str(tiny_run), "--draws", "1"], "draws")):
+        bad = _script("marginal_probe.py", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr

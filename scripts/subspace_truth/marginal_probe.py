@@ -1,0 +1,149 @@
+"""Which subspace scale do a task's examples ask for jointly, and which one does each example ask for alone?
+
+The empirical-Bayes M-step fits the task subspace's prior scale s to the tasks' *joint* marginal
+likelihood: p(D_i | θ, s) = E_{z ~ N(0, s²)}[Π_j p(y_j | x_j, z)], all of a task's examples under one
+z. The prior predictive's NLL at k = 0 scores each query example on its own:
+−log E_z[p(y_j | x_j, z)], one expectation per example. The two prefer different s when the model's
+per-example probabilities are over-confident: spreading z softens every single prediction (the
+per-example score improves), while a spread that is not the same for all of a task's examples costs
+the joint likelihood. A scale that helps only the per-example score is tempering, not task spread.
+
+For a trained ABMLL run with a task subspace (its config and newest checkpoint), every task of a
+split, its 16 support and 32 query examples (seeded like ``scale_probe.py``), ΔW at q's prior mean
+(θ's μ) and the subspace's prior scale multiplied by each factor c: R prior draws z = c·s·ε (the same
+ε for every factor), then, pooled over tasks,
+
+* ``nll_per_example``: −(1/n) Σ_j log (1/R) Σ_r p(y_j | z_r) over the query examples (the k = 0
+  predictive, as scored in evaluation but with ΔW at its mean);
+* ``joint_nll_per_example``: −(1/N) Σ_i log (1/R) Σ_r Π_{j ∈ D_i} p(y_j | z_r) over all 48 examples
+  of each task (the estimated negative log marginal likelihood per example, what empirical Bayes
+  maximizes; importance sampling from the prior, so each task's effective sample size is reported);
+* ``min_ess``: the smallest effective sample size (of R) of the joint estimate's weights over tasks.
+
+    python scripts/subspace_truth/marginal_probe.py --run runs/sub/devE/runs/abmll --factors 0.3 1 3 10 --draws 48
+
+Nothing is trained. Prints one line per factor and writes ``--out`` (JSON) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: its abmll_pyro
+
+import torch
+
+from abmll_pyro.data.tasks import split_task
+from abmll_pyro.infer.predictive import mean_probs
+from abmll_pyro.models.likelihoods import TaskData
+from abmll_pyro.models.subspace import LOC
+from abmll_pyro.train.checkpoint import CheckpointError, atomic_write_text, load_latest
+from abmll_pyro.train.config import ConfigError, RunConfig
+from abmll_pyro.train.episodes import EpisodeEncoder
+from abmll_pyro.train.setup import build
+
+
+def _gold_log_probs(svi, params, data: TaskData) -> torch.Tensor:
+    p = mean_probs(svi, params, data)
+    return p.gather(1, data.batch.gold[:, None].to(p.device)).squeeze(1).double().clamp_min(1e-300).log()
+
+
+def summarize(support_lp: torch.Tensor, query_lp: torch.Tensor) -> dict:
+    """From ``[R, n_support]`` and ``[R, n_query]`` log-probabilities of one task's gold labels under R
+    prior draws: the summed per-example log predictive of the queries, the log marginal likelihood
+    of all examples, and the effective sample size of its weights."""
+    r = query_lp.shape[0]
+    per_example = float((torch.logsumexp(query_lp, 0) - math.log(r)).sum())
+    joint = torch.cat([support_lp, query_lp], 1).sum(1)
+    log_ml = float(torch.logsumexp(joint, 0) - math.log(r))
+    w = torch.softmax(joint, 0)
+    return {"log_pred_sum": per_example, "n_query": query_lp.shape[1], "log_ml": log_ml,
+            "n_all": support_lp.shape[1] + query_lp.shape[1], "ess": float(1.0 / (w ** 2).sum())}
+
+
+def probe(run: Path, factors: list[float], draws: int, split_name: str, shots: int, queries: int, seed: int,
+          max_tasks: int | None) -> list[dict]:
+    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
+    checkpoint = load_latest(run)
+    if checkpoint is None:
+        raise CheckpointError(f"{run}: no checkpoint")
+    built, taskset = build(config)
+    built.method.load_state_tensors(checkpoint.tensors)
+    svi = built.method.svi
+    subspace = svi.subspace
+    if subspace is None:
+        raise ConfigError(f"{run / 'config.json'}: subspace_dim is 0 (no task subspace to probe)")
+    tasks = {"train": taskset.train, "dev": taskset.dev, "test": taskset.test}[split_name][:max_tasks]
+    encoder = EpisodeEncoder(built.tokenizer, built.config.prompt_length(False), config.template)
+    g = torch.Generator().manual_seed(seed)
+    per_factor: dict[float, list[dict]] = {c: [] for c in factors}
+    with torch.no_grad():
+        theta = svi.theta()
+        for task in tasks:
+            episode = encoder(split_task(task, shots, queries, g, allow_smaller_query=True))
+            support, query = TaskData(episode.support), TaskData(episode.query)
+            start = {k: v.detach() for k, v in svi.init_task_params(theta, support).items()}
+            eps = torch.randn(draws, len(subspace.modules), subspace.dim, generator=torch.Generator().manual_seed(seed + 1),
+                              dtype=torch.float64)
+            for c in factors:
+                s_lp, q_lp = [], []
+                for r in range(draws):
+                    params = dict(start)
+                    for i, m in enumerate(subspace.modules):
+                        s = subspace.scale(m).detach()
+                        params[subspace.key(m, LOC)] = (c * s * eps[r, i].to(s.dtype))
+                    s_lp.append(_gold_log_probs(svi, params, support))
+                    q_lp.append(_gold_log_probs(svi, params, query))
+                per_factor[c].append({"task": task.name, **summarize(torch.stack(s_lp), torch.stack(q_lp))})
+    rows = []
+    for c in factors:
+        t = per_factor[c]
+        row = {"factor": c, "nll_per_example": -sum(x["log_pred_sum"] for x in t) / sum(x["n_query"] for x in t),
+               "joint_nll_per_example": -sum(x["log_ml"] for x in t) / sum(x["n_all"] for x in t),
+               "min_ess": min(x["ess"] for x in t), "tasks": len(t), "draws": draws,
+               "mean_scale": subspace.mean_scale() * c, "per_task": t}
+        rows.append(row)
+        print(f"s x {c:g} (mean s {row['mean_scale']:.4g}): per-example NLL {row['nll_per_example']:.4f}, "
+              f"joint NLL per example {row['joint_nll_per_example']:.4f}, min ESS {row['min_ess']:.1f}/{draws} "
+              f"({len(t)} {split_name} tasks)", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0, 10.0])
+    ap.add_argument("--draws", type=int, default=48)
+    ap.add_argument("--split", choices=["train", "dev", "test"], default="dev")
+    ap.add_argument("--max-tasks", type=int, default=None)
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if (any(f <= 0 for f in args.factors) or args.draws < 2 or args.shots < 1 or args.queries < 1
+            or (args.max_tasks is not None and args.max_tasks < 1)):
+        print(f"error: factors must be > 0, draws >= 2, shots, queries and max-tasks >= 1; got {args.factors}, "
+              f"{args.draws}, {args.shots}, {args.queries}, {args.max_tasks}", file=sys.stderr)
+        return 2
+    if not (args.run / "config.json").is_file():
+        print(f"error: {args.run / 'config.json'}: no such file (--run names a run folder)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        rows = probe(args.run, args.factors, args.draws, args.split, args.shots, args.queries, args.seed, args.max_tasks)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"run": str(args.run), "split": args.split, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
