@@ -18,7 +18,13 @@ split, its 16 support and 32 query examples (seeded like ``scale_probe.py``), Δ
 * ``joint_nll_per_example``: −(1/N) Σ_i log (1/R) Σ_r Π_{j ∈ D_i} p(y_j | z_r) over all 48 examples
   of each task (the estimated negative log marginal likelihood per example, what empirical Bayes
   maximizes; importance sampling from the prior, so each task's effective sample size is reported);
-* ``min_ess``: the smallest effective sample size (of R) of the joint estimate's weights over tasks.
+* ``min_ess``: the smallest effective sample size (of R) of the joint estimate's weights over tasks;
+* ``posterior_z2_ratio``: the mean over tasks and coordinates of E[z²]/(c·s)² under the posterior given
+  the support set, estimated by reweighting the prior draws by their support likelihood
+  (``min_support_ess``: those weights' smallest effective sample size); ``q_z2_ratio``: the same
+  under q(z) after the run's inner loop on the support at that scale. The empirical-Bayes M-step
+  moves s² toward E_q[z²], so a ratio above 1 widens s and below 1 shrinks it: where the posterior's
+  ratio is above 1 and q's below, the inner loop's q, not the data, is what shrinks s.
 
     python scripts/subspace_truth/marginal_probe.py --run runs/sub/devE/runs/abmll --factors 0.3 1 3 10 --draws 48
 
@@ -81,35 +87,62 @@ def probe(run: Path, factors: list[float], draws: int, split_name: str, shots: i
     encoder = EpisodeEncoder(built.tokenizer, built.config.prompt_length(False), config.template)
     g = torch.Generator().manual_seed(seed)
     per_factor: dict[float, list[dict]] = {c: [] for c in factors}
-    with torch.no_grad():
-        theta = svi.theta()
-        for task in tasks:
-            episode = encoder(split_task(task, shots, queries, g, allow_smaller_query=True))
-            support, query = TaskData(episode.support), TaskData(episode.query)
+    theta = {k: v.detach() for k, v in svi.theta().items()}
+    trained = {k: v.detach().clone() for k, v in subspace.log_scale.items()}
+    for task in tasks:
+        episode = encoder(split_task(task, shots, queries, g, allow_smaller_query=True))
+        support, query = TaskData(episode.support), TaskData(episode.query)
+        with torch.no_grad():
             start = {k: v.detach() for k, v in svi.init_task_params(theta, support).items()}
-            eps = torch.randn(draws, len(subspace.modules), subspace.dim, generator=torch.Generator().manual_seed(seed + 1),
-                              dtype=torch.float64)
-            for c in factors:
-                s_lp, q_lp = [], []
+        eps = torch.randn(draws, len(subspace.modules), subspace.dim, generator=torch.Generator().manual_seed(seed + 1),
+                          dtype=torch.float64)
+        for c in factors:
+            s_lp, q_lp = [], []
+            with torch.no_grad():
                 for r in range(draws):
                     params = dict(start)
                     for i, m in enumerate(subspace.modules):
-                        s = subspace.scale(m).detach()
-                        params[subspace.key(m, LOC)] = (c * s * eps[r, i].to(s.dtype))
+                        scale = subspace.scale(m).detach()
+                        params[subspace.key(m, LOC)] = c * scale * eps[r, i].to(scale.dtype)
                     s_lp.append(_gold_log_probs(svi, params, support))
                     q_lp.append(_gold_log_probs(svi, params, query))
-                per_factor[c].append({"task": task.name, **summarize(torch.stack(s_lp), torch.stack(q_lp))})
+            row = {"task": task.name, **summarize(torch.stack(s_lp), torch.stack(q_lp))}
+            # the M-step's direction at this scale: E[z²]/s² under the support posterior, from the prior
+            # draws reweighted by the support likelihood, and under q after the inner loop
+            w = torch.softmax(torch.stack(s_lp).sum(1), 0)
+            row["posterior_z2_ratio"] = float((w * eps.pow(2).mean((1, 2))).sum())
+            row["support_ess"] = float(1.0 / (w ** 2).sum())
+            with torch.no_grad():
+                for k, v in subspace.log_scale.items():
+                    v.copy_(trained[k] + math.log(c))
+            try:
+                adapted = svi.adapt(support)
+            finally:
+                with torch.no_grad():
+                    for k, v in subspace.log_scale.items():
+                        v.copy_(trained[k])
+            ratios = []
+            for m in subspace.modules:
+                q = subspace.posterior(adapted, m)
+                second = q.mean.double() ** 2 + q.covariance_matrix.double().diagonal()
+                ratios.append(second / (c * subspace.scale(m).detach().double()) ** 2)
+            row["q_z2_ratio"] = float(torch.cat(ratios).mean())
+            per_factor[c].append(row)
     rows = []
     for c in factors:
         t = per_factor[c]
         row = {"factor": c, "nll_per_example": -sum(x["log_pred_sum"] for x in t) / sum(x["n_query"] for x in t),
                "joint_nll_per_example": -sum(x["log_ml"] for x in t) / sum(x["n_all"] for x in t),
                "min_ess": min(x["ess"] for x in t), "tasks": len(t), "draws": draws,
-               "mean_scale": subspace.mean_scale() * c, "per_task": t}
+               "mean_scale": subspace.mean_scale() * c,
+               "posterior_z2_ratio": sum(x["posterior_z2_ratio"] for x in t) / len(t),
+               "q_z2_ratio": sum(x["q_z2_ratio"] for x in t) / len(t),
+               "min_support_ess": min(x["support_ess"] for x in t), "per_task": t}
         rows.append(row)
         print(f"s x {c:g} (mean s {row['mean_scale']:.4g}): per-example NLL {row['nll_per_example']:.4f}, "
-              f"joint NLL per example {row['joint_nll_per_example']:.4f}, min ESS {row['min_ess']:.1f}/{draws} "
-              f"({len(t)} {split_name} tasks)", flush=True)
+              f"joint NLL per example {row['joint_nll_per_example']:.4f}, min ESS {row['min_ess']:.1f}/{draws}; "
+              f"E[z²]/s² posterior {row['posterior_z2_ratio']:.3f} (support ESS >= {row['min_support_ess']:.1f}), "
+              f"q {row['q_z2_ratio']:.3f} ({len(t)} {split_name} tasks)", flush=True)
     return rows
 
 

@@ -101,6 +101,7 @@ def test_the_marginal_probe_on_a_tiny_run(tmp_path, tiny_run):
     assert [r["factor"] for r in rows] == [1.0, 4.0] and all(r["tasks"] == 1 and r["draws"] == 4 for r in rows)
     for r in rows:
         assert r["nll_per_example"] > 0 and r["joint_nll_per_example"] > 0 and 1.0 <= r["min_ess"] <= 4.0
+        assert r["posterior_z2_ratio"] > 0 and r["q_z2_ratio"] > 0 and 1.0 <= r["min_support_ess"] <= 4.0
         task = r["per_task"][0]
         assert (task["n_query"], task["n_all"]) == (3, 6)
     assert rows[1]["mean_scale"] == pytest.approx(4 * rows[0]["mean_scale"])
