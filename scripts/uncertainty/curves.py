@@ -14,7 +14,8 @@ For each method (trained once from the base config, or built untrained), on ever
 * **out of family** (``ood_tasks``: another suite, e.g. ``bigbench`` for a run trained on
   ``debian-cls``) — at the largest k, the same measurements on that suite's test tasks, beside the
   run's own test tasks (in family), with a 95% bootstrap interval (tasks, then examples) of the
-  difference of the mean epistemic (and total) uncertainty, out − in. ``ood_overrides`` change the
+  difference of the mean epistemic (and total) uncertainty, out − in, and the epistemic share (mean
+  mutual information / mean predictive entropy) on each side. ``ood_overrides`` change the
   config for loading that suite only (e.g. ``max_examples``).
 
 A method is trained once into ``out/runs/<method>``, or taken from ``runs[method]`` (an existing run
@@ -214,6 +215,9 @@ def uncertainty_curves(base: RunConfig, out: Path, methods: Sequence[str], shots
                 other = load_taskset(config.updated(tasks=ood_tasks, **dict(ood_overrides or {})), built.tokenizer).test
                 ood, capped = _at_shots(config, method, encoder, accelerator, other, k, k)
                 entry["out_of_family"] = {"in": curve[-1], "out": _row(ood, k, capped)}
+                entry["out_of_family"]["epistemic_share"] = {  # mean mutual information / mean predictive entropy
+                    side: row["epistemic"] / row["entropy"] if row.get("entropy") else None
+                    for side, row in (("in", curve[-1]), ("out", entry["out_of_family"]["out"]))}
                 for field in ("epistemic", "entropy"):
                     d, lo, hi = difference_interval([getattr(s, field) for s in splits],
                                                     [getattr(s, field) for s, _, _ in ood], seed=config.seed)

@@ -135,6 +135,8 @@ def test_uncertainty_reuses_a_run_and_measures_out_of_family(tmp_path):
     assert entry["curve"] == json.loads((first / "uncertainty.json").read_text())["methods"]["abmll"]["curve"]
     ood = entry["out_of_family"]
     assert ood["in"] == ood["out"] and ood["epistemic_out_minus_in"]["diff"] == 0.0
+    share = ood["epistemic_share"]
+    assert share["in"] == share["out"] == pytest.approx(ood["in"]["epistemic"] / ood["in"]["entropy"])
     assert (second / "out_of_family.png").exists()
     # a second call with the same settings resumes: the finished method is taken from uncertainty.json
     before = (second / "uncertainty.json").read_text()
