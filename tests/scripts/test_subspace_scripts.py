@@ -105,7 +105,14 @@ def test_the_marginal_probe_on_a_tiny_run(tmp_path, tiny_run):
         task = r["per_task"][0]
         assert (task["n_query"], task["n_all"]) == (3, 6)
     assert rows[1]["mean_scale"] == pytest.approx(4 * rows[0]["mean_scale"])
+    # no inner steps: q is the (rescaled) prior, E_q[z²]/s² = 1 at every scale
+    still = tmp_path / "still.json"
+    done = _script("marginal_probe.py", "--run", str(tiny_run), "--split", "test", "--factors", "1", "4",
+                   "--draws", "2", "--shots", "3", "--queries", "3", "--inner-steps", "0", "--out", str(still))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["q_z2_ratio"] for r in json.loads(still.read_text())["rows"]] == pytest.approx([1.0, 1.0], rel=1e-5)
     for args, needle in ((["--run", str(tmp_path / "nowhere")], "config.json"),
-                         (["--run", str(tiny_run), "--draws", "1"], "draws")):
+                         (["--run", str(tiny_run), "--draws", "1"], "draws"),
+                         (["--run", str(tiny_run), "--subspace-inner-lr", "2"], "subspace-inner-lr")):
         bad = _script("marginal_probe.py", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
