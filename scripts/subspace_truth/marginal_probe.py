@@ -73,7 +73,8 @@ def summarize(support_lp: torch.Tensor, query_lp: torch.Tensor) -> dict:
 
 
 def probe(run: Path, factors: list[float], draws: int, split_name: str, shots: int, queries: int, seed: int,
-          max_tasks: int | None, inner_steps: int | None = None, subspace_inner_lr: float | None = None) -> list[dict]:
+          max_tasks: int | None, inner_steps: int | None = None, subspace_inner_lr: float | None = None,
+          curvature_scale: float = 1.0) -> list[dict]:
     config = RunConfig.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
     checkpoint = load_latest(run)
     if checkpoint is None:
@@ -88,6 +89,9 @@ def probe(run: Path, factors: list[float], draws: int, split_name: str, shots: i
         svi.config = replace(svi.config, inner=replace(svi.config.inner, num_inner_steps=inner_steps))
     if subspace_inner_lr is not None:
         svi.config = replace(svi.config, subspace_inner_lr=subspace_inner_lr)
+    with torch.no_grad():  # the trained curvature buffer H of q's Newton step, rescaled (1: as trained)
+        for name in subspace.log_scale:
+            subspace.curvature[name].mul_(curvature_scale)
     tasks = {"train": taskset.train, "dev": taskset.dev, "test": taskset.test}[split_name][:max_tasks]
     encoder = EpisodeEncoder(built.tokenizer, built.config.prompt_length(False), config.template)
     g = torch.Generator().manual_seed(seed)
@@ -164,15 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner-steps", type=int, default=None, help="q's inner steps (default: the run's)")
     ap.add_argument("--subspace-inner-lr", type=float, default=None,
                     help="the damping of q(z)'s Newton step (default: the run's; 1 is a full step)")
+    ap.add_argument("--curvature-scale", type=float, default=1.0,
+                    help="multiply the run's curvature buffer H (q's Newton step) by this (default 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if (any(f <= 0 for f in args.factors) or args.draws < 2 or args.shots < 1 or args.queries < 1
             or (args.max_tasks is not None and args.max_tasks < 1) or (args.inner_steps is not None and args.inner_steps < 0)
-            or (args.subspace_inner_lr is not None and not 0 < args.subspace_inner_lr <= 1)):
+            or (args.subspace_inner_lr is not None and not 0 < args.subspace_inner_lr <= 1)
+            or not (math.isfinite(args.curvature_scale) and args.curvature_scale >= 0)):
         print(f"error: factors must be > 0, draws >= 2, shots, queries and max-tasks >= 1, inner-steps >= 0, "
-              f"subspace-inner-lr in (0, 1]; got {args.factors}, {args.draws}, {args.shots}, {args.queries}, "
-              f"{args.max_tasks}, {args.inner_steps}, {args.subspace_inner_lr}", file=sys.stderr)
+              f"subspace-inner-lr in (0, 1], curvature-scale >= 0; got {args.factors}, {args.draws}, {args.shots}, "
+              f"{args.queries}, {args.max_tasks}, {args.inner_steps}, {args.subspace_inner_lr}, {args.curvature_scale}",
+              file=sys.stderr)
         return 2
     if not (args.run / "config.json").is_file():
         print(f"error: {args.run / 'config.json'}: no such file (--run names a run folder)", file=sys.stderr)
@@ -180,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         rows = probe(args.run, args.factors, args.draws, args.split, args.shots, args.queries, args.seed, args.max_tasks,
-                     args.inner_steps, args.subspace_inner_lr)
+                     args.inner_steps, args.subspace_inner_lr, args.curvature_scale)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.out:
         atomic_write_text(args.out, json.dumps({"run": str(args.run), "split": args.split, "inner_steps": args.inner_steps,
-                                                "subspace_inner_lr": args.subspace_inner_lr, "rows": rows}, indent=1) + "\n")
+                                                "subspace_inner_lr": args.subspace_inner_lr,
+                                                "curvature_scale": args.curvature_scale, "rows": rows}, indent=1) + "\n")
     return 0
 
 

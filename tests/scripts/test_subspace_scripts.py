@@ -113,6 +113,7 @@ def test_the_marginal_probe_on_a_tiny_run(tmp_path, tiny_run):
     assert [r["q_z2_ratio"] for r in json.loads(still.read_text())["rows"]] == pytest.approx([1.0, 1.0], rel=1e-5)
     for args, needle in ((["--run", str(tmp_path / "nowhere")], "config.json"),
                          (["--run", str(tiny_run), "--draws", "1"], "draws"),
-                         (["--run", str(tiny_run), "--subspace-inner-lr", "2"], "subspace-inner-lr")):
+                         (["--run", str(tiny_run), "--subspace-inner-lr", "2"], "subspace-inner-lr"),
+                         (["--run", str(tiny_run), "--curvature-scale", "-1"], "curvature-scale")):
         bad = _script("marginal_probe.py", *args)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and needle in bad.stderr, bad.stderr
