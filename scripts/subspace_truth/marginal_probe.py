@@ -48,10 +48,9 @@ from abmll_pyro.data.tasks import split_task
 from abmll_pyro.infer.predictive import mean_probs
 from abmll_pyro.models.likelihoods import TaskData
 from abmll_pyro.models.subspace import LOC
-from abmll_pyro.train.checkpoint import CheckpointError, atomic_write_text, load_latest
-from abmll_pyro.train.config import ConfigError, RunConfig
+from abmll_pyro.train.checkpoint import atomic_write_text
 from abmll_pyro.train.episodes import EpisodeEncoder
-from abmll_pyro.train.setup import build
+from scripts.subspace_truth.trained import load_subspace_run, run_probe_main
 
 
 def _gold_log_probs(svi, params, data: TaskData) -> torch.Tensor:
@@ -75,16 +74,9 @@ def summarize(support_lp: torch.Tensor, query_lp: torch.Tensor) -> dict:
 def probe(run: Path, factors: list[float], draws: int, split_name: str, shots: int, queries: int, seed: int,
           max_tasks: int | None, inner_steps: int | None = None, subspace_inner_lr: float | None = None,
           curvature_scale: float = 1.0) -> list[dict]:
-    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
-    checkpoint = load_latest(run)
-    if checkpoint is None:
-        raise CheckpointError(f"{run}: no checkpoint")
-    built, taskset = build(config)
-    built.method.load_state_tensors(checkpoint.tensors)
+    config, built, taskset = load_subspace_run(run)
     svi = built.method.svi
     subspace = svi.subspace
-    if subspace is None:
-        raise ConfigError(f"{run / 'config.json'}: subspace_dim is 0 (no task subspace to probe)")
     if inner_steps is not None:  # q's inner loop otherwise than the run's (for q_z2_ratio only)
         svi.config = replace(svi.config, inner=replace(svi.config.inner, num_inner_steps=inner_steps))
     if subspace_inner_lr is not None:
@@ -182,21 +174,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.queries}, {args.max_tasks}, {args.inner_steps}, {args.subspace_inner_lr}, {args.curvature_scale}",
               file=sys.stderr)
         return 2
-    if not (args.run / "config.json").is_file():
-        print(f"error: {args.run / 'config.json'}: no such file (--run names a run folder)", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
-    try:
+
+    def run() -> None:
         rows = probe(args.run, args.factors, args.draws, args.split, args.shots, args.queries, args.seed, args.max_tasks,
                      args.inner_steps, args.subspace_inner_lr, args.curvature_scale)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        atomic_write_text(args.out, json.dumps({"run": str(args.run), "split": args.split, "inner_steps": args.inner_steps,
-                                                "subspace_inner_lr": args.subspace_inner_lr,
-                                                "curvature_scale": args.curvature_scale, "rows": rows}, indent=1) + "\n")
-    return 0
+        if args.out:
+            atomic_write_text(args.out, json.dumps({"run": str(args.run), "split": args.split, "inner_steps": args.inner_steps,
+                                                    "subspace_inner_lr": args.subspace_inner_lr,
+                                                    "curvature_scale": args.curvature_scale, "rows": rows}, indent=1) + "\n")
+
+    return run_probe_main(args.run, run)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,14 @@ import torch
 from abmll_pyro.data.tasks import split_task
 from abmll_pyro.infer.predictive import predictive_samples, uncertainty_split
 from abmll_pyro.models.likelihoods import TaskData
-from abmll_pyro.train.checkpoint import CheckpointError, atomic_write_text, load_latest
-from abmll_pyro.train.config import ConfigError, RunConfig
+from abmll_pyro.train.checkpoint import atomic_write_text
 from abmll_pyro.train.episodes import EpisodeEncoder
-from abmll_pyro.train.setup import build
+from scripts.subspace_truth.trained import load_subspace_run, run_probe_main
 
 
 def probe(run: Path, factors: list[float], shots: list[int], queries: int, samples: int, seed: int) -> list[dict]:
-    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()), where=str(run / "config.json"))
-    checkpoint = load_latest(run)
-    if checkpoint is None:
-        raise CheckpointError(f"{run}: no checkpoint")
-    built, taskset = build(config)
-    built.method.load_state_tensors(checkpoint.tensors)
+    config, built, taskset = load_subspace_run(run)
     svi = built.method.svi
-    if svi.subspace is None:
-        raise ConfigError(f"{run / 'config.json'}: subspace_dim is 0 (no task subspace to probe)")
     tasks = taskset.dev if config.eval_split == "dev" else taskset.test
     encoder = EpisodeEncoder(built.tokenizer, built.config.prompt_length(False), config.template)
     start = {k: v.detach().clone() for k, v in svi.subspace.log_scale.items()}
@@ -88,18 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: factors must be > 0, shots >= 0, queries and samples >= 1; got {args.factors}, {args.shots}, "
               f"{args.queries}, {args.samples}", file=sys.stderr)
         return 2
-    if not (args.run / "config.json").is_file():
-        print(f"error: {args.run / 'config.json'}: no such file (--run names a run folder)", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
-    try:
+
+    def run() -> None:
         rows = probe(args.run, args.factors, args.shots, args.queries, args.samples, args.seed)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.out:
-        atomic_write_text(args.out, json.dumps({"run": str(args.run), "rows": rows}, indent=1) + "\n")
-    return 0
+        if args.out:
+            atomic_write_text(args.out, json.dumps({"run": str(args.run), "rows": rows}, indent=1) + "\n")
+
+    return run_probe_main(args.run, run)
 
 
 if __name__ == "__main__":
