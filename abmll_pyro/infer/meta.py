@@ -278,9 +278,6 @@ class MetaSVI:
         if not episodes:
             raise ValueError("a meta step needs at least one episode")
         backward = backward or (lambda loss: loss.backward())
-        return self._loss_and_grads(episodes, num_tasks, backward)
-
-    def _loss_and_grads(self, episodes: Sequence[Episode], num_tasks: int | None, backward) -> StepResult:
         M = num_tasks or self.num_tasks or len(episodes)
         cfg, inner = self.config, self.config.inner
         second = inner.order == "second"
